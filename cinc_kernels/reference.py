@@ -1,0 +1,135 @@
+"""The float64 reference: the spec (``shared/SPEC.md`` §1) written as plainly as possible.
+
+Every fast path in the package is tested against these functions. They upcast to float64, loop in the
+most obvious order and cast back, so they are slow; they are also the one place to read what an op means.
+
+Shapes: ``x``/``y``/``g`` are ``(B, C, H, W)``, ``weight`` is ``(C, C, k, k)`` with ``weight[o, c, a, b]``,
+``bias`` is ``(C,)`` or ``None``.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "masked_weight",
+    "centre_tap",
+    "forward",
+    "inverse",
+    "inverse_transpose",
+    "logdet",
+    "dense_matrix",
+    "free_parameters",
+]
+
+
+def masked_weight(weight: torch.Tensor, unit_diagonal: bool = False) -> torch.Tensor:
+    """``Wm``: ``weight`` with the centre tap ``[:, :, k-1, k-1]`` lower triangular (unit diagonal if asked).
+
+    Differentiable: masked entries get exactly zero gradient. Shape ``(C, C, k, k)``.
+    """
+    C, k = weight.shape[0], weight.shape[-1]
+    keep = torch.ones(C, C, k, k, dtype=weight.dtype, device=weight.device)
+    keep[:, :, k - 1, k - 1] = torch.ones(C, C, dtype=weight.dtype, device=weight.device).tril(
+        -1 if unit_diagonal else 0
+    )
+    wm = weight * keep
+    if unit_diagonal:
+        eye = torch.zeros_like(keep)
+        eye[:, :, k - 1, k - 1] = torch.eye(C, dtype=weight.dtype, device=weight.device)
+        wm = wm + eye
+    return wm
+
+
+def centre_tap(weight: torch.Tensor, unit_diagonal: bool = False) -> torch.Tensor:
+    """``L = Wm[:, :, k-1, k-1]``, the lower-triangular ``(C, C)`` block on the diagonal of ``M``."""
+    return masked_weight(weight, unit_diagonal)[:, :, -1, -1]
+
+
+def forward(x, weight, bias=None, unit_diagonal=False):
+    """``y = M x + bias``: top-left padded k×k convolution with the masked weight. ``(B, C, H, W) -> same``."""
+    k = weight.shape[-1]
+    wm = masked_weight(weight.double(), unit_diagonal)
+    xp = torch.nn.functional.pad(x.double(), (k - 1, 0, k - 1, 0))
+    y = torch.nn.functional.conv2d(xp, wm, None if bias is None else bias.double())
+    return y.to(x.dtype)
+
+
+def inverse(y, weight, bias=None, unit_diagonal=False):
+    """``x = M⁻¹ (y - bias)`` by raster-order back-substitution, one pixel and one channel at a time.
+
+    ``(B, C, H, W) -> same``. Raises ``ValueError`` if ``L`` has a zero on its diagonal.
+    """
+    B, C, H, W = y.shape
+    k = weight.shape[-1]
+    wm = masked_weight(weight.double(), unit_diagonal)
+    L = wm[:, :, k - 1, k - 1]
+    if bool((L.diagonal() == 0).any()):
+        raise ValueError("weight: the centre tap has a zero on its diagonal, the convolution is singular")
+    r = y.double().clone()
+    if bias is not None:
+        r = r - bias.double().view(1, C, 1, 1)
+    x = torch.zeros_like(r)
+    for i in range(H):
+        for j in range(W):
+            acc = r[:, :, i, j].clone()  # (B, C)
+            for a in range(k):
+                for b in range(k):
+                    ii, jj = i + a - (k - 1), j + b - (k - 1)
+                    if (a, b) == (k - 1, k - 1) or ii < 0 or jj < 0:
+                        continue
+                    acc -= x[:, :, ii, jj] @ wm[:, :, a, b].T
+            for c in range(C):
+                x[:, c, i, j] = (acc[:, c] - x[:, :c, i, j] @ L[c, :c]) / L[c, c]
+    return x.to(y.dtype)
+
+
+def inverse_transpose(g, weight, unit_diagonal=False):
+    """``u = M⁻ᵀ g``: reverse raster order, neighbours below/right, backward substitution with ``Lᵀ``.
+
+    ``(B, C, H, W) -> same``.
+    """
+    B, C, H, W = g.shape
+    k = weight.shape[-1]
+    wm = masked_weight(weight.double(), unit_diagonal)
+    L = wm[:, :, k - 1, k - 1]
+    if bool((L.diagonal() == 0).any()):
+        raise ValueError("weight: the centre tap has a zero on its diagonal, the convolution is singular")
+    gd = g.double()
+    u = torch.zeros_like(gd)
+    for i in reversed(range(H)):
+        for j in reversed(range(W)):
+            acc = gd[:, :, i, j].clone()
+            for a in range(k):
+                for b in range(k):
+                    ii, jj = i + (k - 1 - a), j + (k - 1 - b)
+                    if (a, b) == (k - 1, k - 1) or ii >= H or jj >= W:
+                        continue
+                    acc -= u[:, :, ii, jj] @ wm[:, :, a, b]
+            for c in reversed(range(C)):
+                u[:, c, i, j] = (acc[:, c] - u[:, c + 1 :, i, j] @ L[c + 1 :, c]) / L[c, c]
+    return u.to(g.dtype)
+
+
+def logdet(weight, height, width, unit_diagonal=False):
+    """``log|det M| = H·W·Σ_c log|L[c, c]|`` as a 0-dim float64 tensor (``-inf`` when singular)."""
+    L = centre_tap(weight.double(), unit_diagonal)
+    return height * width * torch.log(L.diagonal().abs()).sum()
+
+
+def dense_matrix(weight, height, width, unit_diagonal=False):
+    """The dense ``(C·H·W, C·H·W)`` matrix ``M`` in NCHW flattening order (``x.reshape(-1)`` of one image).
+
+    Built column by column from :func:`forward`, so only for tiny shapes.
+    """
+    C = weight.shape[0]
+    n = C * height * width
+    basis = torch.eye(n, dtype=torch.float64, device=weight.device).view(n, C, height, width)
+    cols = forward(basis, weight.double(), None, unit_diagonal).reshape(n, n)
+    return cols.T
+
+
+def free_parameters(channels: int, kernel_size: int, unit_diagonal: bool) -> int:
+    """``k²C² − C(C−1)/2`` (minus ``C`` with a unit diagonal)."""
+    n = kernel_size**2 * channels**2 - channels * (channels - 1) // 2
+    return n - channels if unit_diagonal else n
+

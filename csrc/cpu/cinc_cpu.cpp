@@ -1,0 +1,353 @@
+// CPU kernels of the CInC convolution: forward, wavefront inverse, its adjoint, log-determinant.
+//
+// Two schedules share the per-pixel arithmetic of cinc_math.h:
+//  * direct: one task per pixel runs the tap loop and the channel substitution (few channels);
+//  * gemm:   each anti-diagonal's neighbour windows are gathered into a (pixels, k²C) matrix and multiplied by the
+//            masked taps in one BLAS call, then every pixel of the diagonal is substituted in parallel.
+// Both keep the working image channels-last (B, H, W, C), so a pixel's channels and a window row's k·C values are
+// contiguous; results are returned as contiguous NCHW tensors.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../cinc_checks.h"
+#include "../cinc_math.h"
+
+namespace cinc {
+namespace {
+
+// From this many channels on, the gathered matrix product beats the per-pixel tap loop
+// (benchmarks/bench_cpu_schedules.py; results/cpu_schedules.md).
+constexpr int64_t kGemmMinChannels = 8;
+
+// Rows of the gathered window matrix per BLAS call of the forward; bounds its memory to ~16 MiB at float32.
+constexpr int64_t kForwardGatherElements = int64_t(1) << 22;
+
+bool use_gemm(int64_t C) { return C >= kGemmMinChannels; }
+
+// The taps as a (k²C, C) matrix for window-times-matrix products. Causal (forward, inverse): row (a·k + b)·C + c,
+// column o holds Wm[o, c, a, b]. Anticausal (adjoint): window row r, column s is the tap (k-1-r, k-1-s), and row
+// (r·k + s)·C + o, column c holds Wm[o, c, k-1-r, k-1-s]. The centre tap's block is zero unless `with_centre`.
+template <typename T>
+at::Tensor tap_matrix(const at::Tensor& weight, bool unit_diagonal, bool with_centre, bool anticausal) {
+  const int64_t C = weight.size(0);
+  const int k = static_cast<int>(weight.size(3));
+  at::Tensor out = at::empty({k * k * C, C}, weight.options());
+  const T* w = weight.data_ptr<T>();
+  T* m = out.data_ptr<T>();
+  for (int r = 0; r < k; ++r) {
+    for (int s = 0; s < k; ++s) {
+      const int a = anticausal ? k - 1 - r : r;
+      const int b = anticausal ? k - 1 - s : s;
+      const bool centre = a == k - 1 && b == k - 1;
+      for (int64_t p = 0; p < C; ++p) {
+        for (int64_t q = 0; q < C; ++q) {
+          // causal: p = c (input channel), q = o; anticausal: p = o, q = c.
+          const int64_t o = anticausal ? p : q;
+          const int64_t c = anticausal ? q : p;
+          const T v = (centre && !with_centre) ? T(0) : masked_weight(w, o, c, a, b, C, k, unit_diagonal);
+          m[((r * k + s) * C + p) * C + q] = v;
+        }
+      }
+    }
+  }
+  return out;
+}
+
+// Copy the k×k window whose top-left corner is (i, j) of a padded channels-last image into one matrix row.
+template <typename T>
+inline void gather_window(const T* padded_image, int64_t padded_width, int64_t C, int k, int64_t i, int64_t j,
+                          T* row) {
+  for (int r = 0; r < k; ++r) {
+    std::memcpy(row + r * k * C, padded_image + ((i + r) * padded_width + j) * C, sizeof(T) * k * C);
+  }
+}
+
+// Pixels (i, d - i) of anti-diagonal d of an H×W image, i in [first, first + count).
+struct Diagonal {
+  int64_t first;
+  int64_t count;
+};
+
+inline Diagonal diagonal(int64_t d, int64_t H, int64_t W) {
+  const int64_t first = std::max<int64_t>(0, d - (W - 1));
+  const int64_t last = std::min<int64_t>(H - 1, d);
+  return {first, last - first + 1};
+}
+
+// Enough work per task that at::parallel_for's overhead stays small next to it.
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, work_per_item));
+}
+
+at::Tensor to_channels_last_buffer(const at::Tensor& t) {
+  return t.permute({0, 2, 3, 1}).contiguous();  // (B, H, W, C)
+}
+
+at::Tensor from_channels_last_buffer(const at::Tensor& t) {
+  return t.permute({0, 3, 1, 2}).contiguous();  // (B, C, H, W)
+}
+
+void check_nonsingular(const at::Tensor& weight, bool unit_diagonal) {
+  if (unit_diagonal) return;
+  const int64_t k = weight.size(3);
+  const at::Tensor diag = weight.select(3, k - 1).select(2, k - 1).diagonal();
+  TORCH_CHECK(!diag.eq(0).any().item<bool>(),
+              "weight: the centre tap weight[:, :, k-1, k-1] has a zero on its diagonal, so the convolution is "
+              "singular and has no inverse (its log-determinant is -inf)");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// forward
+
+template <typename T>
+at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          bool unit_diagonal) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int k = static_cast<int>(weight.size(3));
+  at::Tensor y = at::empty({B, C, H, W}, x.options());
+  const T* xp = x.data_ptr<T>();
+  const T* w = weight.data_ptr<T>();
+  const T* bp = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  T* yp = y.data_ptr<T>();
+  const ImageStrides s{x.stride(1), x.stride(2), x.stride(3)};
+  const int64_t sb = x.stride(0);
+  at::parallel_for(0, B * H * W, grain_for(C * C * k * k), [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(C);
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t b = n / (H * W), i = (n / W) % H, j = n % W;
+      for (int64_t o = 0; o < C; ++o) acc[o] = bp ? bp[o] : T(0);
+      accumulate_causal_taps(w, xp + b * sb, s, C, H, W, k, unit_diagonal, i, j, true, T(1), acc.data());
+      for (int64_t o = 0; o < C; ++o) yp[((b * C + o) * H + i) * W + j] = acc[o];
+    }
+  });
+  return y;
+}
+
+template <typename T>
+at::Tensor forward_gemm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        bool unit_diagonal) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int k = static_cast<int>(weight.size(3));
+  const int64_t Hp = H + k - 1, Wp = W + k - 1, K = k * k * C;
+  at::Tensor padded = at::zeros({B, Hp, Wp, C}, x.options());
+  padded.narrow(1, k - 1, H).narrow(2, k - 1, W).copy_(x.permute({0, 2, 3, 1}));
+  const at::Tensor taps = tap_matrix<T>(weight, unit_diagonal, true, false);
+  at::Tensor out = at::empty({B * H * W, C}, x.options());
+  const int64_t chunk = std::max<int64_t>(1, kForwardGatherElements / K);
+  at::Tensor windows = at::empty({std::min(chunk, B * H * W), K}, x.options());
+  const T* pp = padded.data_ptr<T>();
+  T* wp = windows.data_ptr<T>();
+  for (int64_t start = 0; start < B * H * W; start += chunk) {
+    const int64_t rows = std::min(chunk, B * H * W - start);
+    at::parallel_for(0, rows, grain_for(K), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = start + r;
+        const int64_t b = n / (H * W), i = (n / W) % H, j = n % W;
+        gather_window(pp + b * Hp * Wp * C, Wp, C, k, i, j, wp + r * K);
+      }
+    });
+    at::Tensor dst = out.narrow(0, start, rows);
+    if (bias.has_value()) {
+      at::addmm_out(dst, *bias, windows.narrow(0, 0, rows), taps);
+    } else {
+      at::mm_out(dst, windows.narrow(0, 0, rows), taps);
+    }
+  }
+  return from_channels_last_buffer(out.view({B, H, W, C}));
+}
+
+at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       bool unit_diagonal) {
+  check_conv_args(x, "x", weight, bias);
+  const at::Tensor w = weight.contiguous();
+  const std::optional<at::Tensor> bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
+  if (x.numel() == 0) return at::zeros(x.sizes(), x.options());
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cinc_forward_cpu", [&] {
+    y = use_gemm(x.size(1)) ? forward_gemm<scalar_t>(x, w, bc, unit_diagonal)
+                            : forward_direct<scalar_t>(x, w, bc, unit_diagonal);
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// inverse and its adjoint: one wavefront, run from the top-left (inverse) or the bottom-right (adjoint)
+
+// Solves the system for all pixels of `rhs` (B, H, W, C), channels-last, contiguous, already minus the bias.
+template <typename T>
+at::Tensor wavefront_direct(const at::Tensor& rhs, const at::Tensor& weight, bool unit_diagonal, bool adjoint) {
+  const int64_t B = rhs.size(0), H = rhs.size(1), W = rhs.size(2), C = rhs.size(3);
+  const int k = static_cast<int>(weight.size(3));
+  std::vector<T> columns(C * C);
+  centre_tap_columns(weight.data_ptr<T>(), C, k, unit_diagonal, adjoint, columns.data());
+  at::Tensor sol = at::zeros_like(rhs);
+  const T* w = weight.data_ptr<T>();
+  const T* rp = rhs.data_ptr<T>();
+  T* xp = sol.data_ptr<T>();
+  const ImageStrides s{1, W * C, C};
+  for (int64_t step = 0; step < H + W - 1; ++step) {
+    const int64_t d = adjoint ? H + W - 2 - step : step;
+    const Diagonal diag = diagonal(d, H, W);
+    at::parallel_for(0, B * diag.count, grain_for(C * C * k * k), [&](int64_t begin, int64_t end) {
+      std::vector<T> acc(C);
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t b = n / diag.count, i = diag.first + n % diag.count, j = d - i;
+        const int64_t offset = ((b * H + i) * W + j) * C;
+        std::copy(rp + offset, rp + offset + C, acc.begin());
+        T* image = xp + b * H * W * C;
+        if (adjoint) {
+          subtract_anticausal_taps(w, image, s, C, H, W, k, i, j, acc.data());
+          solve_upper_in_place(columns.data(), acc.data(), C);
+        } else {
+          accumulate_causal_taps(w, image, s, C, H, W, k, unit_diagonal, i, j, false, T(-1), acc.data());
+          solve_lower_in_place(columns.data(), acc.data(), C);
+        }
+        std::copy(acc.begin(), acc.end(), xp + offset);
+      }
+    });
+  }
+  return sol;
+}
+
+template <typename T>
+at::Tensor wavefront_gemm(const at::Tensor& rhs, const at::Tensor& weight, bool unit_diagonal, bool adjoint) {
+  const int64_t B = rhs.size(0), H = rhs.size(1), W = rhs.size(2), C = rhs.size(3);
+  const int k = static_cast<int>(weight.size(3));
+  const int64_t Hp = H + k - 1, Wp = W + k - 1, K = k * k * C;
+  // The solution lives in a padded image so every window is in bounds. The inverse pads top-left (pixel (i, j) at
+  // (i + k-1, j + k-1), window rows i…i+k-1); the adjoint pads bottom-right (pixel at (i, j), same window).
+  const int64_t shift = adjoint ? 0 : k - 1;
+  std::vector<T> columns(C * C);
+  centre_tap_columns(weight.data_ptr<T>(), C, k, unit_diagonal, adjoint, columns.data());
+  const at::Tensor taps = tap_matrix<T>(weight, unit_diagonal, false, adjoint);
+  at::Tensor padded = at::zeros({B, Hp, Wp, C}, rhs.options());
+  const int64_t max_rows = B * std::min(H, W);
+  at::Tensor windows = at::empty({max_rows, K}, rhs.options());
+  at::Tensor residual = at::empty({max_rows, C}, rhs.options());
+  const T* rp = rhs.data_ptr<T>();
+  T* pp = padded.data_ptr<T>();
+  T* wp = windows.data_ptr<T>();
+  T* resp = residual.data_ptr<T>();
+  for (int64_t step = 0; step < H + W - 1; ++step) {
+    const int64_t d = adjoint ? H + W - 2 - step : step;
+    const Diagonal diag = diagonal(d, H, W);
+    const int64_t rows = B * diag.count;
+    at::parallel_for(0, rows, grain_for(K), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t b = n / diag.count, i = diag.first + n % diag.count, j = d - i;
+        gather_window(pp + b * Hp * Wp * C, Wp, C, k, i, j, wp + n * K);
+        std::memcpy(resp + n * C, rp + ((b * H + i) * W + j) * C, sizeof(T) * C);
+      }
+    });
+    at::Tensor res = residual.narrow(0, 0, rows);
+    res.addmm_(windows.narrow(0, 0, rows), taps, /*beta=*/1, /*alpha=*/-1);
+    at::parallel_for(0, rows, grain_for(C * C), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t b = n / diag.count, i = diag.first + n % diag.count, j = d - i;
+        T* r = resp + n * C;
+        if (adjoint) {
+          solve_upper_in_place(columns.data(), r, C);
+        } else {
+          solve_lower_in_place(columns.data(), r, C);
+        }
+        std::memcpy(pp + ((b * Hp + i + shift) * Wp + j + shift) * C, r, sizeof(T) * C);
+      }
+    });
+  }
+  return padded.narrow(1, shift, H).narrow(2, shift, W);
+}
+
+// With k = 1 no pixel depends on another: every pixel is solved at once.
+template <typename T>
+at::Tensor solve_pixels(const at::Tensor& rhs, const at::Tensor& weight, bool unit_diagonal, bool adjoint) {
+  const int64_t C = rhs.size(3);
+  std::vector<T> columns(C * C);
+  centre_tap_columns(weight.data_ptr<T>(), C, 1, unit_diagonal, adjoint, columns.data());
+  at::Tensor sol = rhs.clone();
+  T* xp = sol.data_ptr<T>();
+  at::parallel_for(0, sol.numel() / C, grain_for(C * C), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      if (adjoint) {
+        solve_upper_in_place(columns.data(), xp + n * C, C);
+      } else {
+        solve_lower_in_place(columns.data(), xp + n * C, C);
+      }
+    }
+  });
+  return sol;
+}
+
+at::Tensor solve_cpu(const at::Tensor& rhs_nchw, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     bool unit_diagonal, bool adjoint) {
+  const at::Tensor w = weight.contiguous();
+  check_nonsingular(w, unit_diagonal);
+  if (rhs_nchw.numel() == 0) return at::zeros(rhs_nchw.sizes(), rhs_nchw.options());
+  at::Tensor rhs = to_channels_last_buffer(rhs_nchw);
+  if (bias.has_value()) rhs = rhs - *bias;
+  const int64_t C = rhs.size(3);
+  const int64_t k = w.size(3);
+  at::Tensor sol;
+  AT_DISPATCH_FLOATING_TYPES(rhs.scalar_type(), "cinc_solve_cpu", [&] {
+    if (k == 1) {
+      sol = solve_pixels<scalar_t>(rhs, w, unit_diagonal, adjoint);
+    } else if (use_gemm(C)) {
+      sol = wavefront_gemm<scalar_t>(rhs, w, unit_diagonal, adjoint);
+    } else {
+      sol = wavefront_direct<scalar_t>(rhs, w, unit_diagonal, adjoint);
+    }
+  });
+  return from_channels_last_buffer(sol);
+}
+
+at::Tensor inverse_cpu(const at::Tensor& y, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       bool unit_diagonal) {
+  check_conv_args(y, "y", weight, bias);
+  return solve_cpu(y, weight, bias, unit_diagonal, false);
+}
+
+at::Tensor inverse_transpose_cpu(const at::Tensor& g, const at::Tensor& weight, bool unit_diagonal) {
+  check_conv_args(g, "g", weight, std::nullopt);
+  return solve_cpu(g, weight, std::nullopt, unit_diagonal, true);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// log-determinant
+
+at::Tensor logdet_cpu(const at::Tensor& weight, int64_t height, int64_t width, bool unit_diagonal) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == weight.size(1) && weight.size(2) == weight.size(3),
+              "weight must be (C, C, k, k), got ", weight.sizes());
+  TORCH_CHECK(height >= 0 && width >= 0, "height and width must be >= 0, got ", height, " and ", width);
+  at::Tensor out = at::empty({}, weight.options());
+  const at::Tensor w = weight.contiguous();
+  const int64_t C = w.size(0);
+  const int k = static_cast<int>(w.size(3));
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "cinc_logdet_cpu", [&] {
+    double sum = 0.0;
+    if (!unit_diagonal && height * width > 0) {
+      const scalar_t* wp = w.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        sum += std::log(std::abs(static_cast<double>(wp[weight_offset(c, c, k - 1, k - 1, C, k)])));
+      }
+    }
+    out.fill_(static_cast<double>(height) * static_cast<double>(width) * sum);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cinc, CPU, m) {
+  m.impl("forward", &forward_cpu);
+  m.impl("inverse", &inverse_cpu);
+  m.impl("inverse_transpose", &inverse_transpose_cpu);
+  m.impl("logdet", &logdet_cpu);
+}
+
+}  // namespace cinc
