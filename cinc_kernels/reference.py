@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "weight_mask",
     "masked_weight",
     "centre_tap",
     "forward",
@@ -22,21 +23,25 @@ __all__ = [
 ]
 
 
+def weight_mask(channels, kernel_size, unit_diagonal=False, *, dtype=torch.float64, device=None):
+    """1 where ``weight`` is free, 0 where the mask zeroes it (above the centre tap's diagonal; and on it with
+    ``unit_diagonal``). Shape ``(C, C, k, k)``."""
+    C, k = channels, kernel_size
+    keep = torch.ones(C, C, k, k, dtype=dtype, device=device)
+    keep[:, :, k - 1, k - 1] = torch.ones(C, C, dtype=dtype, device=device).tril(-1 if unit_diagonal else 0)
+    return keep
+
+
 def masked_weight(weight: torch.Tensor, unit_diagonal: bool = False) -> torch.Tensor:
     """``Wm``: ``weight`` with the centre tap ``[:, :, k-1, k-1]`` lower triangular (unit diagonal if asked).
 
     Differentiable: masked entries get exactly zero gradient. Shape ``(C, C, k, k)``.
     """
     C, k = weight.shape[0], weight.shape[-1]
-    keep = torch.ones(C, C, k, k, dtype=weight.dtype, device=weight.device)
-    keep[:, :, k - 1, k - 1] = torch.ones(C, C, dtype=weight.dtype, device=weight.device).tril(
-        -1 if unit_diagonal else 0
-    )
-    wm = weight * keep
+    wm = weight * weight_mask(C, k, unit_diagonal, dtype=weight.dtype, device=weight.device)
     if unit_diagonal:
-        eye = torch.zeros_like(keep)
-        eye[:, :, k - 1, k - 1] = torch.eye(C, dtype=weight.dtype, device=weight.device)
-        wm = wm + eye
+        eye = torch.eye(C, dtype=weight.dtype, device=weight.device)[:, :, None, None]
+        wm = wm + torch.nn.functional.pad(eye, (k - 1, 0, k - 1, 0))
     return wm
 
 

@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine: `make demo` (the main job) and `make test` (the whole suite).
+# Both install what they need and are safe to run again.
+PYTHON ?= python3
+export CINC_CUDA ?= auto
+
+.PHONY: deps build demo test test-triton bench clean
+
+deps:
+	$(PYTHON) -m pip install -q -r requirements.txt
+
+# Incremental (ninja) in-place build of cinc_kernels._C, then an editable install so `import cinc_kernels` works
+# from anywhere.
+build: deps
+	$(PYTHON) setup.py -q build_ext --inplace
+	@cd /tmp && $(PYTHON) -c "import cinc_kernels, os, sys; sys.exit(os.path.dirname(cinc_kernels.__file__) != '$(CURDIR)/cinc_kernels')" 2>/dev/null \
+		|| $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+
+demo: build
+	$(PYTHON) -m cinc_kernels info
+	$(PYTHON) -m cinc_kernels check
+
+# The Triton kernels run under Triton's CPU interpreter, which must be switched on before triton is imported:
+# hence a second pytest process.
+test: build
+	$(PYTHON) -m pytest -q tests --ignore=tests/triton
+	$(MAKE) --no-print-directory test-triton
+
+test-triton:
+	@if [ -d tests/triton ]; then TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests/triton; fi
+
+clean:
+	rm -rf build cinc_kernels/*.so cinc_kernels/_build_info.json

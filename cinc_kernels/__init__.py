@@ -1,0 +1,25 @@
+"""cinc_kernels: exactly invertible CInC convolutions for PyTorch.
+
+    import cinc_kernels as ck
+    y = ck.cinc_conv2d(x, weight, bias)              # (B, C, H, W) -> (B, C, H, W)
+    x = ck.cinc_conv2d_inverse(y, weight, bias)      # wavefront solve
+    ld = ck.cinc_logdet(weight, H, W)                # 0-dim tensor
+
+See shared/SPEC.md for the math and README.md for the tour.
+"""
+from . import reference
+from .backends import available_backends, build_info, register_backend
+from .functional import cinc_conv2d, cinc_conv2d_inverse, cinc_conv2d_inverse_transpose, cinc_logdet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "build_info",
+    "cinc_conv2d",
+    "cinc_conv2d_inverse",
+    "cinc_conv2d_inverse_transpose",
+    "cinc_logdet",
+    "reference",
+    "register_backend",
+]

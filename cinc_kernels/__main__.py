@@ -1,0 +1,52 @@
+"""``python -m cinc_kernels info | check``."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+
+def info() -> None:
+    from . import __version__
+    from .backends import _REGISTRY, build_info
+
+    print(f"cinc_kernels {__version__}")
+    print(f"  python {platform.python_version()}, torch {torch.__version__}, machine {platform.machine()}")
+    print(f"  CPU threads {torch.get_num_threads()}, CUDA GPU: "
+          f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+    built = build_info()
+    if built:
+        print("  built with: " + ", ".join(f"{k}={v}" for k, v in built.items()))
+    else:
+        print("  the C++ extension is not built (pip install --no-build-isolation -e .)")
+    print("  backends:")
+    for name, backend in _REGISTRY.items():
+        if not backend.public:
+            continue
+        why = backend.unavailable()
+        print(f"    {name:<10} {'available' if why is None else 'unavailable: ' + why}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cinc_kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, build and the available backends")
+    sub.add_parser("check", help="every available backend against the float64 reference")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info()
+        return 0
+    if args.command == "check":
+        from .selfcheck import run
+
+        print("self-check against the float64 reference:")
+        ok = run()
+        print("all backends agree with the reference" if ok else "SOME BACKENDS DISAGREE WITH THE REFERENCE")
+        return 0 if ok else 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The public functions of shared/SPEC.md §2: forward, inverse, adjoint inverse and log-determinant.
+
+Each checks its arguments (errors name the argument), picks a backend (:mod:`cinc_kernels.backends`) and calls it.
+All are differentiable in every tensor argument and traceable by ``torch.compile(fullgraph=True)``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backends import select
+
+__all__ = ["cinc_conv2d", "cinc_conv2d_inverse", "cinc_conv2d_inverse_transpose", "cinc_logdet"]
+
+MAX_KERNEL_SIZE = 7
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must have a floating-point dtype, got {t.dtype}")
+
+
+def check_weight(weight, channels: Optional[int] = None, arg: str = "x") -> int:
+    """Validate a ``(C, C, k, k)`` weight (``C`` = ``channels`` when given); returns ``k``."""
+    _check_tensor(weight, "weight")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D (C, C, k, k), got shape {tuple(weight.shape)}")
+    c_out, c_in, kh, kw = weight.shape
+    if c_out != c_in:
+        raise ValueError(f"weight must be square over channels (C, C, k, k), got shape {tuple(weight.shape)}")
+    if kh != kw:
+        raise ValueError(f"weight must have a square k×k kernel, got shape {tuple(weight.shape)}")
+    if not 1 <= kw <= MAX_KERNEL_SIZE:
+        raise ValueError(f"weight: kernel size k must be in 1…{MAX_KERNEL_SIZE}, got {kw}")
+    if channels is not None and c_in != channels:
+        raise ValueError(
+            f"weight has {c_in} channels but {arg} has {channels}: weight must be (C, C, k, k) matching {arg}"
+        )
+    return kw
+
+
+def check_image(x, weight, bias=None, arg: str = "x") -> int:
+    """Validate an image batch against ``weight`` and ``bias``; returns ``k``."""
+    _check_tensor(x, arg)
+    if x.dim() != 4:
+        raise ValueError(f"{arg} must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    k = check_weight(weight, x.shape[1], arg)
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight has dtype {weight.dtype} but {arg} has {x.dtype}; they must match")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but {arg} is on {x.device}; they must be on one device")
+    if bias is not None:
+        _check_tensor(bias, "bias")
+        if bias.shape != (x.shape[1],):
+            raise ValueError(f"bias must have shape ({x.shape[1]},) to match {arg}, got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise ValueError(f"bias has dtype {bias.dtype} but {arg} has {x.dtype}; they must match")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but {arg} is on {x.device}; they must be on one device")
+    return k
+
+
+def cinc_conv2d(x, weight, bias=None, *, unit_diagonal: bool = False, backend: str = "auto") -> torch.Tensor:
+    """The CInC convolution ``y = M x + bias``: a k×k correlation padded ``k-1`` on the top and left only, whose
+    centre (bottom-right) tap is lower triangular over channels.
+
+    Args:
+        x: ``(B, C, H, W)``, any strides (channels-last works).
+        weight: ``(C, C, k, k)``, ``1 ≤ k ≤ 7``; the mask is applied inside the kernels, masked entries get zero
+            gradient.
+        bias: ``(C,)`` or ``None``.
+        unit_diagonal: treat the centre tap's diagonal as ones (log-determinant 0).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
+
+    Returns:
+        ``y``: ``(B, C, H, W)``, same dtype and device as ``x``.
+    """
+    check_image(x, weight, bias, "x")
+    impl = select(backend, "forward", x.device, x.dtype, "x")
+    return impl.ops["forward"](x, weight, bias, unit_diagonal)
+
+
+def cinc_conv2d_inverse(y, weight, bias=None, *, unit_diagonal: bool = False, backend: str = "auto") -> torch.Tensor:
+    """``x = M⁻¹ (y - bias)``, the exact inverse of :func:`cinc_conv2d`, solved as a wavefront over the image's
+    ``H + W - 1`` anti-diagonals.
+
+    Args:
+        y: ``(B, C, H, W)``.
+        weight, bias, unit_diagonal, backend: as for :func:`cinc_conv2d`.
+
+    Returns:
+        ``x``: ``(B, C, H, W)``.
+
+    Raises:
+        RuntimeError / ValueError: if the centre tap has a zero on its diagonal (the map is singular).
+    """
+    check_image(y, weight, bias, "y")
+    impl = select(backend, "inverse", y.device, y.dtype, "y")
+    return impl.ops["inverse"](y, weight, bias, unit_diagonal)
+
+
+def cinc_conv2d_inverse_transpose(g, weight, *, unit_diagonal: bool = False, backend: str = "auto") -> torch.Tensor:
+    """``u = M⁻ᵀ g``: solves ``Mᵀ u = g`` (the adjoint of the inverse, used to back-propagate through it).
+
+    Args:
+        g: ``(B, C, H, W)``.
+        weight, unit_diagonal, backend: as for :func:`cinc_conv2d`.
+
+    Returns:
+        ``u``: ``(B, C, H, W)``.
+    """
+    check_image(g, weight, None, "g")
+    impl = select(backend, "inverse_transpose", g.device, g.dtype, "g")
+    return impl.ops["inverse_transpose"](g, weight, unit_diagonal)
+
+
+def cinc_logdet(weight, height: int, width: int, *, unit_diagonal: bool = False, backend: str = "auto"):
+    """``log|det M| = H·W·Σ_c log|weight[c, c, k-1, k-1]|`` for one ``H×W`` image (0 with ``unit_diagonal``).
+
+    Args:
+        weight: ``(C, C, k, k)``.
+        height, width: the image size, integers ``≥ 0``.
+
+    Returns:
+        A 0-dim tensor of ``weight``'s dtype; ``-inf`` when the centre tap has a zero on its diagonal.
+    """
+    check_weight(weight)
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+    impl = select(backend, "logdet", weight.device, weight.dtype, "weight")
+    return impl.ops["logdet"](weight, height, width, unit_diagonal)

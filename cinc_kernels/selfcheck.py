@@ -1,0 +1,62 @@
+"""Every available backend against the float64 reference on a few random shapes: ``python -m cinc_kernels check``."""
+from __future__ import annotations
+
+import torch
+
+from . import functional as fn
+from . import reference
+from .backends import available_backends
+
+# (B, C, H, W, k): odd sizes, H ≠ W, a 1×1 image, the paper's k = 3.
+SHAPES = [(2, 3, 5, 7, 3), (1, 12, 9, 9, 3), (3, 1, 1, 1, 2), (2, 8, 6, 4, 5)]
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+def _well_conditioned_weight(C, k, dtype, device, generator):
+    w = 0.1 * torch.randn(C, C, k, k, generator=generator, dtype=torch.float64) / k
+    w[:, :, k - 1, k - 1] += torch.eye(C, dtype=torch.float64)
+    return w.to(dtype=dtype, device=device)
+
+
+def _device_for(backend: str) -> torch.device:
+    return torch.device("cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu")
+
+
+def run(verbose: bool = True) -> bool:
+    """Returns True when every backend matches the reference; prints one line per backend and op."""
+    g = torch.Generator().manual_seed(0)
+    ok = True
+    for backend in available_backends():
+        if backend == "reference":
+            continue
+        device = _device_for(backend)
+        if backend == "triton" and device.type == "cpu":
+            if verbose:
+                print(f"  {backend:<10} skipped: needs a CUDA GPU (tests run it under TRITON_INTERPRET=1)")
+            continue
+        for dtype in (torch.float32, torch.float64):
+            worst = {op: 0.0 for op in ("forward", "inverse", "inverse_transpose", "logdet")}
+            for B, C, H, W, k in SHAPES:
+                w = _well_conditioned_weight(C, k, dtype, device, g)
+                b = torch.randn(C, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+                x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+                y_ref = reference.forward(x.double(), w.double(), b.double())
+                results = {
+                    "forward": (fn.cinc_conv2d(x, w, b, backend=backend), y_ref),
+                    "inverse": (fn.cinc_conv2d_inverse(y_ref.to(dtype), w, b, backend=backend), x.double()),
+                    "inverse_transpose": (
+                        fn.cinc_conv2d_inverse_transpose(x, w, backend=backend),
+                        reference.inverse_transpose(x.double(), w.double()),
+                    ),
+                    "logdet": (fn.cinc_logdet(w, H, W, backend=backend), reference.logdet(w.double(), H, W)),
+                }
+                for op, (got, want) in results.items():
+                    err = ((got.double().cpu() - want.cpu()).norm() / want.norm().clamp_min(1e-30)).item()
+                    worst[op] = max(worst[op], err)
+            for op, err in worst.items():
+                passed = err <= TOLERANCE[dtype]
+                ok &= passed
+                if verbose:
+                    status = "ok  " if passed else "FAIL"
+                    print(f"  {status} {backend:<8} {str(dtype)[6:]:<8} {op:<18} max rel. error {err:.1e}")
+    return ok
