@@ -13,7 +13,11 @@ from .functional import cinc_conv2d, cinc_conv2d_inverse, cinc_conv2d_inverse_tr
 
 __version__ = "0.1.0"
 
+from .nn import LAYERS, CInCConv2d
+
 __all__ = [
+    "CInCConv2d",
+    "LAYERS",
     "available_backends",
     "build_info",
     "cinc_conv2d",
