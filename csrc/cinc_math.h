@@ -81,38 +81,58 @@ CINC_HD void solve_upper_in_place(const Acc* columns, Acc* r, int64_t C) {
   }
 }
 
-// acc[o] += sign · Σ_{c, (a, b)} Wm[o, c, a, b] · x[c, i + a - (k-1), j + b - (k-1)] over the taps of pixel (i, j)
-// that fall inside the H×W image; the centre tap is skipped when `with_centre` is false (the inverse's residual).
-// `x` points at the image's element (0, 0, 0).
-template <typename T, typename Acc>
-CINC_HD void accumulate_causal_taps(const T* weight, const T* x, ImageStrides s, int64_t C, int64_t H, int64_t W,
-                                    int k, bool unit_diagonal, int64_t i, int64_t j, bool with_centre, Acc sign,
-                                    Acc* acc) {
+// A strided image: pixel (i, j)'s channel 0 is at data + i·row + j·col, channel c a further c·channel along.
+// The tap sums below read images only through `pixel(i, j)` and `channel_stride()`, so a backend can hand them any
+// storage with that shape of access (the CUDA wavefront passes a ring of recent anti-diagonals in shared memory).
+template <typename T>
+struct StridedImage {
+  const T* data;
+  ImageStrides s;
+  CINC_HD const T* pixel(int64_t i, int64_t j) const { return data + i * s.row + j * s.col; }
+  CINC_HD int64_t channel_stride() const { return s.channel; }
+};
+
+// Σ_{c, (a, b)} Wm[o, c, a, b] · x[c, i + a - (k-1), j + b - (k-1)] for ONE output channel o, over the taps of pixel
+// (i, j) that fall inside the H×W image; the centre tap is skipped when `with_centre` is false (the inverse's
+// residual). One output channel per call lets a GPU give each (pixel, channel) pair its own thread.
+template <typename Acc, typename T, typename Image>
+CINC_HD Acc causal_tap_sum(const T* weight, const Image& x, int64_t C, int64_t H, int64_t W, int k,
+                           bool unit_diagonal, int64_t i, int64_t j, int64_t o, bool with_centre) {
+  Acc sum = Acc(0);
+  const int64_t cs = x.channel_stride();
   for (int a = 0; a < k; ++a) {
     const int64_t ii = i + a - (k - 1);
     if (ii < 0 || ii >= H) continue;
     for (int b = 0; b < k; ++b) {
       const int64_t jj = j + b - (k - 1);
       if (jj < 0 || jj >= W) continue;
-      if (!with_centre && a == k - 1 && b == k - 1) continue;
-      const T* xp = x + ii * s.row + jj * s.col;
-      for (int64_t o = 0; o < C; ++o) {
-        Acc sum = Acc(0);
+      const bool centre = a == k - 1 && b == k - 1;
+      if (centre && !with_centre) continue;
+      const auto* xp = x.pixel(ii, jj);
+      if (centre) {
         for (int64_t c = 0; c < C; ++c) {
           sum += static_cast<Acc>(masked_weight(weight, o, c, a, b, C, k, unit_diagonal)) *
-                 static_cast<Acc>(xp[c * s.channel]);
+                 static_cast<Acc>(xp[c * cs]);
         }
-        acc[o] += sign * sum;
+      } else {
+        // Off-centre taps are never masked: read the weight directly (the GPU's hot loop).
+        const T* wp = weight + weight_offset(o, 0, a, b, C, k);
+        for (int64_t c = 0; c < C; ++c) {
+          sum += static_cast<Acc>(wp[c * k * k]) * static_cast<Acc>(xp[c * cs]);
+        }
       }
     }
   }
+  return sum;
 }
 
-// The adjoint's tap loop: acc[c] -= Σ_{o, (a, b) ≠ centre} Wm[o, c, a, b] · u[o, i + k-1-a, j + k-1-b]
+// The adjoint's tap sum for ONE input channel c: Σ_{o, (a, b) ≠ centre} Wm[o, c, a, b] · u[o, i + k-1-a, j + k-1-b]
 // over neighbours inside the image (they lie below and to the right of pixel (i, j)).
-template <typename T, typename Acc>
-CINC_HD void subtract_anticausal_taps(const T* weight, const T* u, ImageStrides s, int64_t C, int64_t H, int64_t W,
-                                      int k, int64_t i, int64_t j, Acc* acc) {
+template <typename Acc, typename T, typename Image>
+CINC_HD Acc anticausal_tap_sum(const T* weight, const Image& u, int64_t C, int64_t H, int64_t W, int k, int64_t i,
+                               int64_t j, int64_t c) {
+  Acc sum = Acc(0);
+  const int64_t cs = u.channel_stride();
   for (int a = 0; a < k; ++a) {
     const int64_t ii = i + (k - 1 - a);
     if (ii >= H) continue;
@@ -120,15 +140,54 @@ CINC_HD void subtract_anticausal_taps(const T* weight, const T* u, ImageStrides 
       const int64_t jj = j + (k - 1 - b);
       if (jj >= W) continue;
       if (a == k - 1 && b == k - 1) continue;
-      const T* up = u + ii * s.row + jj * s.col;
+      const auto* up = u.pixel(ii, jj);
+      const T* wp = weight + weight_offset(0, c, a, b, C, k);
       for (int64_t o = 0; o < C; ++o) {
-        const Acc uo = static_cast<Acc>(up[o * s.channel]);
-        for (int64_t c = 0; c < C; ++c) {
-          acc[c] -= static_cast<Acc>(weight[weight_offset(o, c, a, b, C, k)]) * uo;
-        }
+        sum += static_cast<Acc>(wp[o * C * k * k]) * static_cast<Acc>(up[o * cs]);
       }
     }
   }
+  return sum;
+}
+
+// acc[o] += sign · Σ_{c, (a, b)} Wm[o, c, a, b] · x[c, i + a - (k-1), j + b - (k-1)] for every o: the CPU's
+// per-pixel form of causal_tap_sum. `x` points at the image's element (0, 0, 0).
+template <typename T, typename Acc>
+CINC_HD void accumulate_causal_taps(const T* weight, const T* x, ImageStrides s, int64_t C, int64_t H, int64_t W,
+                                    int k, bool unit_diagonal, int64_t i, int64_t j, bool with_centre, Acc sign,
+                                    Acc* acc) {
+  const StridedImage<T> image{x, s};
+  for (int64_t o = 0; o < C; ++o) {
+    acc[o] += sign * causal_tap_sum<Acc>(weight, image, C, H, W, k, unit_diagonal, i, j, o, with_centre);
+  }
+}
+
+// acc[c] -= anticausal_tap_sum(..., c) for every c: the CPU's per-pixel form of the adjoint's tap loop.
+template <typename T, typename Acc>
+CINC_HD void subtract_anticausal_taps(const T* weight, const T* u, ImageStrides s, int64_t C, int64_t H, int64_t W,
+                                      int k, int64_t i, int64_t j, Acc* acc) {
+  const StridedImage<T> image{u, s};
+  for (int64_t c = 0; c < C; ++c) acc[c] -= anticausal_tap_sum<Acc>(weight, image, C, H, W, k, i, j, c);
+}
+
+// One entry of L⁻¹ r, where `inverse_columns` holds L⁻¹ column by column (inverse_columns[c·C + o] = L⁻¹[o, c],
+// e.g. column c = solve_lower_in_place on the unit vector e_c) and r[c] is at r[c · r_stride]:
+// returns Σ_{c ≤ o} L⁻¹[o, c] r[c]. With L⁻¹ precomputed the channel substitution of a pixel becomes C independent
+// dot products, one per thread on a GPU, instead of C dependent steps.
+template <typename Acc>
+CINC_HD Acc lower_inverse_row_dot(const Acc* inverse_columns, const Acc* r, int64_t r_stride, int64_t C, int64_t o) {
+  Acc sum = Acc(0);
+  for (int64_t c = 0; c <= o; ++c) sum += inverse_columns[c * C + o] * r[c * r_stride];
+  return sum;
+}
+
+// One entry of L⁻ᵀ r with the same storage: Σ_{o ≥ c} L⁻¹[o, c] r[o] (row c of L⁻ᵀ is column c of L⁻¹, contiguous).
+template <typename Acc>
+CINC_HD Acc lower_inverse_transpose_row_dot(const Acc* inverse_columns, const Acc* r, int64_t r_stride, int64_t C,
+                                            int64_t c) {
+  Acc sum = Acc(0);
+  for (int64_t o = c; o < C; ++o) sum += inverse_columns[c * C + o] * r[o * r_stride];
+  return sum;
 }
 
 }  // namespace cinc

@@ -1,0 +1,259 @@
+// The inverse x = M⁻¹(y - bias) and its adjoint u = M⁻ᵀ g on CUDA: ONE launch per call.
+//
+// Each thread block owns one image and walks all H + W - 1 anti-diagonals itself (from the top-left for the inverse,
+// from the bottom-right for the adjoint), with __syncthreads() between the two phases of every diagonal:
+//   A. residual r[c, p] = rhs - bias - (tap sum over the already solved neighbours), one thread per (pixel, channel);
+//   B. channel substitution as C independent dot products with the precomputed L⁻¹ (x = L⁻¹ r, u = L⁻ᵀ r), again
+//      one thread per (pixel, channel), instead of C dependent steps per pixel.
+// The per-pixel arithmetic is cinc_math.h's (causal_tap_sum / anticausal_tap_sum / lower_inverse_*_row_dot, and
+// solve_lower_in_place to build L⁻¹), the same code the CPU kernels run.
+//
+// Shared memory (in elements of T):
+//   [ L⁻¹ columns: C·C ][ work: max(C·C, ring + residual) ][ weight copy: C·C·k·k, when it fits ]
+// The work region holds L's columns while L⁻¹ is built, then a ring of the last 2k-1 anti-diagonals of the
+// solution (every neighbour a pixel reads lies on the 2(k-1) diagonals before it) and the residual of the current
+// diagonal. When the ring does not fit the solution is read back from the output in global memory instead
+// (the block's own writes, visible after __syncthreads()).
+//
+// Threads of a warp take consecutive pixels of the diagonal with the same channel, so weight and L⁻¹ reads are
+// broadcasts and ring/residual reads are consecutive words.
+//
+// A singular L (a zero on the centre tap's diagonal) is NOT checked here: checking would need a device-to-host
+// sync. L⁻¹ then holds inf and the output inf/nan. The Python docs say so.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "../cinc_checks.h"
+#include "../cinc_math.h"
+#include "cinc_cuda.h"
+
+namespace cinc {
+namespace cuda {
+namespace {
+
+// The last `slots` anti-diagonals of one image, stored [slot][channel][row] with slot = (i + j) mod slots: a
+// diagonal's pixels are consecutive rows, so a warp's reads are consecutive words.
+template <typename T>
+struct DiagonalRing {
+  T* data;
+  int64_t C;
+  int64_t H;
+  int slots;
+  __device__ __forceinline__ int64_t offset(int64_t c, int64_t i, int64_t j) const {
+    return (static_cast<int64_t>(static_cast<int>(i + j) % slots) * C + c) * H + i;
+  }
+  __device__ __forceinline__ const T* pixel(int64_t i, int64_t j) const { return data + offset(0, i, j); }
+  __device__ __forceinline__ int64_t channel_stride() const { return H; }
+};
+
+template <typename T>
+struct WavefrontParams {
+  const T* rhs;  // y (inverse) or g (adjoint), any strides
+  int64_t rhs_stride_b, rhs_stride_c, rhs_stride_h, rhs_stride_w;
+  const T* bias;    // (C,) or nullptr
+  const T* weight;  // (C, C, k, k), contiguous
+  T* out;           // (B, C, H, W), contiguous
+  int64_t C, H, W;
+  int k;
+  bool unit_diagonal;
+  int ring_slots;
+  int64_t max_diagonal;  // min(H, W): the longest anti-diagonal
+  int64_t work_elements;
+  bool weight_in_shared;
+};
+
+template <typename T, bool kAdjoint, bool kRing>
+__global__ void __launch_bounds__(1024) wavefront_kernel(const WavefrontParams<T> p) {
+  extern __shared__ unsigned char shared_bytes[];
+  T* inverse_columns = reinterpret_cast<T*>(shared_bytes);
+  T* work = inverse_columns + p.C * p.C;
+  T* shared_weight = work + p.work_elements;
+
+  const int64_t C = p.C, H = p.H, W = p.W;
+  const int k = p.k;
+  const int tid = threadIdx.x, threads = blockDim.x;
+  const int64_t b = blockIdx.x;
+
+  // L⁻¹, column c = L⁻¹ e_c, by the shared forward substitution (one thread per column).
+  for (int64_t e = tid; e < C * C; e += threads) {
+    const int64_t row = e % C, col = e / C;
+    work[e] = masked_weight(p.weight, row, col, k - 1, k - 1, C, k, p.unit_diagonal);
+    inverse_columns[e] = row == col ? T(1) : T(0);
+  }
+  if (p.weight_in_shared) {
+    for (int64_t e = tid; e < C * C * k * k; e += threads) shared_weight[e] = p.weight[e];
+  }
+  __syncthreads();
+  for (int64_t col = tid; col < C; col += threads) solve_lower_in_place(work, inverse_columns + col * C, C);
+  __syncthreads();
+
+  const T* weight = p.weight_in_shared ? shared_weight : p.weight;
+  const T* rhs = p.rhs + b * p.rhs_stride_b;
+  T* out = p.out + b * C * H * W;
+  T* ring_data = work;
+  T* residual = work + (kRing ? p.ring_slots * C * H : 0);
+  const DiagonalRing<T> ring{ring_data, C, H, p.ring_slots};
+  const StridedImage<T> global_image{out, ImageStrides{H * W, W, 1}};
+
+  const int64_t diagonals = H + W - 1;
+  for (int64_t step = 0; step < diagonals; ++step) {
+    const int64_t d = kAdjoint ? diagonals - 1 - step : step;
+    const int64_t first = d - (W - 1) > 0 ? d - (W - 1) : 0;
+    const int64_t count = (d < H - 1 ? d : H - 1) - first + 1;
+    // items ≤ the residual buffer's C·min(H, W) elements, which fit in shared memory: int is wide enough.
+    const int items = static_cast<int>(count * C);
+    const int n = static_cast<int>(count);
+
+    for (int t = tid; t < items; t += threads) {
+      const int pix = t % n, ch = t / n;
+      const int64_t i = first + pix, j = d - i;
+      T r = rhs[ch * p.rhs_stride_c + i * p.rhs_stride_h + j * p.rhs_stride_w];
+      if (kAdjoint) {
+        r -= kRing ? anticausal_tap_sum<T>(weight, ring, C, H, W, k, i, j, ch)
+                   : anticausal_tap_sum<T>(weight, global_image, C, H, W, k, i, j, ch);
+      } else {
+        if (p.bias != nullptr) r -= p.bias[ch];
+        r -= kRing ? causal_tap_sum<T>(weight, ring, C, H, W, k, p.unit_diagonal, i, j, ch, false)
+                   : causal_tap_sum<T>(weight, global_image, C, H, W, k, p.unit_diagonal, i, j, ch, false);
+      }
+      residual[ch * p.max_diagonal + pix] = r;
+    }
+    __syncthreads();
+
+    for (int t = tid; t < items; t += threads) {
+      const int pix = t % n, ch = t / n;
+      const int64_t i = first + pix, j = d - i;
+      const T* r = residual + pix;
+      const T v = kAdjoint ? lower_inverse_transpose_row_dot(inverse_columns, r, p.max_diagonal, C, ch)
+                           : lower_inverse_row_dot(inverse_columns, r, p.max_diagonal, C, ch);
+      out[(ch * H + i) * W + j] = v;
+      if (kRing) ring_data[ring.offset(ch, i, j)] = v;
+    }
+    __syncthreads();
+  }
+}
+
+int shared_memory_limit(int device) {
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes;
+}
+
+int multiprocessors(int device) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  return n;
+}
+
+// Threads per block: enough for one (pixel, channel) pair each on the longest diagonal, up to 1024 while the
+// batch leaves SMs idle (one block per image: a batch of 1 uses one SM, so that block should be as wide as it can),
+// up to 256 once every SM has blocks. CINC_CUDA_WAVEFRONT_THREADS overrides it, for benchmarks/bench_gpu.py's sweep.
+int wavefront_threads(int64_t batch, int64_t items, int device) {
+  if (const char* env = std::getenv("CINC_CUDA_WAVEFRONT_THREADS")) {
+    const int forced = std::atoi(env);
+    if (forced > 0) return std::min(1024, std::max(32, forced / 32 * 32));
+  }
+  const int64_t cap = batch >= 2 * multiprocessors(device) ? 256 : 1024;
+  const int64_t wanted = (items + 31) / 32 * 32;
+  return static_cast<int>(std::max<int64_t>(32, std::min(cap, wanted)));
+}
+
+template <typename T, bool kAdjoint, bool kRing>
+void launch_wavefront(const WavefrontParams<T>& p, int64_t batch, int threads, size_t shared_bytes,
+                      cudaStream_t stream) {
+  auto kernel = wavefront_kernel<T, kAdjoint, kRing>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(shared_bytes)));
+  kernel<<<static_cast<unsigned int>(batch), threads, shared_bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void run_wavefront(const at::Tensor& rhs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   bool unit_diagonal, bool adjoint, at::Tensor& out) {
+  const int64_t B = rhs.size(0), C = rhs.size(1), H = rhs.size(2), W = rhs.size(3);
+  const int k = static_cast<int>(weight.size(3));
+  const int device = rhs.get_device();
+
+  WavefrontParams<T> p;
+  p.rhs = rhs.data_ptr<T>();
+  p.rhs_stride_b = rhs.stride(0);
+  p.rhs_stride_c = rhs.stride(1);
+  p.rhs_stride_h = rhs.stride(2);
+  p.rhs_stride_w = rhs.stride(3);
+  p.bias = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  p.weight = weight.data_ptr<T>();
+  p.out = out.data_ptr<T>();
+  p.C = C;
+  p.H = H;
+  p.W = W;
+  p.k = k;
+  p.unit_diagonal = unit_diagonal;
+  p.ring_slots = 2 * k - 1;
+  p.max_diagonal = std::min(H, W);
+
+  const int64_t limit = shared_memory_limit(device) / static_cast<int64_t>(sizeof(T));
+  const int64_t inverse = C * C, residual = C * p.max_diagonal, ring = p.ring_slots * C * H;
+  const int64_t weight_elements = C * C * k * k;
+  const bool use_ring = inverse + std::max(C * C, ring + residual) <= limit;
+  p.work_elements = std::max(C * C, (use_ring ? ring : 0) + residual);
+  TORCH_CHECK(inverse + p.work_elements <= limit, "the CUDA ", adjoint ? "inverse_transpose" : "inverse",
+              " keeps L⁻¹ and one anti-diagonal in shared memory, which needs ",
+              (inverse + p.work_elements) * sizeof(T), " bytes for C = ", C, " and this dtype, more than the ",
+              limit * sizeof(T), " this GPU has per block; use backend=\"cpu\" or \"triton\" for so many channels");
+  p.weight_in_shared = inverse + p.work_elements + weight_elements <= limit;
+  const int64_t elements = inverse + p.work_elements + (p.weight_in_shared ? weight_elements : 0);
+  const size_t shared_bytes = static_cast<size_t>(elements) * sizeof(T);
+
+  const int threads = wavefront_threads(B, p.max_diagonal * C, device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  if (adjoint) {
+    use_ring ? launch_wavefront<T, true, true>(p, B, threads, shared_bytes, stream)
+             : launch_wavefront<T, true, false>(p, B, threads, shared_bytes, stream);
+  } else {
+    use_ring ? launch_wavefront<T, false, true>(p, B, threads, shared_bytes, stream)
+             : launch_wavefront<T, false, false>(p, B, threads, shared_bytes, stream);
+  }
+}
+
+at::Tensor solve_cuda(const at::Tensor& rhs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      bool unit_diagonal, bool adjoint) {
+  const char* name = adjoint ? "g" : "y";
+  TORCH_CHECK(rhs.is_cuda(), name, " must be a CUDA tensor for the CUDA kernels, got ", rhs.device());
+  TORCH_CHECK(rhs.scalar_type() == at::kFloat || rhs.scalar_type() == at::kDouble, "the CUDA ",
+              adjoint ? "inverse_transpose" : "inverse", " supports float32 and float64, got ", name, " of dtype ",
+              rhs.scalar_type());
+  const c10::cuda::CUDAGuard guard(rhs.device());
+  const at::Tensor w = weight.contiguous();
+  const std::optional<at::Tensor> bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
+  at::Tensor out = at::empty(rhs.sizes(), rhs.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  TORCH_CHECK(rhs.size(0) <= INT32_MAX, name, ": batch ", rhs.size(0), " exceeds the CUDA grid limit");
+  TORCH_CHECK(rhs.size(2) * rhs.size(3) <= INT32_MAX, name, ": H·W must stay below 2^31");
+  AT_DISPATCH_FLOATING_TYPES(rhs.scalar_type(), "cinc_wavefront_cuda",
+                             [&] { run_wavefront<scalar_t>(rhs, w, bc, unit_diagonal, adjoint, out); });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor inverse_cuda(const at::Tensor& y, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        bool unit_diagonal) {
+  check_conv_args(y, "y", weight, bias);
+  return solve_cuda(y, weight, bias, unit_diagonal, false);
+}
+
+at::Tensor inverse_transpose_cuda(const at::Tensor& g, const at::Tensor& weight, bool unit_diagonal) {
+  check_conv_args(g, "g", weight, std::nullopt);
+  return solve_cuda(g, weight, std::nullopt, unit_diagonal, true);
+}
+
+}  // namespace cuda
+}  // namespace cinc
