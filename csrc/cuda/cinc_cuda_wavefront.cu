@@ -8,12 +8,11 @@
 // The per-pixel arithmetic is cinc_math.h's (causal_tap_sum / anticausal_tap_sum / lower_inverse_*_row_dot, and
 // solve_lower_in_place to build L⁻¹), the same code the CPU kernels run.
 //
-// Shared memory (in elements of T):
-//   [ L⁻¹ columns: C·C ][ work: max(C·C, ring + residual) ][ weight copy: C·C·k·k, when it fits ]
-// The work region holds L's columns while L⁻¹ is built, then a ring of the last 2k-1 anti-diagonals of the
-// solution (every neighbour a pixel reads lies on the 2(k-1) diagonals before it) and the residual of the current
-// diagonal. When the ring does not fit the solution is read back from the output in global memory instead
-// (the block's own writes, visible after __syncthreads()).
+// Shared memory holds L⁻¹, a ring of the last 2(k-1) anti-diagonals of the solution (every neighbour a pixel reads
+// lies on one of them), the current diagonal's residual and, when it fits, a copy of the weight;
+// without room for the ring the solution is read back from the output in global memory (the block's own writes,
+// visible after __syncthreads()). The steps and the layout are in cinc_wavefront_block.h, which
+// tests/cuda_wavefront_emulator.cpp also runs on the CPU.
 //
 // Threads of a warp take consecutive pixels of the diagonal with the same channel, so weight and L⁻¹ reads are
 // broadcasts and ring/residual reads are consecutive words.
@@ -33,109 +32,33 @@
 #include "../cinc_checks.h"
 #include "../cinc_math.h"
 #include "cinc_cuda.h"
+#include "cinc_wavefront_block.h"
 
 namespace cinc {
 namespace cuda {
 namespace {
 
-// The last `slots` anti-diagonals of one image, stored [slot][channel][row] with slot = (i + j) mod slots: a
-// diagonal's pixels are consecutive rows, so a warp's reads are consecutive words.
-template <typename T>
-struct DiagonalRing {
-  T* data;
-  int64_t C;
-  int64_t H;
-  int slots;
-  __device__ __forceinline__ int64_t offset(int64_t c, int64_t i, int64_t j) const {
-    return (static_cast<int64_t>(static_cast<int>(i + j) % slots) * C + c) * H + i;
-  }
-  __device__ __forceinline__ const T* pixel(int64_t i, int64_t j) const { return data + offset(0, i, j); }
-  __device__ __forceinline__ int64_t channel_stride() const { return H; }
-};
-
-template <typename T>
-struct WavefrontParams {
-  const T* rhs;  // y (inverse) or g (adjoint), any strides
-  int64_t rhs_stride_b, rhs_stride_c, rhs_stride_h, rhs_stride_w;
-  const T* bias;    // (C,) or nullptr
-  const T* weight;  // (C, C, k, k), contiguous
-  T* out;           // (B, C, H, W), contiguous
-  int64_t C, H, W;
-  int k;
-  bool unit_diagonal;
-  int ring_slots;
-  int64_t max_diagonal;  // min(H, W): the longest anti-diagonal
-  int64_t work_elements;
-  bool weight_in_shared;
-};
-
 template <typename T, bool kAdjoint, bool kRing>
 __global__ void __launch_bounds__(1024) wavefront_kernel(const WavefrontParams<T> p) {
   extern __shared__ unsigned char shared_bytes[];
-  T* inverse_columns = reinterpret_cast<T*>(shared_bytes);
-  T* work = inverse_columns + p.C * p.C;
-  T* shared_weight = work + p.work_elements;
-
-  const int64_t C = p.C, H = p.H, W = p.W;
-  const int k = p.k;
+  const WavefrontShared<T> s(reinterpret_cast<T*>(shared_bytes), p);
   const int tid = threadIdx.x, threads = blockDim.x;
-  const int64_t b = blockIdx.x;
+  const int64_t image = blockIdx.x;
 
-  // L⁻¹, column c = L⁻¹ e_c, by the shared forward substitution (one thread per column).
-  for (int64_t e = tid; e < C * C; e += threads) {
-    const int64_t row = e % C, col = e / C;
-    work[e] = masked_weight(p.weight, row, col, k - 1, k - 1, C, k, p.unit_diagonal);
-    inverse_columns[e] = row == col ? T(1) : T(0);
-  }
-  if (p.weight_in_shared) {
-    for (int64_t e = tid; e < C * C * k * k; e += threads) shared_weight[e] = p.weight[e];
-  }
+  const int64_t fill_items = wavefront_fill_items(p);
+  for (int64_t e = tid; e < fill_items; e += threads) wavefront_prologue_fill(p, s, e);
   __syncthreads();
-  for (int64_t col = tid; col < C; col += threads) solve_lower_in_place(work, inverse_columns + col * C, C);
+  for (int64_t col = tid; col < p.C; col += threads) wavefront_prologue_solve(p, s, col);
   __syncthreads();
 
-  const T* weight = p.weight_in_shared ? shared_weight : p.weight;
-  const T* rhs = p.rhs + b * p.rhs_stride_b;
-  T* out = p.out + b * C * H * W;
-  T* ring_data = work;
-  T* residual = work + (kRing ? p.ring_slots * C * H : 0);
-  const DiagonalRing<T> ring{ring_data, C, H, p.ring_slots};
-  const StridedImage<T> global_image{out, ImageStrides{H * W, W, 1}};
-
-  const int64_t diagonals = H + W - 1;
+  const int64_t diagonals = p.H + p.W - 1;
   for (int64_t step = 0; step < diagonals; ++step) {
-    const int64_t d = kAdjoint ? diagonals - 1 - step : step;
-    const int64_t first = d - (W - 1) > 0 ? d - (W - 1) : 0;
-    const int64_t count = (d < H - 1 ? d : H - 1) - first + 1;
+    const DiagonalSpan span = wavefront_diagonal(p, step, kAdjoint);
     // items ≤ the residual buffer's C·min(H, W) elements, which fit in shared memory: int is wide enough.
-    const int items = static_cast<int>(count * C);
-    const int n = static_cast<int>(count);
-
-    for (int t = tid; t < items; t += threads) {
-      const int pix = t % n, ch = t / n;
-      const int64_t i = first + pix, j = d - i;
-      T r = rhs[ch * p.rhs_stride_c + i * p.rhs_stride_h + j * p.rhs_stride_w];
-      if (kAdjoint) {
-        r -= kRing ? anticausal_tap_sum<T>(weight, ring, C, H, W, k, i, j, ch)
-                   : anticausal_tap_sum<T>(weight, global_image, C, H, W, k, i, j, ch);
-      } else {
-        if (p.bias != nullptr) r -= p.bias[ch];
-        r -= kRing ? causal_tap_sum<T>(weight, ring, C, H, W, k, p.unit_diagonal, i, j, ch, false)
-                   : causal_tap_sum<T>(weight, global_image, C, H, W, k, p.unit_diagonal, i, j, ch, false);
-      }
-      residual[ch * p.max_diagonal + pix] = r;
-    }
+    const int items = span.count * static_cast<int>(p.C);
+    for (int t = tid; t < items; t += threads) wavefront_residual<T, kAdjoint, kRing>(p, s, image, span, t);
     __syncthreads();
-
-    for (int t = tid; t < items; t += threads) {
-      const int pix = t % n, ch = t / n;
-      const int64_t i = first + pix, j = d - i;
-      const T* r = residual + pix;
-      const T v = kAdjoint ? lower_inverse_transpose_row_dot(inverse_columns, r, p.max_diagonal, C, ch)
-                           : lower_inverse_row_dot(inverse_columns, r, p.max_diagonal, C, ch);
-      out[(ch * H + i) * W + j] = v;
-      if (kRing) ring_data[ring.offset(ch, i, j)] = v;
-    }
+    for (int t = tid; t < items; t += threads) wavefront_solve<T, kAdjoint, kRing>(p, s, image, span, t);
     __syncthreads();
   }
 }
@@ -196,21 +119,20 @@ void run_wavefront(const at::Tensor& rhs, const at::Tensor& weight, const std::o
   p.W = W;
   p.k = k;
   p.unit_diagonal = unit_diagonal;
-  p.ring_slots = 2 * k - 1;
+  p.ring_slots = ring_slots_for(k);
   p.max_diagonal = std::min(H, W);
 
   const int64_t limit = shared_memory_limit(device) / static_cast<int64_t>(sizeof(T));
-  const int64_t inverse = C * C, residual = C * p.max_diagonal, ring = p.ring_slots * C * H;
-  const int64_t weight_elements = C * C * k * k;
-  const bool use_ring = inverse + std::max(C * C, ring + residual) <= limit;
-  p.work_elements = std::max(C * C, (use_ring ? ring : 0) + residual);
-  TORCH_CHECK(inverse + p.work_elements <= limit, "the CUDA ", adjoint ? "inverse_transpose" : "inverse",
-              " keeps L⁻¹ and one anti-diagonal in shared memory, which needs ",
-              (inverse + p.work_elements) * sizeof(T), " bytes for C = ", C, " and this dtype, more than the ",
-              limit * sizeof(T), " this GPU has per block; use backend=\"cpu\" or \"triton\" for so many channels");
-  p.weight_in_shared = inverse + p.work_elements + weight_elements <= limit;
-  const int64_t elements = inverse + p.work_elements + (p.weight_in_shared ? weight_elements : 0);
-  const size_t shared_bytes = static_cast<size_t>(elements) * sizeof(T);
+  const WavefrontLayout layout = wavefront_layout(C, H, W, k, limit);
+  TORCH_CHECK(layout.fits, "the CUDA ", adjoint ? "inverse_transpose" : "inverse",
+              " keeps L⁻¹ and one anti-diagonal in shared memory, which needs more than the ", limit * sizeof(T),
+              " bytes this GPU has per block for C = ", C, " and dtype ", rhs.scalar_type(),
+              "; use backend=\"cpu\" or \"triton\" for so many channels");
+  p.use_ring = layout.use_ring;
+  p.work_elements = layout.work_elements;
+  p.weight_in_shared = layout.weight_in_shared;
+  const size_t shared_bytes = static_cast<size_t>(layout.total_elements) * sizeof(T);
+  const bool use_ring = layout.use_ring;
 
   const int threads = wavefront_threads(B, p.max_diagonal * C, device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
