@@ -102,21 +102,22 @@ def test_batch_zero_and_empty_images(C, op):
         assert out.shape == t.shape and out.dtype == t.dtype
 
 
-def test_schedules_agree():
-    """The per-pixel (few channels) and the gathered-GEMM (many channels) schedules compute the same map: embed a
-    4-channel problem block-diagonally into 12 channels (GEMM path) and compare with the 4-channel run (direct)."""
-    g = torch.Generator().manual_seed(7)
-    w4 = make_weight(4, 3, generator=g)
-    w12 = torch.zeros(12, 12, 3, 3, dtype=torch.float64)
-    for blk in range(3):
-        w12[4 * blk:4 * blk + 4, 4 * blk:4 * blk + 4] = w4
-    x4 = make_image(2, 4, 9, 6, generator=g)
-    x12 = x4.repeat(1, 3, 1, 1)
-    for fn in (ck.cinc_conv2d, ck.cinc_conv2d_inverse, ck.cinc_conv2d_inverse_transpose):
-        a = fn(x4, w4, backend="cpu")
-        b = fn(x12, w12, backend="cpu")
-        for blk in range(3):
-            torch.testing.assert_close(b[:, 4 * blk:4 * blk + 4], a, rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("C,k", [(1, 2), (5, 3), (12, 3), (9, 5)])
+def test_direct_and_gemm_schedules_agree(C, k, monkeypatch):
+    """The per-pixel schedule (tap loop of cinc_math.h) and the gathered-GEMM schedule, forced on the same inputs."""
+    g = torch.Generator().manual_seed(C + k)
+    w = make_weight(C, k, generator=g)
+    b = torch.randn(C, generator=g, dtype=torch.float64)
+    x = make_image(3, C, 9, 6, generator=g)
+    results = {}
+    for schedule, threshold in (("direct", "100000"), ("gemm", "1")):
+        monkeypatch.setenv("CINC_CPU_GEMM_MIN_CHANNELS", threshold)
+        results[schedule] = (ck.cinc_conv2d(x, w, b, backend="cpu"), ck.cinc_conv2d_inverse(x, w, b, backend="cpu"),
+                             ck.cinc_conv2d_inverse_transpose(x, w, backend="cpu"))
+    for direct, gemm in zip(results["direct"], results["gemm"]):
+        torch.testing.assert_close(direct, gemm, rtol=1e-12, atol=1e-12)
+    y_ref = reference.forward(x, w, b)
+    assert rel_error(results["direct"][0], y_ref) <= RTOL[torch.float64]
 
 
 def test_auto_backend_on_cpu_matches_reference():
