@@ -48,7 +48,7 @@ struct ForwardParams {
 template <typename T>
 __global__ void __launch_bounds__(kMaxTileThreads) forward_kernel(const ForwardParams<T> p) {
   using Acc = at::opmath_type<T>;
-  extern __shared__ unsigned char shared_bytes[];
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
   const int k = p.k;
   const int tile_w = blockDim.x, tile_h = blockDim.y;
   const int halo_w = tile_w + k - 1, halo_h = tile_h + k - 1;

@@ -40,7 +40,7 @@ namespace {
 
 template <typename T, bool kAdjoint, bool kRing>
 __global__ void __launch_bounds__(1024) wavefront_kernel(const WavefrontParams<T> p) {
-  extern __shared__ unsigned char shared_bytes[];
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
   const WavefrontShared<T> s(reinterpret_cast<T*>(shared_bytes), p);
   const int tid = threadIdx.x, threads = blockDim.x;
   const int64_t image = blockIdx.x;

@@ -111,7 +111,8 @@ template <typename T>
 CINC_HD void wavefront_prologue_fill(const WavefrontParams<T>& p, const WavefrontShared<T>& s, int64_t e) {
   const int64_t C = p.C;
   if (e < C * C) {
-    const int64_t row = e % C, col = e / C;
+    // C² fits in shared memory, so 32-bit division (64-bit division is a slow subroutine call on the GPU).
+    const int row = static_cast<int>(e) % static_cast<int>(C), col = static_cast<int>(e) / static_cast<int>(C);
     s.work[e] = masked_weight(p.weight, row, col, p.k - 1, p.k - 1, C, p.k, p.unit_diagonal);
     s.inverse_columns[e] = row == col ? T(1) : T(0);
   }
