@@ -175,8 +175,10 @@ def main(argv=None):
             err = rel_err(x_back, x)
             y_cudnn = F.conv2d(xp, wm, b)
             fwd_err = rel_err(y, y_cudnn)
+            # A wrong kernel is reported (and its rows flagged in the CSV), not fatal: the other timings still count.
             if fwd_err > 1e-4:
-                raise SystemExit(f"forward disagrees with cuDNN at {shape}: {fwd_err:.2e}")
+                print(f"WRONG: cinc forward disagrees with cuDNN at {shape}: relative error {fwd_err:.2e}")
+            rec.add("forward_error", impl, shape, error=fwd_err)
             rec.add("roundtrip_error", impl, shape, error=err, target=TARGETS["roundtrip_error"])
             line["error"] = err
 
@@ -202,8 +204,9 @@ def main(argv=None):
                         run = lambda: finc_baseline.finc_inverse(y, w, b)  # noqa: E731
                     finc_err = rel_err(run(), x)
                     if finc_err > 1e-3:
-                        raise SystemExit(f"FInC baseline wrong at {shape}: {finc_err:.2e}")
-                    finc = rec.add("inverse", "finc_baseline", shape, quantile_times(run, device), launches=launches)
+                        print(f"WRONG: FInC baseline at {shape}: relative error {finc_err:.2e}")
+                    finc = rec.add("inverse", "finc_baseline", shape, quantile_times(run, device), launches=launches,
+                                   error=finc_err)
                     line["finc"] = finc[0]
                     del run
                 if C == 48 and S == 64:
@@ -348,6 +351,13 @@ def write_outputs(out, rec, table, half_lines, b1_lines, B, device_name, version
         worst = max(vals, key=lambda t: t[2]) if smaller else min(vals, key=lambda t: t[2])
         lines.append(f"  {label}: target {sign} {TARGETS[key]:g}: met at {met}/{len(vals)} shapes; "
                      f"worst {worst[2]:.3g} at C={worst[0]} {worst[1]}x{worst[1]}")
+    # What backend="auto" should prefer on CUDA for the forward (cinc_kernels/backends.py AUTO_ORDER).
+    pairs = [(g["forward"], g["forward_aten"]) for g in table if g.get("forward") and g.get("forward_aten")]
+    if pairs:
+        wins = sum(1 for mine, aten in pairs if mine < aten)
+        lines.append(f"  forward, cuda kernel vs _aten (pad + mask + cuDNN, auto's current pick): cuda faster at "
+                     f"{wins}/{len(pairs)} shapes -> AUTO_ORDER forward should start with "
+                     f"{'cuda' if wins > len(pairs) / 2 else '_aten'}")
     if b1_lines:
         name, t1, tb = b1_lines[0]
         lines.append(f"  batch 1 inverse (64x64, C=48): {t1:.3f} ms, {t1 / (tb / B):.3g}x the B={B} time per image")
