@@ -17,6 +17,16 @@
 // Threads of a warp take consecutive pixels of the diagonal with the same channel, so weight and L⁻¹ reads are
 // broadcasts and ring/residual reads are consecutive words.
 //
+// Performance model (not yet measured: no GPU was available when this was written; benchmarks/gpu_check.sh
+// measures it). The residual step does (k²-1)·C multiply-adds per item, each with one shared-memory load of the
+// neighbour and one (broadcast) load of the weight, so it is bound by shared-memory instruction issue, ~1 warp-wide
+// load per clock per SM: for B = 64, C = 48, 64×64 that is ~37 µs per diagonal and ~5 ms per call, on 64 of the
+// H200's 132 SMs. The next steps, in expected order of gain: register blocking (each thread P pixels × Q channels,
+// (P+Q)/(P·Q) loads per multiply-add instead of 2), splitting an image's channels over a cluster of 2-4 blocks
+// (distributed shared memory for the ring, cluster barriers; also the batch-1 case), tensor-core MMA on the
+// diagonal's (pixels × (k²-1)C) by ((k²-1)C × C) product with 3xTF32 to keep float32 accuracy.
+// Batch 1 today: one block of up to 1024 threads (wavefront_threads).
+//
 // A singular L (a zero on the centre tap's diagonal) is NOT checked here: checking would need a device-to-host
 // sync. L⁻¹ then holds inf and the output inf/nan. The Python docs say so.
 #include <ATen/ATen.h>
