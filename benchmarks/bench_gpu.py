@@ -269,7 +269,7 @@ def main(argv=None):
         if device.type == "cuda":
             xb, wb, bb = problem(B, C1, S1, S1, device)
             yb = ck.cinc_conv2d(xb, wb, bb, backend=impl)
-            for threads in (128, 256, 512, 1024):
+            for threads in (64, 128, 256, 512):
                 os.environ["CINC_CUDA_WAVEFRONT_THREADS"] = str(threads)
                 t1 = rec.add("inverse_batch1", f"{impl}_threads{threads}", (1, C1, S1, S1),
                              quantile_times(lambda: ck.cinc_conv2d_inverse(y, w, b, backend=impl), device))

@@ -12,8 +12,11 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define CINC_HD __host__ __device__ __forceinline__
+// Fully unrolled loops over compile-time block sizes keep small arrays in registers on the GPU.
+#define CINC_UNROLL _Pragma("unroll")
 #else
 #define CINC_HD inline
+#define CINC_UNROLL
 #endif
 
 namespace cinc {
@@ -93,8 +96,8 @@ struct StridedImage {
 };
 
 // Σ_{c, (a, b)} Wm[o, c, a, b] · x[c, i + a - (k-1), j + b - (k-1)] for ONE output channel o, over the taps of pixel
-// (i, j) that fall inside the H×W image; the centre tap is skipped when `with_centre` is false (the inverse's
-// residual). One output channel per call lets a GPU give each (pixel, channel) pair its own thread.
+// (i, j) that fall inside the H×W image; the centre tap is skipped when `with_centre` is false. (The wavefronts use
+// the blocked neighbour sums below instead.)
 template <typename Acc, typename T, typename Image>
 CINC_HD Acc causal_tap_sum(const T* weight, const Image& x, int64_t C, int64_t H, int64_t W, int k,
                            bool unit_diagonal, int64_t i, int64_t j, int64_t o, bool with_centre) {
@@ -126,48 +129,148 @@ CINC_HD Acc causal_tap_sum(const T* weight, const Image& x, int64_t C, int64_t H
   return sum;
 }
 
-// The adjoint's tap sum for ONE input channel c: Σ_{o, (a, b) ≠ centre} Wm[o, c, a, b] · u[o, i + k-1-a, j + k-1-b]
-// over neighbours inside the image (they lie below and to the right of pixel (i, j)).
-template <typename Acc, typename T, typename Image>
-CINC_HD Acc anticausal_tap_sum(const T* weight, const Image& u, int64_t C, int64_t H, int64_t W, int k, int64_t i,
-                               int64_t j, int64_t c) {
-  Acc sum = Acc(0);
-  const int64_t cs = u.channel_stride();
+// The wavefronts' residual: tap sums over the off-centre ("neighbour") taps for a block of P pixels × Q channels.
+// Each neighbour value is loaded once for Q channels and each weight once for P pixels, so a GPU thread does
+// (P + Q) loads per P·Q multiply-adds instead of 2 per one. Pixel p is (i[p], j[p]) for p < pixels (the rest of the
+// block is ignored); channels past C are computed from channel C-1's weights and must be discarded by the caller.
+//
+// causal: sum[p][q] = Σ_{c, (a, b) ≠ centre} Wm[o0+q, c, a, b] · x[c, i[p] + a - (k-1), j[p] + b - (k-1)]
+template <int P, int Q, typename Acc, typename T, typename Image>
+CINC_HD void causal_neighbour_block(const T* weight, const Image& x, int64_t C, int64_t H, int64_t W, int k,
+                                    const int64_t* i, const int64_t* j, int pixels, int64_t o0, Acc (*sum)[Q]) {
+  CINC_UNROLL
+  for (int p = 0; p < P; ++p) {
+    CINC_UNROLL
+    for (int q = 0; q < Q; ++q) sum[p][q] = Acc(0);
+  }
+  const int64_t cs = x.channel_stride(), kk = static_cast<int64_t>(k) * k;
+  int64_t weight_row[Q];  // the output channels' rows of the weight, clamped to C-1
+  CINC_UNROLL
+  for (int q = 0; q < Q; ++q) weight_row[q] = (o0 + q < C ? o0 + q : C - 1) * C * kk;
   for (int a = 0; a < k; ++a) {
-    const int64_t ii = i + (k - 1 - a);
-    if (ii >= H) continue;
     for (int b = 0; b < k; ++b) {
-      const int64_t jj = j + (k - 1 - b);
-      if (jj >= W) continue;
       if (a == k - 1 && b == k - 1) continue;
-      const auto* up = u.pixel(ii, jj);
-      const T* wp = weight + weight_offset(0, c, a, b, C, k);
-      for (int64_t o = 0; o < C; ++o) {
-        sum += static_cast<Acc>(wp[o * C * k * k]) * static_cast<Acc>(up[o * cs]);
+      const T* xp[P];
+      bool any = false;
+      CINC_UNROLL
+      for (int p = 0; p < P; ++p) {
+        const int64_t ii = i[p] + a - (k - 1), jj = j[p] + b - (k - 1);
+        const bool inside = p < pixels && ii >= 0 && ii < H && jj >= 0 && jj < W;
+        xp[p] = inside ? x.pixel(ii, jj) : nullptr;
+        any |= inside;
+      }
+      if (!any) continue;
+      const T* wp = weight + a * k + b;
+      for (int64_t c = 0; c < C; ++c) {
+        Acc xv[P];
+        CINC_UNROLL
+        for (int p = 0; p < P; ++p) xv[p] = xp[p] != nullptr ? static_cast<Acc>(xp[p][c * cs]) : Acc(0);
+        CINC_UNROLL
+        for (int q = 0; q < Q; ++q) {
+          const Acc w = static_cast<Acc>(wp[weight_row[q] + c * kk]);
+          CINC_UNROLL
+          for (int p = 0; p < P; ++p) sum[p][q] += w * xv[p];
+        }
       }
     }
   }
-  return sum;
 }
 
-// acc[o] += sign · Σ_{c, (a, b)} Wm[o, c, a, b] · x[c, i + a - (k-1), j + b - (k-1)] for every o: the CPU's
-// per-pixel form of causal_tap_sum. `x` points at the image's element (0, 0, 0).
+// adjoint: sum[p][q] = Σ_{o, (a, b) ≠ centre} Wm[o, c0+q, a, b] · u[o, i[p] + k-1-a, j[p] + k-1-b]
+// (the neighbours lie below and to the right).
+template <int P, int Q, typename Acc, typename T, typename Image>
+CINC_HD void anticausal_neighbour_block(const T* weight, const Image& u, int64_t C, int64_t H, int64_t W, int k,
+                                        const int64_t* i, const int64_t* j, int pixels, int64_t c0,
+                                        Acc (*sum)[Q]) {
+  CINC_UNROLL
+  for (int p = 0; p < P; ++p) {
+    CINC_UNROLL
+    for (int q = 0; q < Q; ++q) sum[p][q] = Acc(0);
+  }
+  const int64_t cs = u.channel_stride(), kk = static_cast<int64_t>(k) * k;
+  int64_t weight_column[Q];  // the input channels' offsets inside a weight row, clamped to C-1
+  CINC_UNROLL
+  for (int q = 0; q < Q; ++q) weight_column[q] = (c0 + q < C ? c0 + q : C - 1) * kk;
+  for (int a = 0; a < k; ++a) {
+    for (int b = 0; b < k; ++b) {
+      if (a == k - 1 && b == k - 1) continue;
+      const T* up[P];
+      bool any = false;
+      CINC_UNROLL
+      for (int p = 0; p < P; ++p) {
+        const int64_t ii = i[p] + (k - 1 - a), jj = j[p] + (k - 1 - b);
+        const bool inside = p < pixels && ii < H && jj < W;
+        up[p] = inside ? u.pixel(ii, jj) : nullptr;
+        any |= inside;
+      }
+      if (!any) continue;
+      const T* wp = weight + a * k + b;
+      for (int64_t o = 0; o < C; ++o) {
+        Acc uv[P];
+        CINC_UNROLL
+        for (int p = 0; p < P; ++p) uv[p] = up[p] != nullptr ? static_cast<Acc>(up[p][o * cs]) : Acc(0);
+        const T* wo = wp + o * C * kk;
+        CINC_UNROLL
+        for (int q = 0; q < Q; ++q) {
+          const Acc w = static_cast<Acc>(wo[weight_column[q]]);
+          CINC_UNROLL
+          for (int p = 0; p < P; ++p) sum[p][q] += w * uv[p];
+        }
+      }
+    }
+  }
+}
+
+// The CPU's per-pixel tap loops below run the same blocked sums as the GPU, with one pixel per call and blocks of
+// 4 channels (1 when there are fewer than 4 channels, so that none is computed in vain).
+template <int Q, typename T, typename Acc, typename Image>
+CINC_HD void accumulate_neighbour_taps(const T* weight, const Image& x, int64_t C, int64_t H, int64_t W, int k,
+                                       int64_t i, int64_t j, Acc sign, Acc* acc) {
+  for (int64_t o0 = 0; o0 < C; o0 += Q) {
+    Acc sum[1][Q];
+    causal_neighbour_block<1, Q>(weight, x, C, H, W, k, &i, &j, 1, o0, sum);
+    for (int q = 0; q < Q && o0 + q < C; ++q) acc[o0 + q] += sign * sum[0][q];
+  }
+}
+
+template <int Q, typename T, typename Acc, typename Image>
+CINC_HD void subtract_neighbour_taps_transposed(const T* weight, const Image& u, int64_t C, int64_t H, int64_t W,
+                                                int k, int64_t i, int64_t j, Acc* acc) {
+  for (int64_t c0 = 0; c0 < C; c0 += Q) {
+    Acc sum[1][Q];
+    anticausal_neighbour_block<1, Q>(weight, u, C, H, W, k, &i, &j, 1, c0, sum);
+    for (int q = 0; q < Q && c0 + q < C; ++q) acc[c0 + q] -= sum[0][q];
+  }
+}
+
+// acc[o] += sign · Σ_{c, (a, b)} Wm[o, c, a, b] · x[c, i + a - (k-1), j + b - (k-1)] for every o, over the taps inside
+// the image (the centre one too when `with_centre`). `x` points at the image's element (0, 0, 0).
 template <typename T, typename Acc>
 CINC_HD void accumulate_causal_taps(const T* weight, const T* x, ImageStrides s, int64_t C, int64_t H, int64_t W,
                                     int k, bool unit_diagonal, int64_t i, int64_t j, bool with_centre, Acc sign,
                                     Acc* acc) {
   const StridedImage<T> image{x, s};
-  for (int64_t o = 0; o < C; ++o) {
-    acc[o] += sign * causal_tap_sum<Acc>(weight, image, C, H, W, k, unit_diagonal, i, j, o, with_centre);
+  if (with_centre) {
+    for (int64_t o = 0; o < C; ++o) {
+      acc[o] += sign * causal_tap_sum<Acc>(weight, image, C, H, W, k, unit_diagonal, i, j, o, true);
+    }
+  } else if (C >= 4) {
+    accumulate_neighbour_taps<4>(weight, image, C, H, W, k, i, j, sign, acc);
+  } else {
+    accumulate_neighbour_taps<1>(weight, image, C, H, W, k, i, j, sign, acc);
   }
 }
 
-// acc[c] -= anticausal_tap_sum(..., c) for every c: the CPU's per-pixel form of the adjoint's tap loop.
+// acc[c] -= Σ_{o, (a, b) ≠ centre} Wm[o, c, a, b] · u[o, i + k-1-a, j + k-1-b] for every c: the adjoint's tap loop.
 template <typename T, typename Acc>
 CINC_HD void subtract_anticausal_taps(const T* weight, const T* u, ImageStrides s, int64_t C, int64_t H, int64_t W,
                                       int k, int64_t i, int64_t j, Acc* acc) {
   const StridedImage<T> image{u, s};
-  for (int64_t c = 0; c < C; ++c) acc[c] -= anticausal_tap_sum<Acc>(weight, image, C, H, W, k, i, j, c);
+  if (C >= 4) {
+    subtract_neighbour_taps_transposed<4>(weight, image, C, H, W, k, i, j, acc);
+  } else {
+    subtract_neighbour_taps_transposed<1>(weight, image, C, H, W, k, i, j, acc);
+  }
 }
 
 // One entry of L⁻¹ r, where `inverse_columns` holds L⁻¹ column by column (inverse_columns[c·C + o] = L⁻¹[o, c],

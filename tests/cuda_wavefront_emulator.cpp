@@ -25,8 +25,10 @@ void run_block(const WavefrontParams<T>& p, T* shared_base, int64_t image) {
   for (int64_t col = p.C - 1; col >= 0; --col) wavefront_prologue_solve(p, s, col);
   for (int64_t step = 0; step < p.H + p.W - 1; ++step) {
     const DiagonalSpan span = wavefront_diagonal(p, step, kAdjoint);
+    for (int t = wavefront_residual_items(span.count, p.C) - 1; t >= 0; --t) {
+      wavefront_residual<T, kAdjoint, kRing>(p, s, image, span, t);
+    }
     const int items = span.count * static_cast<int>(p.C);
-    for (int t = items - 1; t >= 0; --t) wavefront_residual<T, kAdjoint, kRing>(p, s, image, span, t);
     for (int t = items - 1; t >= 0; --t) wavefront_solve<T, kAdjoint, kRing>(p, s, image, span, t);
   }
 }

@@ -99,8 +99,9 @@ def _limits(C, H, W, k):
     }
 
 
+# Odd sizes; diagonals longer than one 4-pixel block and channel counts that leave a partial 4-channel block.
 EMULATED_SHAPES = [(2, 3, 5, 7, 3), (1, 1, 1, 1, 1), (1, 4, 1, 6, 2), (2, 5, 7, 3, 3), (1, 8, 6, 6, 5),
-                   (1, 2, 3, 3, 7), (1, 6, 4, 9, 4)]
+                   (1, 2, 3, 3, 7), (1, 6, 4, 9, 4), (1, 9, 13, 11, 3)]
 
 
 @pytest.mark.parametrize("adjoint", [False, True], ids=["inverse", "inverse_transpose"])

@@ -1,12 +1,14 @@
 // The inverse x = M⁻¹(y - bias) and its adjoint u = M⁻ᵀ g on CUDA: ONE launch per call.
 //
 // Each thread block owns one image and walks all H + W - 1 anti-diagonals itself (from the top-left for the inverse,
-// from the bottom-right for the adjoint), with __syncthreads() between the two phases of every diagonal:
-//   A. residual r[c, p] = rhs - bias - (tap sum over the already solved neighbours), one thread per (pixel, channel);
-//   B. channel substitution as C independent dot products with the precomputed L⁻¹ (x = L⁻¹ r, u = L⁻ᵀ r), again
-//      one thread per (pixel, channel), instead of C dependent steps per pixel.
-// The per-pixel arithmetic is cinc_math.h's (causal_tap_sum / anticausal_tap_sum / lower_inverse_*_row_dot, and
-// solve_lower_in_place to build L⁻¹), the same code the CPU kernels run.
+// from the bottom-right for the adjoint), with __syncthreads() between the two steps of every diagonal:
+//   A. residual r[c, p] = rhs - bias - (tap sum over the already solved neighbours), one block of 4 pixels ×
+//      4 channels per thread;
+//   B. channel substitution as C independent dot products with the precomputed L⁻¹ (x = L⁻¹ r, u = L⁻ᵀ r), one
+//      (pixel, channel) per thread, instead of C dependent steps per pixel.
+// The arithmetic is cinc_math.h's (causal_neighbour_block / anticausal_neighbour_block, which the CPU kernels also
+// run through accumulate_causal_taps / subtract_anticausal_taps; lower_inverse_*_row_dot; solve_lower_in_place to
+// build L⁻¹).
 //
 // Shared memory holds L⁻¹, a ring of the last 2(k-1) anti-diagonals of the solution (every neighbour a pixel reads
 // lies on one of them), the current diagonal's residual and, when it fits, a copy of the weight;
@@ -18,14 +20,14 @@
 // broadcasts and ring/residual reads are consecutive words.
 //
 // Performance model (not yet measured: no GPU was available when this was written; benchmarks/gpu_check.sh
-// measures it). The residual step does (k²-1)·C multiply-adds per item, each with one shared-memory load of the
-// neighbour and one (broadcast) load of the weight, so it is bound by shared-memory instruction issue, ~1 warp-wide
-// load per clock per SM: for B = 64, C = 48, 64×64 that is ~37 µs per diagonal and ~5 ms per call, on 64 of the
-// H200's 132 SMs. The next steps, in expected order of gain: register blocking (each thread P pixels × Q channels,
-// (P+Q)/(P·Q) loads per multiply-add instead of 2), splitting an image's channels over a cluster of 2-4 blocks
-// (distributed shared memory for the ring, cluster barriers; also the batch-1 case), tensor-core MMA on the
-// diagonal's (pixels × (k²-1)C) by ((k²-1)C × C) product with 3xTF32 to keep float32 accuracy.
-// Batch 1 today: one block of up to 1024 threads (wavefront_threads).
+// measures it). The residual step does (k²-1)·C multiply-adds per pixel and channel. One (pixel, channel) per
+// thread would need a shared-memory load of the neighbour and a (broadcast) load of the weight per multiply-add, and
+// shared-memory issue (~1 warp-wide load per clock per SM) would bound it: ~37 µs per diagonal, ~5 ms per call for
+// B = 64, C = 48, 64×64 on 64 of the H200's 132 SMs. Blocks of 4 pixels × 4 channels per thread need 8 loads per 16
+// multiply-adds instead of 32, which should bring that down ~4×. Next steps: split an image's channels over a
+// cluster of 2-4 blocks (distributed shared memory for the ring, cluster barriers; this would also serve batch 1),
+// then tensor-core MMA on the diagonal's (pixels × (k²-1)C) by ((k²-1)C × C) product, 3xTF32 to keep float32
+// accuracy. Batch 1 today: one block of up to 512 threads (wavefront_threads).
 //
 // A singular L (a zero on the centre tap's diagonal) is NOT checked here: checking would need a device-to-host
 // sync. L⁻¹ then holds inf and the output inf/nan. The Python docs say so.
@@ -48,8 +50,11 @@ namespace cinc {
 namespace cuda {
 namespace {
 
+// 512 threads leave 128 registers per thread for the 4 × 4 register blocks of the residual step.
+constexpr int kMaxThreads = 512;
+
 template <typename T, bool kAdjoint, bool kRing>
-__global__ void __launch_bounds__(1024) wavefront_kernel(const WavefrontParams<T> p) {
+__global__ void __launch_bounds__(kMaxThreads) wavefront_kernel(const WavefrontParams<T> p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const WavefrontShared<T> s(reinterpret_cast<T*>(shared_bytes), p);
   const int tid = threadIdx.x, threads = blockDim.x;
@@ -65,9 +70,10 @@ __global__ void __launch_bounds__(1024) wavefront_kernel(const WavefrontParams<T
   for (int64_t step = 0; step < diagonals; ++step) {
     const DiagonalSpan span = wavefront_diagonal(p, step, kAdjoint);
     // items ≤ the residual buffer's C·min(H, W) elements, which fit in shared memory: int is wide enough.
-    const int items = span.count * static_cast<int>(p.C);
-    for (int t = tid; t < items; t += threads) wavefront_residual<T, kAdjoint, kRing>(p, s, image, span, t);
+    const int residual_items = wavefront_residual_items(span.count, p.C);
+    for (int t = tid; t < residual_items; t += threads) wavefront_residual<T, kAdjoint, kRing>(p, s, image, span, t);
     __syncthreads();
+    const int items = span.count * static_cast<int>(p.C);
     for (int t = tid; t < items; t += threads) wavefront_solve<T, kAdjoint, kRing>(p, s, image, span, t);
     __syncthreads();
   }
@@ -85,16 +91,18 @@ int multiprocessors(int device) {
   return n;
 }
 
-// Threads per block: enough for one (pixel, channel) pair each on the longest diagonal, up to 1024 while the
-// batch leaves SMs idle (one block per image: a batch of 1 uses one SM, so that block should be as wide as it can),
-// up to 256 once every SM has blocks. CINC_CUDA_WAVEFRONT_THREADS overrides it, for benchmarks/bench_gpu.py's sweep.
-int wavefront_threads(int64_t batch, int64_t items, int device) {
+// Threads per block: one per residual block of the longest diagonal (or per 4 solve items, if more), up to
+// kMaxThreads while the batch leaves SMs idle (one block per image: a batch of 1 uses one SM, so that block should
+// be as wide as it can), up to 256 once every SM has two blocks. Unmeasured guesses (no GPU when written);
+// CINC_CUDA_WAVEFRONT_THREADS overrides them, for benchmarks/bench_gpu.py's sweep.
+int wavefront_threads(int64_t batch, int64_t C, int64_t max_diagonal, int device) {
   if (const char* env = std::getenv("CINC_CUDA_WAVEFRONT_THREADS")) {
     const int forced = std::atoi(env);
-    if (forced > 0) return std::min(1024, std::max(32, forced / 32 * 32));
+    if (forced > 0) return std::min(kMaxThreads, std::max(32, forced / 32 * 32));
   }
-  const int64_t cap = batch >= 2 * multiprocessors(device) ? 256 : 1024;
-  const int64_t wanted = (items + 31) / 32 * 32;
+  const int64_t cap = batch >= 2 * multiprocessors(device) ? 256 : kMaxThreads;
+  const int64_t residual_items = wavefront_residual_items(static_cast<int>(max_diagonal), C);
+  const int64_t wanted = (std::max(residual_items, max_diagonal * C / 4) + 31) / 32 * 32;
   return static_cast<int>(std::max<int64_t>(32, std::min(cap, wanted)));
 }
 
@@ -144,7 +152,7 @@ void run_wavefront(const at::Tensor& rhs, const at::Tensor& weight, const std::o
   const size_t shared_bytes = static_cast<size_t>(layout.total_elements) * sizeof(T);
   const bool use_ring = layout.use_ring;
 
-  const int threads = wavefront_threads(B, p.max_diagonal * C, device);
+  const int threads = wavefront_threads(B, C, p.max_diagonal, device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   if (adjoint) {
     use_ring ? launch_wavefront<T, true, true>(p, B, threads, shared_bytes, stream)

@@ -9,7 +9,7 @@
 //   prologue_fill(e)   for e < max(C², C²k²)       L's columns → work, identity → inverse_columns, weight copy
 //   prologue_solve(c)  for c < C                   column c of L⁻¹ by solve_lower_in_place
 //   for each diagonal d:
-//     residual(t)      for t < count(d)·C          r = rhs - bias - tap sum over solved neighbours
+//     residual(t)      for t < residual_items      r = rhs - bias - tap sum over solved neighbours, 4 px × 4 ch
 //     solve(t)         for t < count(d)·C          x = L⁻¹ r (adjoint: u = L⁻ᵀ r), to the output and the ring
 #pragma once
 
@@ -139,28 +139,71 @@ CINC_HD DiagonalSpan wavefront_diagonal(const WavefrontParams<T>& p, int64_t ste
   return {d, first, static_cast<int>(last - first + 1)};
 }
 
-// Item t < count·C of a diagonal: pixel t mod count, channel t div count (a warp shares a channel).
+// The residual step works on blocks of kPixelBlock pixels × kChannelBlock channels per item (see
+// causal_neighbour_block in cinc_math.h for why); the solve step on one (pixel, channel) per item.
+constexpr int kPixelBlock = 4;
+constexpr int kChannelBlock = 4;
+
+CINC_HD int wavefront_residual_items(int count, int64_t C) {
+  const int groups = (count + kPixelBlock - 1) / kPixelBlock;
+  return groups * static_cast<int>((C + kChannelBlock - 1) / kChannelBlock);
+}
+
+// Item t < wavefront_residual_items: pixel group g = t mod groups holds the diagonal's pixels g, g + groups, …
+// (so a warp's lanes take consecutive pixels), channel group t div groups (a warp shares it: weight reads are
+// broadcasts).
 template <typename T, bool kAdjoint, bool kRing>
 CINC_HD void wavefront_residual(const WavefrontParams<T>& p, const WavefrontShared<T>& s, int64_t image,
                                 DiagonalSpan span, int t) {
-  const int pix = t % span.count, ch = t / span.count;
-  const int64_t i = span.first + pix, j = span.d - i;
+  const int groups = (span.count + kPixelBlock - 1) / kPixelBlock;
+  const int g = t % groups;
+  const int64_t ch0 = static_cast<int64_t>(t / groups) * kChannelBlock;
   const int64_t C = p.C, H = p.H, W = p.W;
-  const T* rhs = p.rhs + image * p.rhs_stride_b;
+  int64_t i[kPixelBlock], j[kPixelBlock];
+  int pixels = 0;  // the block's pixels inside the diagonal are a prefix: g + n·groups grows with n
+  CINC_UNROLL
+  for (int n = 0; n < kPixelBlock; ++n) {
+    const int pix = g + n * groups;
+    if (pix < span.count) pixels = n + 1;
+    i[n] = span.first + (pix < span.count ? pix : g);
+    j[n] = span.d - i[n];
+  }
+  T sum[kPixelBlock][kChannelBlock];
   const T* weight = s.weight(p);
-  T r = rhs[ch * p.rhs_stride_c + i * p.rhs_stride_h + j * p.rhs_stride_w];
   const StridedImage<T> global_image{p.out + image * C * H * W, ImageStrides{H * W, W, 1}};
   if (kAdjoint) {
-    r -= kRing ? anticausal_tap_sum<T>(weight, s.ring(p), C, H, W, p.k, i, j, ch)
-               : anticausal_tap_sum<T>(weight, global_image, C, H, W, p.k, i, j, ch);
+    if (kRing) {
+      anticausal_neighbour_block<kPixelBlock, kChannelBlock>(weight, s.ring(p), C, H, W, p.k, i, j, pixels, ch0, sum);
+    } else {
+      anticausal_neighbour_block<kPixelBlock, kChannelBlock>(weight, global_image, C, H, W, p.k, i, j, pixels, ch0,
+                                                             sum);
+    }
   } else {
-    if (p.bias != nullptr) r -= p.bias[ch];
-    r -= kRing ? causal_tap_sum<T>(weight, s.ring(p), C, H, W, p.k, p.unit_diagonal, i, j, ch, false)
-               : causal_tap_sum<T>(weight, global_image, C, H, W, p.k, p.unit_diagonal, i, j, ch, false);
+    if (kRing) {
+      causal_neighbour_block<kPixelBlock, kChannelBlock>(weight, s.ring(p), C, H, W, p.k, i, j, pixels, ch0, sum);
+    } else {
+      causal_neighbour_block<kPixelBlock, kChannelBlock>(weight, global_image, C, H, W, p.k, i, j, pixels, ch0, sum);
+    }
   }
-  s.residual(p)[ch * p.max_diagonal + pix] = r;
+  const T* rhs = p.rhs + image * p.rhs_stride_b;
+  T* residual = s.residual(p);
+  // Compile-time loop bounds (with guards) so that sum[][] is indexed by constants and stays in registers.
+  CINC_UNROLL
+  for (int n = 0; n < kPixelBlock; ++n) {
+    if (n >= pixels) continue;
+    const int pix = g + n * groups;
+    CINC_UNROLL
+    for (int q = 0; q < kChannelBlock; ++q) {
+      const int64_t ch = ch0 + q;
+      if (ch >= C) continue;
+      T r = rhs[ch * p.rhs_stride_c + i[n] * p.rhs_stride_h + j[n] * p.rhs_stride_w];
+      if (!kAdjoint && p.bias != nullptr) r -= p.bias[ch];
+      residual[ch * p.max_diagonal + pix] = r - sum[n][q];
+    }
+  }
 }
 
+// Item t < count·C of the solve step: pixel t mod count, channel t div count (a warp shares a channel).
 template <typename T, bool kAdjoint, bool kRing>
 CINC_HD void wavefront_solve(const WavefrontParams<T>& p, const WavefrontShared<T>& s, int64_t image,
                              DiagonalSpan span, int t) {
