@@ -13,10 +13,14 @@ from .functional import cinc_conv2d, cinc_conv2d_inverse, cinc_conv2d_inverse_tr
 
 __version__ = "0.1.0"
 
-from .nn import LAYERS, CInCConv2d
+from .nn import LAYERS, AutoregressiveConv2d, CInCConv2d, EmergingConv2d, FInCConv2d, InvConv1x1
 
 __all__ = [
+    "AutoregressiveConv2d",
     "CInCConv2d",
+    "EmergingConv2d",
+    "FInCConv2d",
+    "InvConv1x1",
     "LAYERS",
     "available_backends",
     "build_info",
