@@ -15,9 +15,12 @@ build: deps
 	@cd /tmp && $(PYTHON) -c "import cinc_kernels, os, sys; sys.exit(os.path.dirname(cinc_kernels.__file__) != '$(CURDIR)/cinc_kernels')" 2>/dev/null \
 		|| $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 
+# After the versions and the self-check: the layers side by side on this machine's default device (CUDA if present),
+# ending with the table and the paths of the CSV and plots (benchmarks/results/); about 2-3 minutes on 2 CPU cores.
 demo: build
 	$(PYTHON) -m cinc_kernels info
 	$(PYTHON) -m cinc_kernels check
+	$(PYTHON) -m cinc_kernels bench
 
 # The Triton kernels run under Triton's CPU interpreter, which must be switched on before triton is imported:
 # hence a second pytest process.

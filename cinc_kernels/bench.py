@@ -79,8 +79,8 @@ def default_device() -> str:
 
 @dataclasses.dataclass
 class BenchConfig:
-    """What to run. ``backends=None``: every available backend that runs on ``device`` except the slow float64
-    ``reference``; ``layers=None``: all of :data:`LAYERS`. Shapes are ``(batch, base_channels, s, s)`` for ``s`` in
+    """What to run. ``backends=None``: ``auto`` (what a layer uses by default), then every available backend that
+    runs on ``device`` except the slow float64 ``reference``; ``layers=None``: all of :data:`LAYERS`. Shapes are ``(batch, base_channels, s, s)`` for ``s`` in
     ``size_sweep`` and ``(batch, c, base_size, base_size)`` for ``c`` in ``channel_sweep``."""
 
     device: str = dataclasses.field(default_factory=default_device)
@@ -95,8 +95,8 @@ class BenchConfig:
     channel_sweep: list = dataclasses.field(default_factory=lambda: [4, 12, 24, 48])
     warmup: int = 1
     min_reps: int = 5
-    max_reps: int = 30
-    min_time: float = 0.1
+    max_reps: int = 20
+    min_time: float = 0.05
     algorithms: bool = True
     out_dir: str = "benchmarks/results"
     plots: bool = True
@@ -112,8 +112,8 @@ class BenchConfig:
         if self.backends is not None:
             return list(self.backends)
         device_type = torch.device(self.device).type
-        return [b for b in available_backends() if b != "reference" and get_backend(b).runs_on(device_type)
-                and not (b == "triton" and device_type != "cuda")]
+        return ["auto"] + [b for b in available_backends() if b != "reference" and get_backend(b).runs_on(device_type)
+                           and not (b == "triton" and device_type != "cuda")]
 
     def resolved_layers(self, layer_classes: dict) -> list:
         return list(self.layers) if self.layers is not None else list(layer_classes)
@@ -626,8 +626,8 @@ def parse_args(argv=None) -> BenchConfig:
     p = argparse.ArgumentParser(prog="python -m cinc_kernels bench",
                                 description="Invertible layers side by side, and the CInC inverse algorithms.")
     p.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--backends", default=None, help="comma list (default: every available one for the device, "
-                                                     "without the slow float64 reference)")
+    p.add_argument("--backends", default=None, help="comma list (default: auto, then every available one for the "
+                                                     "device except the slow float64 reference)")
     p.add_argument("--layers", default=None, help=f"comma list of {', '.join(LAYERS)} (default: all)")
     p.add_argument("--dtypes", default="float32", help="comma list: float32, float64")
     p.add_argument("--batch", type=int, default=8)
@@ -636,9 +636,9 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument("--size", type=int, default=16, help="H = W of the channel sweep")
     p.add_argument("--sizes", default="8,16,32", help="H = W of the image-size sweep")
     p.add_argument("--channel-sweep", default="4,12,24,48", help="C of the channel sweep")
-    p.add_argument("--min-time", type=float, default=0.1, help="seconds of timed calls per measurement (at least)")
+    p.add_argument("--min-time", type=float, default=0.05, help="seconds of timed calls per measurement (at least)")
     p.add_argument("--min-reps", type=int, default=5)
-    p.add_argument("--max-reps", type=int, default=30)
+    p.add_argument("--max-reps", type=int, default=20)
     p.add_argument("--no-algorithms", action="store_true", help="skip the inverse-algorithms suite")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
