@@ -11,7 +11,8 @@ Two suites, on one device:
 
 Every case is checked for correctness (round trip, log-determinant shape, agreement between inverse algorithms)
 before anything is timed; a mismatch raises :class:`CorrectnessError`. Times are medians with the 20th and 80th
-percentiles over repeated calls (CUDA events on the GPU, ``perf_counter`` on the CPU). Results are appended as
+percentiles over repeated calls (CUDA events on the GPU, ``perf_counter`` on the CPU), taken in ``rounds`` passes
+over all cases so that load from elsewhere on a shared machine does not land on one case only. Results are appended as
 long-format CSV rows (:data:`CSV_COLUMNS`) under ``--out``, with a Markdown table and PNG plots beside them.
 
 Weights are the layers' own initialisation moved by ``N(0, (0.1/√fan_in)²)`` noise on every parameter, so every tap
@@ -94,9 +95,10 @@ class BenchConfig:
     size_sweep: list = dataclasses.field(default_factory=lambda: [8, 16, 32])
     channel_sweep: list = dataclasses.field(default_factory=lambda: [4, 12, 24, 48])
     warmup: int = 1
-    min_reps: int = 5
-    max_reps: int = 20
-    min_time: float = 0.05
+    min_reps: int = 6
+    max_reps: int = 24
+    min_time: float = 0.06
+    rounds: int = 3
     algorithms: bool = True
     out_dir: str = "benchmarks/results"
     plots: bool = True
@@ -346,7 +348,6 @@ def run(config: BenchConfig, layer_classes: Optional[dict] = None) -> list:
     cases = [(n, b, d, s) for n in names for b in backends for d in config.dtypes for s in shapes]
     finc_inverse = _finc_style_inverse() if device.type == "cuda" else None
     algo_cases = [(d, s) for d in config.dtypes for s in shapes] if config.algorithms else []
-    timing = dict(warmup=config.warmup, min_reps=config.min_reps, max_reps=config.max_reps, min_time=config.min_time)
 
     def row(suite, layer, backend, op, shape, dtype, times, **extra):
         B, C, H, W = shape
@@ -361,7 +362,7 @@ def run(config: BenchConfig, layer_classes: Optional[dict] = None) -> list:
         return r
 
     n_algorithms = len(backends) + 2 + (finc_inverse is not None)
-    total = 2 * len(cases) + len(algo_cases) * (1 + n_algorithms)
+    total = len(cases) + len(algo_cases) + config.rounds * (4 * len(cases) + len(algo_cases) * n_algorithms)
     bar = tqdm(total=total, desc="bench", disable=not config.progress, file=sys.stderr, leave=False)
     try:
         # 1. correctness of everything, before any timing
@@ -401,41 +402,45 @@ def run(config: BenchConfig, layer_classes: Optional[dict] = None) -> list:
                     algorithms.append((label, impl, dtype, shape, y, err))
             bar.update()
 
-        # 2. timing
-        rows = []
+        # 2. timing, in rounds: every case gets a share of each round, so a burst of load from elsewhere on the
+        # machine spreads over many cases instead of spoiling one case's median.
+        jobs = []  # (row fields, callable, whether it runs under no_grad)
         for name, backend, dtype, shape, layer, x, y, err in prepared:
-            bar.set_postfix_str(f"time {name}/{backend} {'x'.join(map(str, shape))}")
             H, W = shape[2], shape[3]
             common = {"free_params": layer.num_parameters(), "rel_error": f"{err:.3g}"}
 
             def fwd_bwd(layer=layer, x=x):
                 layer.zero_grad(set_to_none=True)
-                xg = x.detach().requires_grad_()
-                out, logdet = layer(xg)
+                out, logdet = layer(x.detach().requires_grad_())
                 (0.5 * out.square().mean() - logdet.mean()).backward()
 
-            with torch.no_grad():
-                ops = {"forward": lambda: layer(x), "inverse": lambda: layer.inverse(y),
-                       "logdet": lambda: layer.logdet(H, W)}
-                for op, call in ops.items():
-                    extra = dict(common)
-                    if device.type == "cuda":
-                        extra["memory_mb"], extra["memory_kind"] = _memory_mb(call, device)
-                        extra["memory_mb"] = f"{extra['memory_mb']:.3f}"
-                    rows.append(row("layers", name, backend, op, shape, dtype, measure(call, device, **timing),
-                                    **extra))
-            mem, kind = _memory_mb(fwd_bwd, device)
-            rows.append(row("layers", name, backend, "fwd+bwd", shape, dtype, measure(fwd_bwd, device, **timing),
-                            memory_mb=f"{mem:.3f}", memory_kind=kind, **common))
-            bar.update()
-
+            calls = {"forward": (lambda layer=layer, x=x: layer(x)),
+                     "inverse": (lambda layer=layer, y=y: layer.inverse(y)),
+                     "logdet": (lambda layer=layer, H=H, W=W: layer.logdet(H, W)),
+                     "fwd+bwd": fwd_bwd}
+            for op, call in calls.items():
+                extra = dict(common)
+                if op == "fwd+bwd" or device.type == "cuda":
+                    with torch.set_grad_enabled(op == "fwd+bwd"):
+                        mem, extra["memory_kind"] = _memory_mb(call, device)
+                    extra["memory_mb"] = f"{mem:.3f}"
+                jobs.append(((("layers", name, backend, op, shape, dtype), extra), call, op != "fwd+bwd"))
         for label, impl, dtype, shape, y, err in algorithms:
-            bar.set_postfix_str(f"time {label} {'x'.join(map(str, shape))}")
-            with torch.no_grad():
-                times = measure(lambda: impl(y), device, **timing)
-            rows.append(row("inverse_algorithms", "cinc", label, "inverse", shape, dtype, times,
-                            rel_error=f"{err:.3g}", free_params=""))
-            bar.update()
+            jobs.append(((("inverse_algorithms", "cinc", label, "inverse", shape, dtype), {"rel_error": f"{err:.3g}"}),
+                         (lambda impl=impl, y=y: impl(y)), True))
+        rounds = max(1, config.rounds)
+        per_round = dict(warmup=config.warmup, min_reps=math.ceil(config.min_reps / rounds),
+                         max_reps=math.ceil(config.max_reps / rounds), min_time=config.min_time / rounds)
+        bar.total = bar.n + rounds * len(jobs)
+        bar.refresh()
+        times = [[] for _ in jobs]
+        for r in range(rounds):
+            for n, ((fields, _), call, no_grad) in enumerate(jobs):
+                bar.set_postfix_str(f"time {fields[1]}/{fields[2]} {fields[3]} {'x'.join(map(str, fields[4]))}")
+                with torch.set_grad_enabled(not no_grad):
+                    times[n] += measure(call, device, **dict(per_round, warmup=per_round["warmup"] if r == 0 else 0))
+                bar.update()
+        rows = [row(*fields, t, **extra) for ((fields, extra), _, _), t in zip(jobs, times)]
     finally:
         bar.close()
     return rows
@@ -448,6 +453,10 @@ def run(config: BenchConfig, layer_classes: Optional[dict] = None) -> list:
 def _fmt_ms(v) -> str:
     v = float(v)
     return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+
+def _fmt_ratio(v: float) -> str:
+    return f"{v:.2g}×" if v < 10 else f"{v:.0f}×"
 
 
 def markdown_tables(rows: list) -> str:
@@ -465,7 +474,7 @@ def markdown_tables(rows: list) -> str:
             mem = by_op["fwd+bwd"]["memory_mb"]
             lines.append("| " + " | ".join([
                 *key[:2], key[2], key[3], str(by_op["forward"]["free_params"]),
-                *(_fmt_ms(by_op[op]["median_ms"]) for op in LAYER_OPS), f"{ratio:.2g}×",
+                *(_fmt_ms(by_op[op]["median_ms"]) for op in LAYER_OPS), _fmt_ratio(ratio),
                 f"{float(mem):.3g}" if mem != "" else "", by_op["inverse"]["rel_error"]]) + " |")
     algo_rows = [r for r in rows if r["suite"] == "inverse_algorithms"]
     if algo_rows:
@@ -483,7 +492,7 @@ def markdown_tables(rows: list) -> str:
                 elif label == ours:
                     cells.append(_fmt_ms(by[label]))
                 else:
-                    cells.append(f"{_fmt_ms(by[label])} ({by[label] / max(by[ours], 1e-12):.0f}×)")
+                    cells.append(f"{_fmt_ms(by[label])} ({_fmt_ratio(by[label] / max(by[ours], 1e-12))})")
             lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -636,9 +645,11 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument("--size", type=int, default=16, help="H = W of the channel sweep")
     p.add_argument("--sizes", default="8,16,32", help="H = W of the image-size sweep")
     p.add_argument("--channel-sweep", default="4,12,24,48", help="C of the channel sweep")
-    p.add_argument("--min-time", type=float, default=0.05, help="seconds of timed calls per measurement (at least)")
-    p.add_argument("--min-reps", type=int, default=5)
-    p.add_argument("--max-reps", type=int, default=20)
+    p.add_argument("--min-time", type=float, default=0.06,
+                   help="seconds of timed calls per measurement, at least (over all rounds)")
+    p.add_argument("--min-reps", type=int, default=6, help="timed calls per measurement, at least (over all rounds)")
+    p.add_argument("--max-reps", type=int, default=24)
+    p.add_argument("--rounds", type=int, default=3, help="passes over all cases, each taking its share of the calls")
     p.add_argument("--no-algorithms", action="store_true", help="skip the inverse-algorithms suite")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -658,10 +669,11 @@ def parse_args(argv=None) -> BenchConfig:
         layers=a.layers.split(",") if a.layers else None, dtypes=dtypes, batch=a.batch, kernel_size=a.kernel_size,
         base_channels=a.channels, base_size=a.size, size_sweep=_int_list(a.sizes),
         channel_sweep=_int_list(a.channel_sweep), min_reps=a.min_reps, max_reps=a.max_reps, min_time=a.min_time,
+        rounds=a.rounds,
         algorithms=not a.no_algorithms, out_dir=a.out, plots=not a.no_plots, progress=not a.no_progress)
     if a.quick:
         config = dataclasses.replace(config, batch=2, base_channels=4, base_size=8, size_sweep=[4, 8],
-                                     channel_sweep=[4], min_reps=2, max_reps=2, min_time=0.0)
+                                     channel_sweep=[4], min_reps=2, max_reps=2, min_time=0.0, rounds=1)
     config.argv = list(sys.argv[2:] if argv is None else argv)
     return config
 
