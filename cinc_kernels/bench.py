@@ -81,8 +81,9 @@ def default_device() -> str:
 @dataclasses.dataclass
 class BenchConfig:
     """What to run. ``backends=None``: ``auto`` (what a layer uses by default), then every available backend that
-    runs on ``device`` except the slow float64 ``reference``; ``layers=None``: all of :data:`LAYERS`. Shapes are ``(batch, base_channels, s, s)`` for ``s`` in
-    ``size_sweep`` and ``(batch, c, base_size, base_size)`` for ``c`` in ``channel_sweep``."""
+    runs on ``device`` except the slow float64 ``reference``; ``layers=None``: all of :data:`LAYERS`.
+    Shapes are ``(batch, base_channels, s, s)`` for ``s`` in ``size_sweep`` and
+    ``(batch, c, base_size, base_size)`` for ``c`` in ``channel_sweep``."""
 
     device: str = dataclasses.field(default_factory=default_device)
     backends: Optional[list] = None
@@ -657,6 +658,8 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument("--out", default="benchmarks/results", help="folder for the CSV, Markdown and plots")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     a = p.parse_args(argv)
+    if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible to torch on this machine")
     dtypes = []
     for name in a.dtypes.split(","):
         if not isinstance(getattr(torch, name.strip(), None), torch.dtype):

@@ -191,7 +191,8 @@ class EmergingConv2d(nn.Module):
                  backend: str = "auto", init_scale: float = 1e-2):
         super().__init__()
         _check_channels(channels)
-        self.channels, self.kernel_size, self.unit_diagonal, self.backend = channels, kernel_size, unit_diagonal, backend
+        self.channels, self.kernel_size = channels, kernel_size
+        self.unit_diagonal, self.backend = unit_diagonal, backend
         self.mix = InvConv1x1(channels, bias=False, backend=backend)
         self.conv_tl = CInCConv2d(channels, kernel_size, bias=False, unit_diagonal=unit_diagonal, backend=backend,
                                   init_scale=init_scale)
@@ -227,7 +228,8 @@ class EmergingConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, kernel_size={self.kernel_size}, bias={self.conv_br.bias is not None}, "
-                f"unit_diagonal={self.unit_diagonal}, backend={self.backend!r}, free_parameters={self.num_parameters()}")
+                f"unit_diagonal={self.unit_diagonal}, backend={self.backend!r}, "
+                f"free_parameters={self.num_parameters()}")
 
 
 def autoregressive_mask(channels: int, kernel_size: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
