@@ -176,10 +176,10 @@ class EmergingConv2d(nn.Module):
     Both triangular convolutions are CInC convolutions (:class:`CInCConv2d`). The bottom-right one is a CInC
     convolution on the *flipped* image: with ``R`` reversing H, W **and** the channel order,
     ``R · M(W) · R`` is the bottom-right padded correlation with kernel ``W.flip(0, 1, 2, 3)``, whose centre tap
-    ``W[C-1-o, C-1-c, k-1, k-1]`` is upper triangular: the mirror image of the first, so the pair is not
-    block-triangular in one pixel order, which is what makes the composite receptive field two-sided. ``R`` is a
-    permutation, so the log-determinant is that of ``M(W)`` and the inverse is ``R · M(W)⁻¹ · R`` (our wavefront on
-    the flipped image). The inverse runs the three inverses in reverse order.
+    ``W[C-1-o, C-1-c, k-1, k-1]`` is upper triangular (block upper triangular in raster order, the mirror image of
+    the first). ``R`` is a permutation, so the log-determinant is that of ``M(W)`` and the inverse is
+    ``R · M(W)⁻¹ · R``: our wavefront on the flipped image. The layer's inverse runs the three inverses in reverse
+    order.
 
     ``log|det| = H·W·(Σ log|diag₁| + Σ log|diag₂|) + the 1×1's``. Free parameters: ``C²`` (the LU 1×1) +
     ``2·(k²C² − C(C−1)/2)`` (minus ``C`` each with ``unit_diagonal``) + ``C`` bias.
