@@ -93,7 +93,7 @@ class BenchConfig:
     kernel_size: int = 3
     base_channels: int = 12
     base_size: int = 16
-    size_sweep: list = dataclasses.field(default_factory=lambda: [8, 16, 32])
+    size_sweep: list = dataclasses.field(default_factory=lambda: [8, 16, 32, 64])
     channel_sweep: list = dataclasses.field(default_factory=lambda: [4, 12, 24, 48])
     warmup: int = 1
     min_reps: int = 6
@@ -644,7 +644,7 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument("--kernel-size", type=int, default=3, help="k of cinc, autoregressive and finc (default 3)")
     p.add_argument("--channels", type=int, default=12, help="C of the image-size sweep")
     p.add_argument("--size", type=int, default=16, help="H = W of the channel sweep")
-    p.add_argument("--sizes", default="8,16,32", help="H = W of the image-size sweep")
+    p.add_argument("--sizes", default="8,16,32,64", help="H = W of the image-size sweep")
     p.add_argument("--channel-sweep", default="4,12,24,48", help="C of the channel sweep")
     p.add_argument("--min-time", type=float, default=0.06,
                    help="seconds of timed calls per measurement, at least (over all rounds)")
