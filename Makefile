@@ -8,12 +8,10 @@ export CINC_CUDA ?= auto
 deps:
 	$(PYTHON) -m pip install -q -r requirements.txt
 
-# Incremental (ninja) in-place build of cinc_kernels._C, then an editable install so `import cinc_kernels` works
-# from anywhere.
+# Incremental (ninja) in-place build of cinc_kernels._C: the commands below run from the repository root.
+# To import cinc_kernels from anywhere, also run `pip install --no-build-isolation -e .` once (a full rebuild).
 build: deps
 	$(PYTHON) setup.py -q build_ext --inplace
-	@cd /tmp && $(PYTHON) -c "import cinc_kernels, os, sys; sys.exit(os.path.dirname(cinc_kernels.__file__) != '$(CURDIR)/cinc_kernels')" 2>/dev/null \
-		|| $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 
 # After the versions and the self-check: the layers side by side on this machine's default device (CUDA if present),
 # ending with the table and the paths of the CSV and plots (benchmarks/results/); about 2-3 minutes on 2 CPU cores.

@@ -59,33 +59,50 @@ def forward(x, weight, bias=None, unit_diagonal=False):
     return y.to(x.dtype)
 
 
+def _check_nonsingular(L):
+    if bool((L.diagonal() == 0).any()):
+        raise ValueError("weight: the centre tap has a zero on its diagonal, the convolution is singular")
+
+
+def _stack_pixels(pixels, H, W):
+    """``{(i, j): (B, C)}`` -> ``(B, C, H, W)``."""
+    return torch.stack([torch.stack([pixels[i, j] for j in range(W)], -1) for i in range(H)], -2)
+
+
 def inverse(y, weight, bias=None, unit_diagonal=False):
     """``x = M⁻¹ (y - bias)`` by raster-order back-substitution, one pixel and one channel at a time.
 
-    ``(B, C, H, W) -> same``. Raises ``ValueError`` if ``L`` has a zero on its diagonal.
+    ``(B, C, H, W) -> same``. Raises ``ValueError`` if ``L`` has a zero on its diagonal. Differentiable (no
+    in-place writes), and slow.
     """
     B, C, H, W = y.shape
     k = weight.shape[-1]
     wm = masked_weight(weight.double(), unit_diagonal)
     L = wm[:, :, k - 1, k - 1]
-    if bool((L.diagonal() == 0).any()):
-        raise ValueError("weight: the centre tap has a zero on its diagonal, the convolution is singular")
-    r = y.double().clone()
+    _check_nonsingular(L)
+    r = y.double()
     if bias is not None:
         r = r - bias.double().view(1, C, 1, 1)
-    x = torch.zeros_like(r)
+    x = {}
     for i in range(H):
         for j in range(W):
-            acc = r[:, :, i, j].clone()  # (B, C)
+            acc = r[:, :, i, j]  # (B, C)
             for a in range(k):
                 for b in range(k):
                     ii, jj = i + a - (k - 1), j + b - (k - 1)
                     if (a, b) == (k - 1, k - 1) or ii < 0 or jj < 0:
                         continue
-                    acc -= x[:, :, ii, jj] @ wm[:, :, a, b].T
+                    acc = acc - x[ii, jj] @ wm[:, :, a, b].T
+            xc = []
             for c in range(C):
-                x[:, c, i, j] = (acc[:, c] - x[:, :c, i, j] @ L[c, :c]) / L[c, c]
-    return x.to(y.dtype)
+                s = acc[:, c]
+                for c2 in range(c):
+                    s = s - L[c, c2] * xc[c2]
+                xc.append(s / L[c, c])
+            x[i, j] = torch.stack(xc, 1)
+    if H * W == 0 or B == 0:
+        return torch.zeros_like(r).to(y.dtype)
+    return _stack_pixels(x, H, W).to(y.dtype)
 
 
 def inverse_transpose(g, weight, unit_diagonal=False):
@@ -97,22 +114,28 @@ def inverse_transpose(g, weight, unit_diagonal=False):
     k = weight.shape[-1]
     wm = masked_weight(weight.double(), unit_diagonal)
     L = wm[:, :, k - 1, k - 1]
-    if bool((L.diagonal() == 0).any()):
-        raise ValueError("weight: the centre tap has a zero on its diagonal, the convolution is singular")
+    _check_nonsingular(L)
     gd = g.double()
-    u = torch.zeros_like(gd)
+    u = {}
     for i in reversed(range(H)):
         for j in reversed(range(W)):
-            acc = gd[:, :, i, j].clone()
+            acc = gd[:, :, i, j]
             for a in range(k):
                 for b in range(k):
                     ii, jj = i + (k - 1 - a), j + (k - 1 - b)
                     if (a, b) == (k - 1, k - 1) or ii >= H or jj >= W:
                         continue
-                    acc -= u[:, :, ii, jj] @ wm[:, :, a, b]
+                    acc = acc - u[ii, jj] @ wm[:, :, a, b]
+            uc = {}
             for c in reversed(range(C)):
-                u[:, c, i, j] = (acc[:, c] - u[:, c + 1 :, i, j] @ L[c + 1 :, c]) / L[c, c]
-    return u.to(g.dtype)
+                s = acc[:, c]
+                for c2 in range(c + 1, C):
+                    s = s - L[c2, c] * uc[c2]
+                uc[c] = s / L[c, c]
+            u[i, j] = torch.stack([uc[c] for c in range(C)], 1)
+    if H * W == 0 or B == 0:
+        return torch.zeros_like(gd).to(g.dtype)
+    return _stack_pixels(u, H, W).to(g.dtype)
 
 
 def logdet(weight, height, width, unit_diagonal=False):

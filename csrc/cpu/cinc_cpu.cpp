@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -23,13 +24,21 @@ namespace cinc {
 namespace {
 
 // From this many channels on, the gathered matrix product beats the per-pixel tap loop
-// (benchmarks/bench_cpu_schedules.py; results/cpu_schedules.md).
+// (benchmarks/bench_cpu_ops.py --schedules; results/cpu_ops.md). CINC_CPU_GEMM_MIN_CHANNELS overrides it, read at
+// every call so a benchmark can compare the two schedules in one process.
 constexpr int64_t kGemmMinChannels = 8;
 
 // Rows of the gathered window matrix per BLAS call of the forward; bounds its memory to ~16 MiB at float32.
 constexpr int64_t kForwardGatherElements = int64_t(1) << 22;
 
-bool use_gemm(int64_t C) { return C >= kGemmMinChannels; }
+// With at least this many images, threads split the batch instead of each anti-diagonal (see solve_cpu).
+constexpr int64_t kBatchSplitMinImages = 2;
+
+bool use_gemm(int64_t C) {
+  const char* env = std::getenv("CINC_CPU_GEMM_MIN_CHANNELS");
+  const int64_t threshold = (env != nullptr && *env != '\0') ? std::atoll(env) : kGemmMinChannels;
+  return C >= threshold;
+}
 
 // The taps as a (k²C, C) matrix for window-times-matrix products. Causal (forward, inverse): row (a·k + b)·C + c,
 // column o holds Wm[o, c, a, b]. Anticausal (adjoint): window row r, column s is the tap (k-1-r, k-1-s), and row
@@ -226,7 +235,7 @@ at::Tensor wavefront_gemm(const at::Tensor& rhs, const at::Tensor& weight, bool 
   const int64_t shift = adjoint ? 0 : k - 1;
   std::vector<T> columns(C * C);
   centre_tap_columns(weight.data_ptr<T>(), C, k, unit_diagonal, adjoint, columns.data());
-  const at::Tensor taps = tap_matrix<T>(weight, unit_diagonal, false, adjoint);
+  const at::Tensor taps = tap_matrix<T>(weight, unit_diagonal, false, adjoint).narrow(0, adjoint ? C : 0, K - C);
   at::Tensor padded = at::zeros({B, Hp, Wp, C}, rhs.options());
   const int64_t max_rows = B * std::min(H, W);
   at::Tensor windows = at::empty({max_rows, K}, rhs.options());
@@ -246,8 +255,10 @@ at::Tensor wavefront_gemm(const at::Tensor& rhs, const at::Tensor& weight, bool 
         std::memcpy(resp + n * C, rp + ((b * H + i) * W + j) * C, sizeof(T) * C);
       }
     });
+    // The centre tap multiplies the still-unknown pixel: leave its C columns (last of a causal window, first of an
+    // anticausal one) out of the product rather than multiplying zeros.
     at::Tensor res = residual.narrow(0, 0, rows);
-    res.addmm_(windows.narrow(0, 0, rows), taps, /*beta=*/1, /*alpha=*/-1);
+    res.addmm_(windows.narrow(0, 0, rows).narrow(1, adjoint ? C : 0, K - C), taps, /*beta=*/1, /*alpha=*/-1);
     at::parallel_for(0, rows, grain_for(C * C), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const int64_t b = n / diag.count, i = diag.first + n % diag.count, j = d - i;
@@ -293,16 +304,31 @@ at::Tensor solve_cpu(const at::Tensor& rhs_nchw, const at::Tensor& weight, const
   if (bias.has_value()) rhs = rhs - *bias;
   const int64_t C = rhs.size(3);
   const int64_t k = w.size(3);
+  const auto solve = [&](const at::Tensor& part) {
+    at::Tensor out;
+    AT_DISPATCH_FLOATING_TYPES(part.scalar_type(), "cinc_solve_cpu", [&] {
+      if (k == 1) {
+        out = solve_pixels<scalar_t>(part, w, unit_diagonal, adjoint);
+      } else if (use_gemm(C)) {
+        out = wavefront_gemm<scalar_t>(part, w, unit_diagonal, adjoint);
+      } else {
+        out = wavefront_direct<scalar_t>(part, w, unit_diagonal, adjoint);
+      }
+    });
+    return out;
+  };
+  const int64_t B = rhs.size(0);
   at::Tensor sol;
-  AT_DISPATCH_FLOATING_TYPES(rhs.scalar_type(), "cinc_solve_cpu", [&] {
-    if (k == 1) {
-      sol = solve_pixels<scalar_t>(rhs, w, unit_diagonal, adjoint);
-    } else if (use_gemm(C)) {
-      sol = wavefront_gemm<scalar_t>(rhs, w, unit_diagonal, adjoint);
-    } else {
-      sol = wavefront_direct<scalar_t>(rhs, w, unit_diagonal, adjoint);
-    }
-  });
+  if (k > 1 && B >= kBatchSplitMinImages && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    // Each thread runs the whole wavefront over its own images: no barrier per anti-diagonal. Inside, the per-diagonal
+    // parallel_for calls run inline and BLAS runs single-threaded.
+    sol = at::empty_like(rhs);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      sol.narrow(0, begin, end - begin).copy_(solve(rhs.narrow(0, begin, end - begin)));
+    });
+  } else {
+    sol = solve(rhs);
+  }
   return from_channels_last_buffer(sol);
 }
 

@@ -1,0 +1,129 @@
+"""The C++ CPU kernels against the float64 reference over shapes, dtypes, layouts, bias and unit diagonal.
+
+The inverse is checked by solving the reference's own forward output (x is then known exactly); the adjoint by
+applying Mᵀ (a vector-Jacobian product of the reference forward) to its result.
+"""
+import itertools
+
+import pytest
+import torch
+
+import cinc_kernels as ck
+from cinc_kernels import reference
+from tests.cases import LAYOUTS, RTOL, make_image, make_weight, rel_error, with_layout
+
+CHANNELS = [1, 2, 5, 12, 48]
+KERNELS = [1, 2, 3, 5]
+SIZES = [(1, 1), (1, 7), (7, 1), (2, 3), (3, 17), (17, 2), (7, 7), (32, 17), (17, 32), (32, 32)]
+BATCHES = [1, 3]
+DTYPES = [torch.float32, torch.float64]
+
+
+def _grid():
+    """Every (C, k, size) once; batch, dtype, layout, bias and unit diagonal cycle through their values so each
+    combination of any two of them appears many times."""
+    cases = []
+    for n, (C, k, (H, W)) in enumerate(itertools.product(CHANNELS, KERNELS, SIZES)):
+        if C * H * W > 48 * 17 * 17 and n % 3:  # keep two thirds of the biggest images out, for CI time
+            continue
+        cases.append((BATCHES[n % 2], C, H, W, k, DTYPES[(n // 2) % 2], LAYOUTS[n % 3], bool(n // 6 % 2),
+                      bool(n // 12 % 2)))
+    return cases
+
+
+CASES = _grid()
+
+
+def _ids(case):
+    B, C, H, W, k, dtype, layout, bias, unit = case
+    return f"B{B}C{C}_{H}x{W}_k{k}_{str(dtype)[6:]}_{layout}{'_bias' if bias else ''}{'_unit' if unit else ''}"
+
+
+def _inputs(case, seed):
+    B, C, H, W, k, dtype, layout, bias, unit = case
+    g = torch.Generator().manual_seed(seed)
+    w = make_weight(C, k, dtype, generator=g)
+    b = torch.randn(C, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    x = make_image(B, C, H, W, dtype, generator=g)
+    return w, b, x
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+def test_cpu_kernels_match_reference(case):
+    B, C, H, W, k, dtype, layout, bias, unit = case
+    w, b, x = _inputs(case, seed=hash(_ids(case)) % 2**31)
+    tol = RTOL[dtype]
+    b64 = None if b is None else b.double()
+
+    y = ck.cinc_conv2d(with_layout(x, layout), w, b, unit_diagonal=unit, backend="cpu")
+    y_ref = reference.forward(x.double(), w.double(), b64, unit)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert rel_error(y, y_ref) <= tol
+
+    # The inverse amplifies rounding by up to the conditioning of M (modest for these weights).
+    y_in = with_layout(y_ref.to(dtype), layout)
+    x_hat = ck.cinc_conv2d_inverse(y_in, w, b, unit_diagonal=unit, backend="cpu")
+    assert x_hat.dtype == dtype
+    assert rel_error(x_hat, x) <= 20 * tol
+
+    g = with_layout(x, layout)
+    u = ck.cinc_conv2d_inverse_transpose(g, w, unit_diagonal=unit, backend="cpu")
+    u64 = u.double().requires_grad_()
+    # Mᵀ u, computed as the reference forward's vector-Jacobian product, must give back g.
+    zeros = torch.zeros_like(u64, requires_grad=True)
+    (mt_u,) = torch.autograd.grad(reference.forward(zeros, w.double(), None, unit), zeros, grad_outputs=u64.detach())
+    assert rel_error(mt_u, x) <= 20 * tol
+
+    ld = ck.cinc_logdet(w, H, W, unit_diagonal=unit, backend="cpu")
+    assert ld.dtype == dtype and ld.dim() == 0
+    torch.testing.assert_close(ld.double(), reference.logdet(w.double(), H, W, unit), rtol=tol, atol=tol * H * W)
+
+
+@pytest.mark.parametrize("C,k", [(1, 3), (5, 2), (12, 3), (48, 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inverse_of_forward_is_identity(C, k, dtype):
+    g = torch.Generator().manual_seed(C * 10 + k)
+    w = make_weight(C, k, dtype, generator=g)
+    b = torch.randn(C, generator=g, dtype=torch.float64).to(dtype)
+    x = make_image(2, C, 11, 13, dtype, generator=g)
+    x_hat = ck.cinc_conv2d_inverse(ck.cinc_conv2d(x, w, b, backend="cpu"), w, b, backend="cpu")
+    assert rel_error(x_hat, x) <= 20 * RTOL[dtype]
+
+
+@pytest.mark.parametrize("C", [1, 12])
+@pytest.mark.parametrize("op", ["forward", "inverse", "inverse_transpose"])
+def test_batch_zero_and_empty_images(C, op):
+    w = make_weight(C, 3, torch.float32)
+    for shape in [(0, C, 5, 4), (2, C, 0, 3), (2, C, 3, 0)]:
+        t = torch.randn(shape)
+        fn = {"forward": ck.cinc_conv2d, "inverse": ck.cinc_conv2d_inverse,
+              "inverse_transpose": ck.cinc_conv2d_inverse_transpose}[op]
+        out = fn(t, w, backend="cpu")
+        assert out.shape == t.shape and out.dtype == t.dtype
+
+
+@pytest.mark.parametrize("C,k", [(1, 2), (5, 3), (12, 3), (9, 5)])
+def test_direct_and_gemm_schedules_agree(C, k, monkeypatch):
+    """The per-pixel schedule (tap loop of cinc_math.h) and the gathered-GEMM schedule, forced on the same inputs."""
+    g = torch.Generator().manual_seed(C + k)
+    w = make_weight(C, k, generator=g)
+    b = torch.randn(C, generator=g, dtype=torch.float64)
+    x = make_image(3, C, 9, 6, generator=g)
+    results = {}
+    for schedule, threshold in (("direct", "100000"), ("gemm", "1")):
+        monkeypatch.setenv("CINC_CPU_GEMM_MIN_CHANNELS", threshold)
+        results[schedule] = (ck.cinc_conv2d(x, w, b, backend="cpu"), ck.cinc_conv2d_inverse(x, w, b, backend="cpu"),
+                             ck.cinc_conv2d_inverse_transpose(x, w, backend="cpu"))
+    for direct, gemm in zip(results["direct"], results["gemm"]):
+        torch.testing.assert_close(direct, gemm, rtol=1e-12, atol=1e-12)
+    y_ref = reference.forward(x, w, b)
+    assert rel_error(results["direct"][0], y_ref) <= RTOL[torch.float64]
+
+
+def test_auto_backend_on_cpu_matches_reference():
+    g = torch.Generator().manual_seed(3)
+    w = make_weight(6, 3, torch.float32, generator=g)
+    x = make_image(2, 6, 8, 9, torch.float32, generator=g)
+    y = ck.cinc_conv2d(x, w)
+    assert rel_error(y, reference.forward(x.double(), w.double())) <= RTOL[torch.float32]
+    assert rel_error(ck.cinc_conv2d_inverse(y, w), x) <= 20 * RTOL[torch.float32]
