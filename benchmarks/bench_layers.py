@@ -1,6 +1,6 @@
 """The comparison benchmark as a script: the same as ``python -m cinc_kernels bench`` (same options).
 
-    python benchmarks/bench_layers.py                 # this machine's default device, ~2-3 minutes on 2 CPU cores
+    python benchmarks/bench_layers.py                 # this machine's default device; seconds on a quiet 2-core CPU
     python benchmarks/bench_layers.py --quick         # a smoke run, seconds
     python benchmarks/bench_layers.py --device cuda --dtypes float32,float64 --sizes 16,32,64 --batch 64
 

@@ -49,8 +49,8 @@ __all__ = ["BenchConfig", "CorrectnessError", "CSV_COLUMNS", "run", "write_resul
 
 CSV_COLUMNS = [
     "suite", "layer", "backend", "op", "B", "C", "H", "W", "k", "shape", "dtype", "median_ms", "p20_ms", "p80_ms",
-    "reps", "free_params", "rel_error", "memory_mb", "memory_kind", "device", "threads", "torch", "cinc_kernels",
-    "triton", "python", "date",
+    "reps", "free_params", "rel_error", "memory_mb", "memory_kind", "device", "threads", "load_avg", "torch",
+    "cinc_kernels", "triton", "python", "date",
 ]
 
 # Round-trip tolerance of the correctness check (relative, on well-conditioned weights); generous next to the
@@ -298,6 +298,14 @@ def _perturb_(layer: torch.nn.Module, generator: torch.Generator) -> None:
 # the run
 
 
+def _load_average() -> str:
+    """The 1-minute load average when the OS has one (a busy machine makes CPU timings noisy), else ''."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except (AttributeError, OSError):
+        return ""
+
+
 def _machine() -> dict:
     if torch.cuda.is_available():
         device_name = torch.cuda.get_device_name(0)
@@ -312,7 +320,7 @@ def _machine() -> dict:
         triton = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         triton = ""
-    return {"torch": torch.__version__, "cinc_kernels": __version__, "triton": triton,
+    return {"torch": torch.__version__, "cinc_kernels": __version__, "triton": triton, "load_avg": _load_average(),
             "python": platform.python_version(), "threads": torch.get_num_threads(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "cpu_or_gpu": device_name}
@@ -358,8 +366,8 @@ def run(config: BenchConfig, layer_classes: Optional[dict] = None) -> list:
              "median_ms": f"{median:.6g}", "p20_ms": f"{p20:.6g}", "p80_ms": f"{p80:.6g}", "reps": len(times),
              "free_params": "", "rel_error": "", "memory_mb": "", "memory_kind": ""}
         r.update({key: extra[key] for key in extra})
-        r.update({key: machine[key] for key in ("device", "threads", "torch", "cinc_kernels", "triton", "python",
-                                                "date")})
+        r.update({key: machine[key] for key in ("device", "threads", "load_avg", "torch", "cinc_kernels", "triton",
+                                                "python", "date")})
         return r
 
     n_algorithms = len(backends) + 2 + (finc_inverse is not None)
@@ -605,7 +613,8 @@ def write_results(rows: list, config: BenchConfig, quiet: bool = False) -> dict:
         "bytes saved for backward (the CPU has no allocator statistics)"
     header = (f"# Invertible layers: {first.get('device', '?')}\n\n"
               f"{first.get('date', '')}; torch {first.get('torch', '')}, cinc_kernels {first.get('cinc_kernels', '')}, "
-              f"python {first.get('python', '')}, {first.get('threads', '')} CPU threads.\n"
+              f"python {first.get('python', '')}, {first.get('threads', '')} CPU threads, "
+              f"load average {first.get('load_avg', '?')} at the start on {os.cpu_count()} cores.\n"
               f"Times: median over repeated calls (p20/p80 in `{csv_path.name}`). Memory: fwd+bwd, {mem_kind}. "
               f"rel. error: ‖inverse(forward(x)) − x‖/‖x‖.\n"
               f"Command: `python -m cinc_kernels bench {' '.join(getattr(config, 'argv', []))}`.\n\n")
@@ -683,6 +692,10 @@ def parse_args(argv=None) -> BenchConfig:
 
 def main(argv=None) -> int:
     config = parse_args(argv)
+    load = _load_average()
+    if torch.device(config.device).type == "cpu" and load and float(load) > 0.75 * (os.cpu_count() or 1):
+        print(f"note: this machine is busy (load average {load} on {os.cpu_count()} cores): CPU timings will be "
+              f"noisy, multi-threaded ones most (`--threads 1` is steadier)", file=sys.stderr)
     started = time.perf_counter()
     try:
         rows = run(config)
