@@ -118,7 +118,7 @@ def cinc_conv2d_inverse(y, weight, bias=None, *, unit_diagonal: bool = False, ba
     check_image(y, weight, bias, "y")
     _check_accumulate(accumulate, y, "y")
     if accumulate is not None and accumulate != y.dtype:
-        impl = select(backend, "inverse", y.device, accumulate, "y")
+        impl = select(backend, "inverse", y.device, accumulate, "accumulate")
         x = impl.ops["inverse"](y.to(accumulate), weight.to(accumulate), _upcast(bias, accumulate), unit_diagonal)
         return x.to(y.dtype)
     impl = select(backend, "inverse", y.device, y.dtype, "y")
@@ -140,7 +140,7 @@ def cinc_conv2d_inverse_transpose(g, weight, *, unit_diagonal: bool = False, bac
     check_image(g, weight, None, "g")
     _check_accumulate(accumulate, g, "g")
     if accumulate is not None and accumulate != g.dtype:
-        impl = select(backend, "inverse_transpose", g.device, accumulate, "g")
+        impl = select(backend, "inverse_transpose", g.device, accumulate, "accumulate")
         return impl.ops["inverse_transpose"](g.to(accumulate), weight.to(accumulate), unit_diagonal).to(g.dtype)
     impl = select(backend, "inverse_transpose", g.device, g.dtype, "g")
     return impl.ops["inverse_transpose"](g, weight, unit_diagonal)
