@@ -90,10 +90,13 @@ def contraction_bound(weight: torch.Tensor, unit_diagonal: bool = False) -> torc
     L, taps = _centre_and_taps(weight, unit_diagonal)
     if taps.shape[0] == 0:  # k = 1: nothing couples the pixels
         return weight.new_zeros(())
-    if bool((L.diagonal() == 0).any()):
-        return weight.new_full((), math.inf)
-    scaled = torch.linalg.solve_triangular(L, taps, upper=False)  # L⁻¹ W_t for every tap at once
-    return torch.linalg.matrix_norm(scaled, ord=2).sum()
+    # Branch-free (torch.compile traces it without a graph break): solve with the zeros of a singular L replaced
+    # by ones, then report inf for it.
+    singular = (L.diagonal() == 0).any()
+    safe_L = L + torch.diag_embed((L.diagonal() == 0).to(L.dtype))
+    scaled = torch.linalg.solve_triangular(safe_L, taps, upper=False)  # L⁻¹ W_t for every tap at once
+    q = torch.linalg.matrix_norm(scaled, ord=2).sum()
+    return torch.where(singular, q.new_full((), math.inf), q)
 
 
 def gain_bound(weight: torch.Tensor, unit_diagonal: bool = False) -> float:
