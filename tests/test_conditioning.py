@@ -366,7 +366,7 @@ def test_unconstrained_layer_with_large_off_centre_taps_does_not_invert_at_large
 @pytest.mark.parametrize("parametrization", ["none", "contractive"])
 def test_layer_traces_with_torch_compile_fullgraph(parametrization):
     # The contractive weight and the finite check must not break the graph (the check is skipped when compiling).
-    layer = ck.CInCConv2d(4, parametrization=parametrization, init_scale=0.5)
+    layer = ck.CInCConv2d(4, parametrization=parametrization, init_scale=0.1)
     x = torch.randn(2, 4, 5, 6)
     forward = torch.compile(lambda t: layer(t), fullgraph=True, backend="eager")
     inverse = torch.compile(lambda t: layer.inverse(t, accumulate=torch.float64), fullgraph=True, backend="eager")
