@@ -105,9 +105,10 @@ def cinc_conv2d_inverse(y, weight, bias=None, *, unit_diagonal: bool = False, ba
         y: ``(B, C, H, W)``.
         weight, bias, unit_diagonal, backend: as for :func:`cinc_conv2d`.
         accumulate: ``None`` (work in ``y``'s dtype) or a wider dtype (``torch.float64``): the inputs are cast to
-            it, the backend solves in it, and the result is cast back to ``y``'s dtype. A float32 inverse keeps about
-            ``7 − log10(gain)`` digits (see :func:`cinc_kernels.inverse_gain`); float64 accumulation buys ~9 more.
-            Differentiable (the casts are).
+            it, the backend solves in it, and the result is cast back to ``y``'s dtype. A float32 solve loses about
+            ``log10(gain)`` of its ~7 digits (see :func:`cinc_kernels.inverse_gain`); with float64 accumulation the
+            solve itself adds no error beyond the final rounding (rounding already in ``y`` is still amplified by
+            the gain). Differentiable (the casts are).
 
     Returns:
         ``x``: ``(B, C, H, W)``, ``y``'s dtype.

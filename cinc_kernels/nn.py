@@ -100,8 +100,9 @@ class CInCConv2d(nn.Module):
         warnings.warn(
             f"{self.name or 'CInCConv2d(' + self.extra_repr() + ')'}: the inverse of a {H}x{W} image returned "
             f"inf/NaN. The map is probably ill-conditioned at this size (check layer.inverse_gain({H}, {W}) "
-            "against 1/eps of the dtype); use inverse(..., accumulate=torch.float64) or train with "
-            "parametrization='contractive'. Warned once per layer; silence with check_finite=False.",
+            "against 1/eps of the dtype); invert in float64 (inverse(..., accumulate=torch.float64) if only the "
+            "solve overflows), or train with parametrization='contractive'. Warned once per layer; silence with "
+            "check_finite=False.",
             conditioning.NonFiniteInverseWarning, stacklevel=3)
 
     def inverse_gain(self, height: int, width: int, **kwargs) -> float:
