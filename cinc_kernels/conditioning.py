@@ -174,8 +174,9 @@ def inverse_gain(weight: torch.Tensor, height: int, width: int, *, unit_diagonal
 
     The estimate is a lower bound that converges from below; ``probes`` independent starting images run as one
     batch and the largest is kept. A float32 inverse loses about ``log10(gain)`` of its ~7 digits; when the gain
-    approaches ``1/eps`` of the dtype the result is garbage. Remedies: ``cinc_conv2d_inverse(..., accumulate=
-    torch.float64)`` (buys ~9 more digits), or train with ``CInCConv2d(..., parametrization="contractive")``.
+    approaches ``1/eps`` of the dtype the result is garbage. Remedies: solve in float64
+    (``cinc_conv2d_inverse(..., accumulate=torch.float64)`` removes the solver's own error, not the rounding already
+    in ``y``), or train with ``CInCConv2d(..., parametrization="contractive")``, which bounds the gain at every size.
 
     Args:
         weight: ``(C, C, k, k)``.
