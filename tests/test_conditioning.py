@@ -327,7 +327,7 @@ def test_contractive_stack_trains_and_inverts_accurately_at_large_size():
     opt = torch.optim.Adam(layers.parameters(), lr=0.05)
     data = _correlated_images(16, C, 8, 8, g)
     first = nll(data).item()
-    for _ in range(60):
+    for _ in range(40):
         opt.zero_grad()
         loss = nll(data)
         loss.backward()
@@ -336,7 +336,7 @@ def test_contractive_stack_trains_and_inverts_accurately_at_large_size():
     assert last < first - 0.5, (first, last)  # it learned something
     bounds = [layer.contraction_bound() for layer in layers]
     assert all(q <= gamma * (1 + 1e-5) for q in bounds), bounds
-    assert max(bounds) > 0.5 * gamma, bounds  # the taps grew towards the constraint
+    assert max(bounds) > 0.8 * gamma, bounds  # the taps grew up to the constraint: it binds
 
     # Far larger than the training images: still certified and accurate in float32.
     big = _correlated_images(2, C, 96, 80, g)
