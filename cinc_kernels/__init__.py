@@ -9,6 +9,7 @@ See shared/SPEC.md for the math and README.md for the tour.
 """
 from . import reference
 from .backends import available_backends, build_info, register_backend
+from .conditioning import inverse_gain
 from .functional import cinc_conv2d, cinc_conv2d_inverse, cinc_conv2d_inverse_transpose, cinc_logdet
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "cinc_conv2d_inverse",
     "cinc_conv2d_inverse_transpose",
     "cinc_logdet",
+    "inverse_gain",
     "reference",
     "register_backend",
 ]
