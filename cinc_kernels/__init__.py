@@ -11,6 +11,7 @@ from . import reference
 from .backends import available_backends, build_info, register_backend
 from .conditioning import inverse_gain
 from .functional import cinc_conv2d, cinc_conv2d_inverse, cinc_conv2d_inverse_transpose, cinc_logdet
+from . import triton as _triton  # noqa: F401  (registers backend="triton"; it imports without triton installed)
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,142 @@
+"""The Triton backend's ops: launchers for :mod:`.kernels`, registered as ``torch.ops.cinc_triton.*``.
+
+The four ops have the signatures of the ``cinc`` ops (csrc/cinc_ops.cpp) and are registered with
+``torch.library.triton_op`` so that ``torch.compile`` sees the Triton kernels inside them (``wrap_triton``);
+their gradients are the shared formulas of :mod:`cinc_kernels._autograd`, which call these same ops.
+Importing this module imports ``triton``.
+"""
+from typing import Optional
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from .._autograd import register_autograd_formulas, register_fake_impls
+from . import kernels
+
+NAMESPACE = "cinc_triton"
+
+# tl.dot on float32 defaults to TF32 on NVIDIA tensor cores (10-bit mantissa); the ops promise float32 accuracy,
+# so float32 products are IEEE. Half-precision and float64 inputs ignore the setting.
+_DOT_PRECISION = {torch.float32: "ieee"}
+_ACC_DTYPE = {torch.float64: triton.language.float64}
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return _ACC_DTYPE.get(dtype, triton.language.float32)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return _DOT_PRECISION.get(dtype, "tf32")
+
+
+def _channel_block(C: int) -> int:
+    """The tile width that holds every channel of a pixel: a power of two, ≥ 16 for ``tl.dot``."""
+    return max(16, triton.next_power_of_2(C))
+
+
+def centre_inverse(weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
+    """``L⁻¹`` for the masked centre tap ``L`` (``C × C``, row-major), computed in float64 and rounded once to the
+    accumulation dtype (float64 for float64 weights, else float32).
+
+    Raises ``ValueError`` when ``L`` has a zero on its diagonal (the map is singular). With ``unit_diagonal`` it
+    cannot be, and the check (a device-to-host sync) is skipped.
+    """
+    k = weight.shape[-1]
+    C = weight.shape[0]
+    L = weight[:, :, k - 1, k - 1].double().tril(-1 if unit_diagonal else 0)
+    eye = torch.eye(C, dtype=torch.float64, device=weight.device)
+    if unit_diagonal:
+        L = L + eye
+    elif bool((L.diagonal() == 0).any()):
+        raise ValueError("weight: the centre tap has a zero on its diagonal, the convolution is singular")
+    inv = torch.linalg.solve_triangular(L, eye, upper=False)
+    return inv.to(torch.float64 if weight.dtype == torch.float64 else torch.float32).contiguous()
+
+
+@triton_op(f"{NAMESPACE}::forward", mutates_args=())
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], unit_diagonal: bool) -> torch.Tensor:
+    """``y = M x + bias``. ``x: (B, C, H, W)`` any strides, ``weight: (C, C, k, k)``, ``bias: (C,)`` or None;
+    returns contiguous ``(B, C, H, W)`` of ``x``'s dtype (float32 / float64 / float16 / bfloat16)."""
+    B, C, H, W = x.shape
+    k = weight.shape[-1]
+    y = torch.empty((B, C, H, W), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    weight = weight.contiguous()
+    has_bias = bias is not None
+
+    def grid(meta):
+        return (triton.cdiv(B * H * W, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_O"]))
+
+    fixed = kernels.FORWARD_FIXED_CONFIG if kernels.INTERPRETED else {}
+    wrap_triton(kernels.cinc_forward_gemm_kernel)[grid](
+        x, weight, bias if has_bias else weight, y,
+        B, C, H, W,
+        *x.stride(),
+        KSIZE=k, HAS_BIAS=has_bias, UNIT_DIAGONAL=unit_diagonal,
+        ACC_DTYPE=_acc_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+        **fixed,
+    )
+    return y
+
+
+def _wavefront(src, weight, bias, unit_diagonal: bool, adjoint: bool) -> torch.Tensor:
+    B, C, H, W = src.shape
+    k = weight.shape[-1]
+    centre_inv = centre_inverse(weight, unit_diagonal)
+    out = torch.empty((B, C, H, W), dtype=src.dtype, device=src.device)
+    if out.numel() == 0:
+        return out
+    weight = weight.contiguous()
+    has_bias = bias is not None
+    block_c = _channel_block(C)
+    wrap_triton(kernels._cinc_inverse_wavefront_kernel)[(B,)](
+        src, weight, bias if has_bias else weight, centre_inv, out,
+        C, H, W,
+        *src.stride(),
+        KSIZE=k, ADJOINT=adjoint, HAS_BIAS=has_bias,
+        ACC_DTYPE=_acc_dtype(src.dtype), DOT_PRECISION=_dot_precision(src.dtype),
+        BLOCK_P=16, BLOCK_C=block_c, BLOCK_K=min(block_c, 32),
+        # No software pipelining: a load prefetched from the next diagonal would cross the barrier.
+        num_warps=4 if block_c <= 64 else 8, num_stages=1,
+    )
+    return out
+
+
+@triton_op(f"{NAMESPACE}::inverse", mutates_args=())
+def inverse(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], unit_diagonal: bool) -> torch.Tensor:
+    """``x = M⁻¹ (y - bias)``, one launch, one program per image. ``(B, C, H, W) ->`` contiguous same, float32 /
+    float64. ``ValueError`` if the centre tap is singular."""
+    return _wavefront(y, weight, bias, unit_diagonal, adjoint=False)
+
+
+@triton_op(f"{NAMESPACE}::inverse_transpose", mutates_args=())
+def inverse_transpose(g: torch.Tensor, weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
+    """``u = M⁻ᵀ g``: the wavefront from the bottom-right corner. ``(B, C, H, W) ->`` contiguous same."""
+    return _wavefront(g, weight, None, unit_diagonal, adjoint=True)
+
+
+@triton_op(f"{NAMESPACE}::logdet", mutates_args=())
+def logdet(weight: torch.Tensor, height: int, width: int, unit_diagonal: bool) -> torch.Tensor:
+    """``H·W·Σ_c log|L[c, c]|``, a 0-dim tensor of ``weight``'s dtype (0 with ``unit_diagonal``)."""
+    out = torch.zeros((), dtype=weight.dtype, device=weight.device)
+    if unit_diagonal:
+        return out
+    C, k = weight.shape[0], weight.shape[-1]
+    wrap_triton(kernels._cinc_logdet_reduce_kernel)[(1,)](
+        weight.contiguous(), out, C, height * width,
+        KSIZE=k, ACC_DTYPE=_acc_dtype(weight.dtype), BLOCK_C=min(_channel_block(C), 1024),
+    )
+    return out
+
+
+OPS = {
+    "forward": torch.ops.cinc_triton.forward.default,
+    "inverse": torch.ops.cinc_triton.inverse.default,
+    "inverse_transpose": torch.ops.cinc_triton.inverse_transpose.default,
+    "logdet": torch.ops.cinc_triton.logdet.default,
+}
+
+register_fake_impls(*OPS.values())
+register_autograd_formulas(*OPS.values())
