@@ -48,27 +48,26 @@ def _cinc_forward_gemm_kernel(
     offs_c = tl.arange(0, BLOCK_C)
 
     acc = tl.zeros([BLOCK_P, BLOCK_O], dtype=ACC_DTYPE)
-    for tap in range(KSIZE * KSIZE):
-        a = tap // KSIZE
-        bb = tap % KSIZE
-        ii = i + a - (KSIZE - 1)
-        jj = j + bb - (KSIZE - 1)
-        in_ok = pix_ok & (ii >= 0) & (jj >= 0)
-        x_row = x_ptr + b * stride_xb + ii * stride_xh + jj * stride_xw
-        for c0 in range(0, C, BLOCK_C):
-            cc = c0 + offs_c
-            c_ok = cc < C
-            x_tile = tl.load(x_row[:, None] + cc[None, :] * stride_xc, mask=in_ok[:, None] & c_ok[None, :], other=0.0)
-            # w_tile[c, o] = weight[o, c, a, bb]: the GEMM's right operand is the tap's matrix transposed.
-            w_tile = tl.load(
-                weight_ptr + ((offs_o[None, :] * C + cc[:, None]) * KSIZE + a) * KSIZE + bb,
-                mask=c_ok[:, None] & o_ok[None, :],
-                other=0.0,
-            )
-            is_centre = tap == KSIZE * KSIZE - 1
-            w_tile = tl.where(is_centre & (cc[:, None] > offs_o[None, :]), 0.0, w_tile)
-            if UNIT_DIAGONAL:
-                w_tile = tl.where(is_centre & (cc[:, None] == offs_o[None, :]), 1.0, w_tile)
+    x_pix = x_ptr + b * stride_xb + i * stride_xh + j * stride_xw
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + offs_c
+        c_ok = cc < C
+        x_ptrs = x_pix[:, None] + cc[None, :] * stride_xc
+        x_mask = pix_ok[:, None] & c_ok[None, :]
+        # w_tile[c, o] = weight[o, c, tap]: the GEMM's right operand is the tap's matrix transposed.
+        w_ptrs = weight_ptr + (offs_o[None, :] * C + cc[:, None]) * (KSIZE * KSIZE)
+        w_mask = c_ok[:, None] & o_ok[None, :]
+        # Unrolled: each tap's shift is a compile-time constant and only the centre tap carries the mask.
+        for tap in tl.static_range(KSIZE * KSIZE):
+            di = tap // KSIZE - (KSIZE - 1)
+            dj = tap % KSIZE - (KSIZE - 1)
+            in_ok = (i + di >= 0) & (j + dj >= 0)
+            x_tile = tl.load(x_ptrs + (di * stride_xh + dj * stride_xw), mask=x_mask & in_ok[:, None], other=0.0)
+            w_tile = tl.load(w_ptrs + tap, mask=w_mask, other=0.0)
+            if tap == KSIZE * KSIZE - 1:
+                w_tile = tl.where(cc[:, None] > offs_o[None, :], 0.0, w_tile)
+                if UNIT_DIAGONAL:
+                    w_tile = tl.where(cc[:, None] == offs_o[None, :], 1.0, w_tile)
             acc = tl.dot(x_tile, w_tile.to(x_tile.dtype), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     if HAS_BIAS:
@@ -101,6 +100,7 @@ def _cinc_inverse_wavefront_kernel(
     """
     b = tl.program_id(0).to(tl.int64)
     HW = H * W
+    row = b * 0 + W  # the row pitch as int64, so per-tap offsets need no int32 overflow checks
     offs_p = tl.arange(0, BLOCK_P)
     offs_c = tl.arange(0, BLOCK_C)
     offs_k = tl.arange(0, BLOCK_K)
@@ -127,7 +127,7 @@ def _cinc_inverse_wavefront_kernel(
         for p0 in range(0, n_pix, BLOCK_P):
             p = p0 + offs_p
             p_ok = p < n_pix
-            i = i_first + p
+            i = (i_first + p).to(tl.int64)
             j = d - i
             r = tl.load(
                 src_img + offs_c[None, :] * stride_sc + (i * stride_sh + j * stride_sw)[:, None],
@@ -137,33 +137,36 @@ def _cinc_inverse_wavefront_kernel(
             if HAS_BIAS:
                 r -= bias_row[None, :]
             taps = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC_DTYPE)
-            for tap in range(KSIZE * KSIZE - 1):  # the centre tap is the last one, k·k - 1
-                a = tap // KSIZE
-                bb = tap % KSIZE
+            pix = i * W + j
+            for k0 in range(0, C, BLOCK_K):
+                kk = k0 + offs_k
+                k_ok = kk < C
+                nbr_ptrs = out_img + kk[None, :] * HW + pix[:, None]
+                nbr_mask = p_ok[:, None] & k_ok[None, :]
                 if ADJOINT:
-                    ii = i + (KSIZE - 1 - a)
-                    jj = j + (KSIZE - 1 - bb)
-                    n_ok = p_ok & (ii < H) & (jj < W)
+                    # r[c] -= Σ_o W[o, c] u[o]: tile[o, c] = weight[o, c, tap]
+                    w_ptrs = weight_ptr + (kk[:, None] * C + offs_c[None, :]) * (KSIZE * KSIZE)
                 else:
-                    ii = i + a - (KSIZE - 1)
-                    jj = j + bb - (KSIZE - 1)
-                    n_ok = p_ok & (ii >= 0) & (jj >= 0)
-                for k0 in range(0, C, BLOCK_K):
-                    kk = k0 + offs_k
-                    k_ok = kk < C
-                    nbr = tl.load(
-                        out_img + kk[None, :] * HW + (ii * W + jj)[:, None],
-                        mask=n_ok[:, None] & k_ok[None, :],
-                        other=0.0,
-                    ).to(ACC_DTYPE)
+                    # r[o] -= Σ_c W[o, c] x[c]: tile[c, o] = weight[o, c, tap]
+                    w_ptrs = weight_ptr + (offs_c[None, :] * C + kk[:, None]) * (KSIZE * KSIZE)
+                w_mask = k_ok[:, None] & c_ok[None, :]
+                # Per tap only a scalar shift changes (the neighbour's offset and the tap's weight offset), which
+                # keeps the loop body short; that matters most for the interpreter, which pays per operation.
+                # Unrolled: the tap's shifts are compile-time constants (and plain ints for the interpreter).
+                for tap in tl.static_range(KSIZE * KSIZE - 1):  # the centre tap is the last one, k·k - 1
+                    a = tap // KSIZE
+                    bb = tap % KSIZE
                     if ADJOINT:
-                        # r[c] -= Σ_o W[o, c] u[o]: tile[o, c] = weight[o, c, a, bb]
-                        w_offs = ((kk[:, None] * C + offs_c[None, :]) * KSIZE + a) * KSIZE + bb
+                        di = KSIZE - 1 - a
+                        dj = KSIZE - 1 - bb
+                        n_ok = (i + di < H) & (j + dj < W)
                     else:
-                        # r[o] -= Σ_c W[o, c] x[c]: tile[c, o] = weight[o, c, a, bb]
-                        w_offs = ((offs_c[None, :] * C + kk[:, None]) * KSIZE + a) * KSIZE + bb
-                    w_tile = tl.load(weight_ptr + w_offs, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-                    taps = tl.dot(nbr, w_tile.to(ACC_DTYPE), taps, input_precision=DOT_PRECISION)
+                        di = a - (KSIZE - 1)
+                        dj = bb - (KSIZE - 1)
+                        n_ok = (i + di >= 0) & (j + dj >= 0)
+                    nbr = tl.load(nbr_ptrs + (di * row + dj), mask=nbr_mask & n_ok[:, None], other=0.0)
+                    w_tile = tl.load(w_ptrs + tap, mask=w_mask, other=0.0)
+                    taps = tl.dot(nbr.to(ACC_DTYPE), w_tile.to(ACC_DTYPE), taps, input_precision=DOT_PRECISION)
             r -= taps
             # Re-read each chunk rather than holding C×C in registers for the whole solve: it stays in L1/L2.
             centre_inv = tl.load(centre_inv_ptr + inv_offs, mask=inv_mask, other=0.0)

@@ -1,15 +1,21 @@
 """The Triton backend's ops: launchers for :mod:`.kernels`, registered as ``torch.ops.cinc_triton.*``.
 
-The four ops have the signatures of the ``cinc`` ops (csrc/cinc_ops.cpp) and are registered with
-``torch.library.triton_op`` so that ``torch.compile`` sees the Triton kernels inside them (``wrap_triton``);
-their gradients are the shared formulas of :mod:`cinc_kernels._autograd`, which call these same ops.
+The four ops have the signatures of the ``cinc`` ops (csrc/cinc_ops.cpp). They are registered with
+``torch.library.custom_op`` plus the shared fake implementations, so ``torch.compile(fullgraph=True)`` traces
+through them as opaque calls, like the C++ ops; their gradients are the shared formulas of
+:mod:`cinc_kernels._autograd`, which call these same ops.
+
+Why not ``torch.library.triton_op`` + ``wrap_triton`` (which let Inductor see the kernels): (1) the inverse must
+refuse a singular weight, a data-dependent check that cannot run while a ``triton_op`` body is traced with fake
+tensors, and (2) under ``TRITON_INTERPRET=1`` torch's ``wrap_triton`` hands back the raw interpreted kernel, which
+then runs on fake tensors and fails, so a ``triton_op`` could not be compiled in CI at all. Opaque ops keep one
+code path that CI traces and runs.
 Importing this module imports ``triton``.
 """
 from typing import Optional
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
 
 from .._autograd import register_autograd_formulas, register_fake_impls
 from . import kernels
@@ -54,7 +60,7 @@ def centre_inverse(weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
     return inv.to(torch.float64 if weight.dtype == torch.float64 else torch.float32).contiguous()
 
 
-@triton_op(f"{NAMESPACE}::forward", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::forward", mutates_args=())
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], unit_diagonal: bool) -> torch.Tensor:
     """``y = M x + bias``. ``x: (B, C, H, W)`` any strides, ``weight: (C, C, k, k)``, ``bias: (C,)`` or None;
     returns contiguous ``(B, C, H, W)`` of ``x``'s dtype (float32 / float64 / float16 / bfloat16)."""
@@ -70,7 +76,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         return (triton.cdiv(B * H * W, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_O"]))
 
     fixed = kernels.FORWARD_FIXED_CONFIG if kernels.INTERPRETED else {}
-    wrap_triton(kernels.cinc_forward_gemm_kernel)[grid](
+    kernels.cinc_forward_gemm_kernel[grid](
         x, weight, bias if has_bias else weight, y,
         B, C, H, W,
         *x.stride(),
@@ -91,7 +97,7 @@ def _wavefront(src, weight, bias, unit_diagonal: bool, adjoint: bool) -> torch.T
     weight = weight.contiguous()
     has_bias = bias is not None
     block_c = _channel_block(C)
-    wrap_triton(kernels._cinc_inverse_wavefront_kernel)[(B,)](
+    kernels._cinc_inverse_wavefront_kernel[(B,)](
         src, weight, bias if has_bias else weight, centre_inv, out,
         C, H, W,
         *src.stride(),
@@ -104,27 +110,27 @@ def _wavefront(src, weight, bias, unit_diagonal: bool, adjoint: bool) -> torch.T
     return out
 
 
-@triton_op(f"{NAMESPACE}::inverse", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::inverse", mutates_args=())
 def inverse(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], unit_diagonal: bool) -> torch.Tensor:
     """``x = M⁻¹ (y - bias)``, one launch, one program per image. ``(B, C, H, W) ->`` contiguous same, float32 /
     float64. ``ValueError`` if the centre tap is singular."""
     return _wavefront(y, weight, bias, unit_diagonal, adjoint=False)
 
 
-@triton_op(f"{NAMESPACE}::inverse_transpose", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::inverse_transpose", mutates_args=())
 def inverse_transpose(g: torch.Tensor, weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
     """``u = M⁻ᵀ g``: the wavefront from the bottom-right corner. ``(B, C, H, W) ->`` contiguous same."""
     return _wavefront(g, weight, None, unit_diagonal, adjoint=True)
 
 
-@triton_op(f"{NAMESPACE}::logdet", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::logdet", mutates_args=())
 def logdet(weight: torch.Tensor, height: int, width: int, unit_diagonal: bool) -> torch.Tensor:
     """``H·W·Σ_c log|L[c, c]|``, a 0-dim tensor of ``weight``'s dtype (0 with ``unit_diagonal``)."""
     out = torch.zeros((), dtype=weight.dtype, device=weight.device)
     if unit_diagonal:
         return out
     C, k = weight.shape[0], weight.shape[-1]
-    wrap_triton(kernels._cinc_logdet_reduce_kernel)[(1,)](
+    kernels._cinc_logdet_reduce_kernel[(1,)](
         weight.contiguous(), out, C, height * width,
         KSIZE=k, ACC_DTYPE=_acc_dtype(weight.dtype), BLOCK_C=min(_channel_block(C), 1024),
     )
