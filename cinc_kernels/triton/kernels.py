@@ -25,7 +25,7 @@ def _cinc_forward_gemm_kernel(
     stride_xb, stride_xc, stride_xh, stride_xw,
     # meta-parameters
     KSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, UNIT_DIAGONAL: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``y = M x + bias`` as an implicit GEMM: rows are pixels, columns output channels, the reduction runs over
@@ -33,6 +33,8 @@ def _cinc_forward_gemm_kernel(
 
     The top-left padding is a load mask (taps above or left of the image read 0) and the centre tap's mask is a
     ``tl.where`` on the weight tile, so neither a padded input nor a masked weight is ever materialised.
+    ``DOT_DTYPE`` is the operands' dtype in ``tl.dot``: the input's, except bfloat16 under the interpreter, whose
+    numpy matmul has no bfloat16 (it would multiply the raw bits), so there the operands are widened to float32.
     """
     pid_p = tl.program_id(0).to(tl.int64)
     pid_o = tl.program_id(1)
@@ -63,12 +65,13 @@ def _cinc_forward_gemm_kernel(
             dj = tap % KSIZE - (KSIZE - 1)
             in_ok = (i + di >= 0) & (j + dj >= 0)
             x_tile = tl.load(x_ptrs + (di * stride_xh + dj * stride_xw), mask=x_mask & in_ok[:, None], other=0.0)
-            w_tile = tl.load(w_ptrs + tap, mask=w_mask, other=0.0)
+            w_tile = tl.load(w_ptrs + tap, mask=w_mask, other=0.0).to(DOT_DTYPE)
             if tap == KSIZE * KSIZE - 1:
                 w_tile = tl.where(cc[:, None] > offs_o[None, :], 0.0, w_tile)
                 if UNIT_DIAGONAL:
                     w_tile = tl.where(cc[:, None] == offs_o[None, :], 1.0, w_tile)
-            acc = tl.dot(x_tile, w_tile.to(x_tile.dtype), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            acc = tl.dot(x_tile.to(DOT_DTYPE), w_tile, acc, input_precision=DOT_PRECISION,
+                         out_dtype=ACC_DTYPE)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=o_ok, other=0.0).to(ACC_DTYPE)[None, :]

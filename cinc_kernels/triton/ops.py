@@ -26,6 +26,8 @@ NAMESPACE = "cinc_triton"
 # so float32 products are IEEE. Half-precision and float64 inputs ignore the setting.
 _DOT_PRECISION = {torch.float32: "ieee"}
 _ACC_DTYPE = {torch.float64: triton.language.float64}
+_TL_DTYPE = {torch.float32: triton.language.float32, torch.float64: triton.language.float64,
+             torch.float16: triton.language.float16, torch.bfloat16: triton.language.bfloat16}
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -76,12 +78,13 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         return (triton.cdiv(B * H * W, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_O"]))
 
     fixed = kernels.FORWARD_FIXED_CONFIG if kernels.INTERPRETED else {}
+    dot_dtype = torch.float32 if (kernels.INTERPRETED and x.dtype == torch.bfloat16) else x.dtype
     kernels.cinc_forward_gemm_kernel[grid](
         x, weight, bias if has_bias else weight, y,
         B, C, H, W,
         *x.stride(),
         KSIZE=k, HAS_BIAS=has_bias, UNIT_DIAGONAL=unit_diagonal,
-        ACC_DTYPE=_acc_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+        DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_acc_dtype(x.dtype), DOT_PRECISION=_dot_precision(dot_dtype),
         **fixed,
     )
     return y
