@@ -12,6 +12,7 @@ then runs on fake tensors and fails, so a ``triton_op`` could not be compiled in
 code path that CI traces and runs.
 Importing this module imports ``triton``.
 """
+import contextlib
 from typing import Optional
 
 import torch
@@ -41,6 +42,17 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _channel_block(C: int) -> int:
     """The tile width that holds every channel of a pixel: a power of two, ≥ 16 for ``tl.dot``."""
     return max(16, triton.next_power_of_2(C))
+
+
+def _device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (a no-op for the interpreter's CPU tensors)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _wavefront_pixel_block(H: int, W: int) -> int:
+    """Pixels solved together on one anti-diagonal: the longest diagonal (min(H, W)) in one chunk when it fits,
+    since the chunks of a diagonal run one after another inside the program; ≥ 16 for ``tl.dot``."""
+    return min(64, max(16, triton.next_power_of_2(min(H, W))))
 
 
 def centre_inverse(weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
@@ -79,14 +91,15 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
 
     fixed = kernels.FORWARD_FIXED_CONFIG if kernels.INTERPRETED else {}
     dot_dtype = torch.float32 if (kernels.INTERPRETED and x.dtype == torch.bfloat16) else x.dtype
-    kernels.cinc_forward_gemm_kernel[grid](
-        x, weight, bias if has_bias else weight, y,
-        B, C, H, W,
-        *x.stride(),
-        KSIZE=k, HAS_BIAS=has_bias, UNIT_DIAGONAL=unit_diagonal,
-        DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_acc_dtype(x.dtype), DOT_PRECISION=_dot_precision(dot_dtype),
-        **fixed,
-    )
+    with _device_of(x):
+        kernels.cinc_forward_gemm_kernel[grid](
+            x, weight, bias if has_bias else weight, y,
+            B, C, H, W,
+            *x.stride(),
+            KSIZE=k, HAS_BIAS=has_bias, UNIT_DIAGONAL=unit_diagonal,
+            DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_acc_dtype(x.dtype), DOT_PRECISION=_dot_precision(dot_dtype),
+            **fixed,
+        )
     return y
 
 
@@ -100,16 +113,17 @@ def _wavefront(src, weight, bias, unit_diagonal: bool, adjoint: bool) -> torch.T
     weight = weight.contiguous()
     has_bias = bias is not None
     block_c = _channel_block(C)
-    kernels._cinc_inverse_wavefront_kernel[(B,)](
-        src, weight, bias if has_bias else weight, centre_inv, out,
-        C, H, W,
-        *src.stride(),
-        KSIZE=k, ADJOINT=adjoint, HAS_BIAS=has_bias,
-        ACC_DTYPE=_acc_dtype(src.dtype), DOT_PRECISION=_dot_precision(src.dtype),
-        BLOCK_P=16, BLOCK_C=block_c, BLOCK_K=min(block_c, 32),
-        # No software pipelining: a load prefetched from the next diagonal would cross the barrier.
-        num_warps=4 if block_c <= 64 else 8, num_stages=1,
-    )
+    with _device_of(src):
+        kernels._cinc_inverse_wavefront_kernel[(B,)](
+            src, weight, bias if has_bias else weight, centre_inv, out,
+            C, H, W,
+            *src.stride(),
+            KSIZE=k, ADJOINT=adjoint, HAS_BIAS=has_bias,
+            ACC_DTYPE=_acc_dtype(src.dtype), DOT_PRECISION=_dot_precision(src.dtype),
+            BLOCK_P=_wavefront_pixel_block(H, W), BLOCK_C=block_c, BLOCK_K=min(block_c, 32),
+            # No software pipelining: a load prefetched from the next diagonal would cross the barrier.
+            num_warps=4 if block_c <= 64 else 8, num_stages=1,
+        )
     return out
 
 
@@ -133,10 +147,11 @@ def logdet(weight: torch.Tensor, height: int, width: int, unit_diagonal: bool) -
     if unit_diagonal:
         return out
     C, k = weight.shape[0], weight.shape[-1]
-    kernels._cinc_logdet_reduce_kernel[(1,)](
-        weight.contiguous(), out, C, height * width,
-        KSIZE=k, ACC_DTYPE=_acc_dtype(weight.dtype), BLOCK_C=min(_channel_block(C), 1024),
-    )
+    with _device_of(weight):
+        kernels._cinc_logdet_reduce_kernel[(1,)](
+            weight.contiguous(), out, C, height * width,
+            KSIZE=k, ACC_DTYPE=_acc_dtype(weight.dtype), BLOCK_C=min(_channel_block(C), 1024),
+        )
     return out
 
 
