@@ -9,6 +9,8 @@ Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors with numpy (tha
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -235,9 +237,15 @@ def _prune_forward_configs(configs, named_args, **kwargs):
 
 
 # The interpreter runs one fixed, small configuration (autotuning there would time numpy); a GPU autotunes per
-# (C, H·W, k, dtype).
-FORWARD_FIXED_CONFIG = {"BLOCK_P": 16, "BLOCK_O": 16, "BLOCK_C": 16}
-if INTERPRETED:
+# (C, H, W, k, bias, dtype), unless CINC_TRITON_AUTOTUNE=0 asks for one fixed configuration (the GPU test run does,
+# to spend its minutes on tests rather than on compiling every configuration for every test shape).
+AUTOTUNE = not INTERPRETED and os.environ.get("CINC_TRITON_AUTOTUNE", "1") != "0"
+FORWARD_FIXED_CONFIG = (
+    {"BLOCK_P": 16, "BLOCK_O": 16, "BLOCK_C": 16}
+    if INTERPRETED
+    else {"BLOCK_P": 64, "BLOCK_O": 32, "BLOCK_C": 16, "num_warps": 4, "num_stages": 3}
+)
+if not AUTOTUNE:
     cinc_forward_gemm_kernel = _cinc_forward_gemm_kernel
 else:
     cinc_forward_gemm_kernel = triton.autotune(

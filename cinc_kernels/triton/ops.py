@@ -24,8 +24,9 @@ from . import kernels
 NAMESPACE = "cinc_triton"
 
 # tl.dot on float32 defaults to TF32 on NVIDIA tensor cores (10-bit mantissa); the ops promise float32 accuracy,
-# so float32 products are IEEE. Half-precision and float64 inputs ignore the setting.
-_DOT_PRECISION = {torch.float32: "ieee"}
+# so float32 products are IEEE. The forward, a GEMM, follows torch's own switch for float32 GEMMs
+# (torch.backends.cuda.matmul.allow_tf32, off by default); the inverse never uses TF32, whose errors it would
+# amplify. Half-precision and float64 inputs ignore the setting.
 _ACC_DTYPE = {torch.float64: triton.language.float64}
 _TL_DTYPE = {torch.float32: triton.language.float32, torch.float64: triton.language.float64,
              torch.float16: triton.language.float16, torch.bfloat16: triton.language.bfloat16}
@@ -35,8 +36,8 @@ def _acc_dtype(dtype: torch.dtype):
     return _ACC_DTYPE.get(dtype, triton.language.float32)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return _DOT_PRECISION.get(dtype, "tf32")
+def _dot_precision(dtype: torch.dtype, allow_tf32: bool = False) -> str:
+    return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
 
 
 def _channel_block(C: int) -> int:
@@ -89,15 +90,16 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     def grid(meta):
         return (triton.cdiv(B * H * W, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_O"]))
 
-    fixed = kernels.FORWARD_FIXED_CONFIG if kernels.INTERPRETED else {}
+    fixed = {} if kernels.AUTOTUNE else kernels.FORWARD_FIXED_CONFIG
     dot_dtype = torch.float32 if (kernels.INTERPRETED and x.dtype == torch.bfloat16) else x.dtype
+    precision = _dot_precision(dot_dtype, allow_tf32=x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
     with _device_of(x):
         kernels.cinc_forward_gemm_kernel[grid](
             x, weight, bias if has_bias else weight, y,
             B, C, H, W,
             *x.stride(),
             KSIZE=k, HAS_BIAS=has_bias, UNIT_DIAGONAL=unit_diagonal,
-            DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_acc_dtype(x.dtype), DOT_PRECISION=_dot_precision(dot_dtype),
+            DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_acc_dtype(x.dtype), DOT_PRECISION=precision,
             **fixed,
         )
     return y
