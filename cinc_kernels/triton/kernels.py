@@ -43,7 +43,7 @@ def _cinc_forward_gemm_kernel(
     HW = H * W
 
     pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # flat (b, i, j), int64
-    pix_ok = pix < B * HW
+    pix_ok = pix < (pid_p * 0 + B) * HW  # B·H·W in int64: it may pass 2³¹ where C·H·W does not
     b = pix // HW
     i = (pix % HW) // W
     j = pix % W
@@ -120,6 +120,10 @@ def _cinc_inverse_wavefront_kernel(
     else:
         inv_offs = offs_c[None, :] * C + offs_c[:, None]
     inv_mask = c_ok[:, None] & c_ok[None, :]
+    # Up to 64 channels L⁻¹ stays in registers for the whole solve (≤ 32 per thread at 4 warps); wider, it is
+    # re-read per chunk (from L1/L2) rather than spilled.
+    if BLOCK_C <= 64:
+        centre_inv = tl.load(centre_inv_ptr + inv_offs, mask=inv_mask, other=0.0)
 
     n_diag = H + W - 1
     for step in range(n_diag):
@@ -173,8 +177,8 @@ def _cinc_inverse_wavefront_kernel(
                     w_tile = tl.load(w_ptrs + tap, mask=w_mask, other=0.0)
                     taps = tl.dot(nbr.to(ACC_DTYPE), w_tile.to(ACC_DTYPE), taps, input_precision=DOT_PRECISION)
             r -= taps
-            # Re-read each chunk rather than holding C×C in registers for the whole solve: it stays in L1/L2.
-            centre_inv = tl.load(centre_inv_ptr + inv_offs, mask=inv_mask, other=0.0)
+            if BLOCK_C > 64:
+                centre_inv = tl.load(centre_inv_ptr + inv_offs, mask=inv_mask, other=0.0)
             solved = tl.dot(r, centre_inv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
             tl.store(
                 out_img + offs_c[None, :] * HW + (i * W + j)[:, None],
@@ -208,7 +212,7 @@ def _cinc_logdet_reduce_kernel(
 INTERPRETED = isinstance(_cinc_forward_gemm_kernel, InterpretedFunction)
 
 
-def _forward_configs():
+def forward_configs():
     """Block sizes the GPU autotuner tries; all ≥ 16 because ``tl.dot`` needs that on NVIDIA GPUs."""
     configs = []
     for block_p, block_o, block_c, warps, stages in [
@@ -249,7 +253,7 @@ if not AUTOTUNE:
     cinc_forward_gemm_kernel = _cinc_forward_gemm_kernel
 else:
     cinc_forward_gemm_kernel = triton.autotune(
-        configs=_forward_configs(),
+        configs=forward_configs(),
         key=["C", "H", "W", "KSIZE", "HAS_BIAS"],
         prune_configs_by={"early_config_prune": _prune_forward_configs},
     )(_cinc_forward_gemm_kernel)

@@ -50,10 +50,11 @@ def _device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _wavefront_pixel_block(H: int, W: int) -> int:
+def _wavefront_pixel_block(H: int, W: int, block_c: int) -> int:
     """Pixels solved together on one anti-diagonal: the longest diagonal (min(H, W)) in one chunk when it fits,
-    since the chunks of a diagonal run one after another inside the program; ≥ 16 for ``tl.dot``."""
-    return min(64, max(16, triton.next_power_of_2(min(H, W))))
+    since the chunks of a diagonal run one after another inside the program; ≥ 16 for ``tl.dot``; at most 64
+    (32 past 64 channels, to bound the two ``pixels × channels`` accumulators in registers)."""
+    return min(64 if block_c <= 64 else 32, max(16, triton.next_power_of_2(min(H, W))))
 
 
 def centre_inverse(weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
@@ -75,10 +76,10 @@ def centre_inverse(weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
     return inv.to(torch.float64 if weight.dtype == torch.float64 else torch.float32).contiguous()
 
 
-@torch.library.custom_op(f"{NAMESPACE}::forward", mutates_args=())
-def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], unit_diagonal: bool) -> torch.Tensor:
-    """``y = M x + bias``. ``x: (B, C, H, W)`` any strides, ``weight: (C, C, k, k)``, ``bias: (C,)`` or None;
-    returns contiguous ``(B, C, H, W)`` of ``x``'s dtype (float32 / float64 / float16 / bfloat16)."""
+def launch_forward(x, weight, bias, unit_diagonal: bool, config: Optional[dict] = None) -> torch.Tensor:
+    """The forward's launch. ``config`` (block sizes, and ``num_warps`` / ``num_stages``) bypasses the autotuner so
+    a test can run every configuration it may pick; by default the GPU autotunes and the interpreter uses its
+    fixed configuration."""
     B, C, H, W = x.shape
     k = weight.shape[-1]
     y = torch.empty((B, C, H, W), dtype=x.dtype, device=x.device)
@@ -90,19 +91,29 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     def grid(meta):
         return (triton.cdiv(B * H * W, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_O"]))
 
-    fixed = {} if kernels.AUTOTUNE else kernels.FORWARD_FIXED_CONFIG
+    if config is not None:
+        kernel, meta = kernels._cinc_forward_gemm_kernel, config
+    else:
+        kernel, meta = kernels.cinc_forward_gemm_kernel, ({} if kernels.AUTOTUNE else kernels.FORWARD_FIXED_CONFIG)
     dot_dtype = torch.float32 if (kernels.INTERPRETED and x.dtype == torch.bfloat16) else x.dtype
     precision = _dot_precision(dot_dtype, allow_tf32=x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
     with _device_of(x):
-        kernels.cinc_forward_gemm_kernel[grid](
+        kernel[grid](
             x, weight, bias if has_bias else weight, y,
             B, C, H, W,
             *x.stride(),
             KSIZE=k, HAS_BIAS=has_bias, UNIT_DIAGONAL=unit_diagonal,
             DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_acc_dtype(x.dtype), DOT_PRECISION=precision,
-            **fixed,
+            **meta,
         )
     return y
+
+
+@torch.library.custom_op(f"{NAMESPACE}::forward", mutates_args=())
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], unit_diagonal: bool) -> torch.Tensor:
+    """``y = M x + bias``. ``x: (B, C, H, W)`` any strides, ``weight: (C, C, k, k)``, ``bias: (C,)`` or None;
+    returns contiguous ``(B, C, H, W)`` of ``x``'s dtype (float32 / float64 / float16 / bfloat16)."""
+    return launch_forward(x, weight, bias, unit_diagonal)
 
 
 def _wavefront(src, weight, bias, unit_diagonal: bool, adjoint: bool) -> torch.Tensor:
@@ -122,7 +133,7 @@ def _wavefront(src, weight, bias, unit_diagonal: bool, adjoint: bool) -> torch.T
             *src.stride(),
             KSIZE=k, ADJOINT=adjoint, HAS_BIAS=has_bias,
             ACC_DTYPE=_acc_dtype(src.dtype), DOT_PRECISION=_dot_precision(src.dtype),
-            BLOCK_P=_wavefront_pixel_block(H, W), BLOCK_C=block_c, BLOCK_K=min(block_c, 32),
+            BLOCK_P=_wavefront_pixel_block(H, W, block_c), BLOCK_C=block_c, BLOCK_K=min(block_c, 32),
             # No software pipelining: a load prefetched from the next diagonal would cross the barrier.
             num_warps=4 if block_c <= 64 else 8, num_stages=1,
         )

@@ -11,6 +11,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # One fixed forward configuration instead of autotuning each test shape (minutes of compiling);
+    # test_every_forward_config_matches_reference covers every configuration the autotuner may pick.
+    os.environ.setdefault("CINC_TRITON_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 
@@ -36,6 +40,10 @@ CASES = [
     (1, 5, 7, 3, 1, True, False),
     (3, 7, 2, 9, 2, False, False),
     (1, 2, 9, 1, 5, True, False),
+    # Past the small shapes, for the kernels' chunk loops: two reduction chunks of 32 channels; a channel tile of
+    # 128 (L⁻¹ re-read per chunk, not kept in registers).
+    (1, 40, 3, 4, 2, True, False),
+    (1, 70, 2, 3, 3, False, True),
 ]
 if ON_GPU:
     CASES += [(4, 48, 32, 32, 3, True, False), (2, 12, 31, 17, 5, False, True), (3, 96, 16, 16, 3, True, False)]
@@ -92,6 +100,17 @@ def test_ops_match_reference(case, dtype):
                                rtol=tol, atol=tol * H * W)
 
 
+def test_diagonals_longer_than_one_pixel_block():
+    """min(H, W) = 65 > 64 pixels per block: each diagonal is solved in two chunks, one after the other."""
+    w, b, x = _inputs((1, 1, 66, 65, 2, True, False), torch.float32, seed=5)
+    y_ref = reference.forward(x.double(), w.double(), b.double())
+    assert rel_error(ck.cinc_conv2d(x, w, b, backend="triton"), y_ref) <= RTOL[torch.float32]
+    x_hat = ck.cinc_conv2d_inverse(y_ref.float(), w, b, backend="triton")
+    assert rel_error(x_hat, x) <= 20 * RTOL[torch.float32]
+    u = ck.cinc_conv2d_inverse_transpose(x, w, backend="triton")
+    assert rel_error(_adjoint_apply(u, w, False), x) <= 20 * RTOL[torch.float32]
+
+
 @pytest.mark.parametrize("layout", ["noncontiguous", "channels_last"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=_ids)
 def test_strided_inputs(case, layout):
@@ -119,6 +138,20 @@ def test_forward_half_precision(case, dtype):
     assert y.dtype == dtype
     y_ref = reference.forward(x.double(), w.double(), None if b is None else b.double(), unit)
     assert rel_error(y, y_ref) <= RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_forward_config_matches_reference(dtype):
+    """Each block-size configuration the GPU autotuner may choose, forced in turn: C = 20 is no multiple of any
+    channel tile, so the channel and pixel masks of every tiling are exercised."""
+    from cinc_kernels.triton import kernels, ops
+
+    w, b, x = _inputs((2, 20, 5, 7, 3, True, False), dtype, seed=12)
+    y_ref = reference.forward(x.double(), w.double(), b.double())
+    for config in kernels.forward_configs():
+        meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        y = ops.launch_forward(x, w, b, False, config=meta)
+        assert rel_error(y, y_ref) <= RTOL[dtype], f"config {meta}"
 
 
 @pytest.mark.parametrize("C,k", [(1, 3), (5, 2), (12, 3), (4, 5)])
