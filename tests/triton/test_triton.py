@@ -3,7 +3,8 @@
 Without a GPU the kernels run on CPU tensors in Triton's interpreter, which must be switched on before ``triton``
 is first imported: ``make test-triton`` sets TRITON_INTERPRET=1 for its own pytest process, and the guard below
 does the same for a by-hand ``pytest tests/triton``. The interpreter pays per Triton operation, so the shapes here
-are small (B ≤ 3, C ≤ 12, H, W ≤ 9); on a GPU a few full-size cases are added.
+are small (B ≤ 3, C ≤ 12, H, W ≤ 9, and a few wider ones for the chunk loops). On a GPU, run
+``python -m pytest tests/triton`` without TRITON_INTERPRET: the kernels are compiled and full-size cases are added.
 """
 import os
 
@@ -28,7 +29,9 @@ if _WHY_NOT is None and not torch.cuda.is_available() and not ck.triton.INTERPRE
     _WHY_NOT = "triton was imported before TRITON_INTERPRET=1 was set; run `make test-triton`"
 pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=f"Triton backend unavailable: {_WHY_NOT}")
 
-ON_GPU = torch.cuda.is_available()
+# Compiled kernels run on the GPU at full sizes too; the interpreter (CI, or `make test-triton` on any machine) runs
+# the small shapes on CPU tensors.
+ON_GPU = torch.cuda.is_available() and not ck.triton.INTERPRETED
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 # (B, C, H, W, k, bias, unit_diagonal): odd and prime sizes, H ≠ W, 1×1 images, C = 1, k ∈ {1, 2, 3, 5}.
