@@ -169,6 +169,18 @@ def test_inverse_of_forward_is_identity(C, k):
         assert rel_error(x_hat, x) <= 20 * RTOL[torch.float32]
 
 
+def test_float64_accumulation():
+    """``accumulate=torch.float64`` runs the float64 kernels on float32 tensors and returns float32."""
+    w, b, x = _inputs(CASES[0], torch.float32, seed=9)
+    y = reference.forward(x.double(), w.double(), b.double())
+    x_hat = ck.cinc_conv2d_inverse(y.float(), w, b, backend="triton", accumulate=torch.float64)
+    assert x_hat.dtype == torch.float32
+    assert rel_error(x_hat, x) <= 2 * RTOL[torch.float32]
+    u = ck.cinc_conv2d_inverse_transpose(x, w, backend="triton", accumulate=torch.float64)
+    assert u.dtype == torch.float32
+    assert rel_error(_adjoint_apply(u, w, False), x) <= 2 * RTOL[torch.float32]
+
+
 @pytest.mark.parametrize("op", ["forward", "inverse", "inverse_transpose"])
 def test_empty_batch_and_images(op):
     w = make_weight(5, 3, torch.float32, DEVICE)
