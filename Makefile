@@ -13,9 +13,13 @@ deps:
 build: deps
 	$(PYTHON) setup.py -q build_ext --inplace
 
+# After the versions and the self-check: the layers side by side on this machine's default device (CUDA if present),
+# ending with the table and the paths of the CSV and plots (benchmarks/results/). About 16 s with --threads 1 on the
+# (busy) 2-core build machine; with 2 threads on a machine that other jobs load, OpenMP stalls stretch it to ~3 min.
 demo: build
 	$(PYTHON) -m cinc_kernels info
 	$(PYTHON) -m cinc_kernels check
+	$(PYTHON) -m cinc_kernels bench
 
 # The Triton kernels run under Triton's CPU interpreter, which must be switched on before triton is imported:
 # hence a second pytest process.

@@ -9,14 +9,20 @@ See shared/SPEC.md for the math and README.md for the tour.
 """
 from . import reference
 from .backends import available_backends, build_info, register_backend
+from .conditioning import inverse_gain
 from .functional import cinc_conv2d, cinc_conv2d_inverse, cinc_conv2d_inverse_transpose, cinc_logdet
+from . import triton as _triton  # noqa: F401  (registers backend="triton"; it imports without triton installed)
 
 __version__ = "0.1.0"
 
-from .nn import LAYERS, CInCConv2d
+from .nn import LAYERS, AutoregressiveConv2d, CInCConv2d, EmergingConv2d, FInCConv2d, InvConv1x1
 
 __all__ = [
+    "AutoregressiveConv2d",
     "CInCConv2d",
+    "EmergingConv2d",
+    "FInCConv2d",
+    "InvConv1x1",
     "LAYERS",
     "available_backends",
     "build_info",
@@ -24,6 +30,7 @@ __all__ = [
     "cinc_conv2d_inverse",
     "cinc_conv2d_inverse_transpose",
     "cinc_logdet",
+    "inverse_gain",
     "reference",
     "register_backend",
 ]

@@ -1,4 +1,4 @@
-"""``python -m cinc_kernels info | check``."""
+"""``python -m cinc_kernels info | check | bench``."""
 from __future__ import annotations
 
 import argparse
@@ -30,10 +30,16 @@ def info() -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own options and --help: cinc_kernels.bench parses them
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m cinc_kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build and the available backends")
     sub.add_parser("check", help="every available backend against the float64 reference")
+    sub.add_parser("bench", help="the layers side by side and the inverse algorithms (bench --help for options)")
     args = parser.parse_args(argv)
     if args.command == "info":
         info()

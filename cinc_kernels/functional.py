@@ -83,16 +83,35 @@ def cinc_conv2d(x, weight, bias=None, *, unit_diagonal: bool = False, backend: s
     return impl.ops["forward"](x, weight, bias, unit_diagonal)
 
 
-def cinc_conv2d_inverse(y, weight, bias=None, *, unit_diagonal: bool = False, backend: str = "auto") -> torch.Tensor:
+def _check_accumulate(accumulate, t: torch.Tensor, arg: str) -> None:
+    if accumulate is None:
+        return
+    if accumulate not in (torch.float32, torch.float64):
+        raise ValueError(f"accumulate must be None, torch.float32 or torch.float64, got {accumulate!r}")
+    if torch.finfo(accumulate).bits < torch.finfo(t.dtype).bits:
+        raise ValueError(f"accumulate={accumulate} is narrower than {arg}'s dtype {t.dtype}; it may only widen")
+
+
+def _upcast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def cinc_conv2d_inverse(y, weight, bias=None, *, unit_diagonal: bool = False, backend: str = "auto",
+                        accumulate: Optional[torch.dtype] = None) -> torch.Tensor:
     """``x = M⁻¹ (y - bias)``, the exact inverse of :func:`cinc_conv2d`, solved as a wavefront over the image's
     ``H + W - 1`` anti-diagonals.
 
     Args:
         y: ``(B, C, H, W)``.
         weight, bias, unit_diagonal, backend: as for :func:`cinc_conv2d`.
+        accumulate: ``None`` (work in ``y``'s dtype) or a wider dtype (``torch.float64``): the inputs are cast to
+            it, the backend solves in it, and the result is cast back to ``y``'s dtype. A float32 solve loses about
+            ``log10(gain)`` of its ~7 digits (see :func:`cinc_kernels.inverse_gain`); with float64 accumulation the
+            solve itself adds no error beyond the final rounding (rounding already in ``y`` is still amplified by
+            the gain). Differentiable (the casts are).
 
     Returns:
-        ``x``: ``(B, C, H, W)``.
+        ``x``: ``(B, C, H, W)``, ``y``'s dtype.
 
     Raises:
         RuntimeError / ValueError: if the centre tap has a zero on its diagonal (the map is singular).
@@ -101,21 +120,32 @@ def cinc_conv2d_inverse(y, weight, bias=None, *, unit_diagonal: bool = False, ba
         (computed on the device) if the weight may be singular.
     """
     check_image(y, weight, bias, "y")
+    _check_accumulate(accumulate, y, "y")
+    if accumulate is not None and accumulate != y.dtype:
+        impl = select(backend, "inverse", y.device, accumulate, "accumulate")
+        x = impl.ops["inverse"](y.to(accumulate), weight.to(accumulate), _upcast(bias, accumulate), unit_diagonal)
+        return x.to(y.dtype)
     impl = select(backend, "inverse", y.device, y.dtype, "y")
     return impl.ops["inverse"](y, weight, bias, unit_diagonal)
 
 
-def cinc_conv2d_inverse_transpose(g, weight, *, unit_diagonal: bool = False, backend: str = "auto") -> torch.Tensor:
+def cinc_conv2d_inverse_transpose(g, weight, *, unit_diagonal: bool = False, backend: str = "auto",
+                                  accumulate: Optional[torch.dtype] = None) -> torch.Tensor:
     """``u = M⁻ᵀ g``: solves ``Mᵀ u = g`` (the adjoint of the inverse, used to back-propagate through it).
 
     Args:
         g: ``(B, C, H, W)``.
         weight, unit_diagonal, backend: as for :func:`cinc_conv2d`.
+        accumulate: as for :func:`cinc_conv2d_inverse`.
 
     Returns:
-        ``u``: ``(B, C, H, W)``.
+        ``u``: ``(B, C, H, W)``, ``g``'s dtype.
     """
     check_image(g, weight, None, "g")
+    _check_accumulate(accumulate, g, "g")
+    if accumulate is not None and accumulate != g.dtype:
+        impl = select(backend, "inverse_transpose", g.device, accumulate, "accumulate")
+        return impl.ops["inverse_transpose"](g.to(accumulate), weight.to(accumulate), unit_diagonal).to(g.dtype)
     impl = select(backend, "inverse_transpose", g.device, g.dtype, "g")
     return impl.ops["inverse_transpose"](g, weight, unit_diagonal)
 
