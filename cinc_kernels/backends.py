@@ -63,7 +63,8 @@ AUTO_ORDER: dict[tuple[str, str], list[str]] = {
     ("cpu", "logdet"): ["cpu", "reference"],
     # CUDA forward: cuDNN on the masked weight first until benchmarks/gpu_check.sh has measured our direct kernel
     # against it on the H200 (no GPU was available when the kernels were written; see results/gpu/ once it ran).
-    # The CUDA inverse comes first: one launch per call against the Triton backend's per-diagonal schedule.
+    # Inverse: both the CUDA and the Triton backends solve in one launch per call; CUDA first is a guess until
+    # benchmarks/bench_gpu.py (which times both side by side) has run on a GPU.
     ("cuda", "forward"): ["_aten", "cuda", "triton", "reference"],
     ("cuda", "inverse"): ["cuda", "triton", "reference"],
     ("cuda", "inverse_transpose"): ["cuda", "triton", "reference"],
