@@ -292,3 +292,26 @@ def test_inverse_of_forward_well_conditioned_target_shape():
     back = ck.cinc_conv2d_inverse(ck.cinc_conv2d(xc, wc, bc, backend="cuda"), wc, bc, backend="cuda")
     err = ((back - xc).norm() / xc.norm()).item()
     assert err <= 1e-5, err
+
+
+@needs_gpu
+def test_float64_accumulation_of_a_float32_inverse():
+    x, w, bias, (xc, wc, bc) = _cuda_case(2, 12, 16, 16, 3, torch.float32, seed=13)
+    y = reference.forward(x, w, bias).float().cuda()
+    got = ck.cinc_conv2d_inverse(y, wc, bc, accumulate=torch.float64, backend="cuda")
+    assert got.dtype == torch.float32
+    assert_rel_close(got, reference.inverse(y.double().cpu(), wc.double().cpu(), bc.double().cpu()), torch.float32,
+                     what="accumulate=float64")
+
+
+@needs_gpu
+def test_torch_compile_fullgraph():
+    x, w, bias, (xc, wc, bc) = _cuda_case(2, 6, 9, 7, 3, torch.float32, seed=17)
+
+    def roundtrip(x, w, b):
+        y = ck.cinc_conv2d(x, w, b, backend="cuda")
+        return ck.cinc_conv2d_inverse(y, w, b, backend="cuda"), ck.cinc_logdet(w, 9, 7, backend="cuda")
+
+    back, ld = torch.compile(roundtrip, fullgraph=True)(xc, wc, bc)
+    assert_rel_close(back, x, torch.float32, factor=10, what="compiled round trip")
+    assert abs(ld.item() - reference.logdet(w, 9, 7).item()) <= 1e-4 * abs(reference.logdet(w, 9, 7).item())
