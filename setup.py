@@ -86,10 +86,13 @@ def nvidia_pip_includes():
 
 
 def compiler_version(cmd):
+    """The line of ``cmd --version`` that names the version (nvcc prints it last, gcc first)."""
     try:
-        return subprocess.run([cmd, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
+        lines = subprocess.run([cmd, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
         return None
+    release = [line for line in lines if "release" in line]
+    return (release or lines or [None])[0]
 
 
 def write_build_info():
