@@ -6,6 +6,7 @@ shared/SPEC.md §4: per level ``squeeze → K × [ActNorm → invertible conv �
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -26,7 +27,7 @@ __all__ = [
     "make_conv",
 ]
 
-_LOG_2PI = float(torch.log(torch.tensor(2 * torch.pi)))
+_LOG_2PI = math.log(2 * math.pi)
 
 
 def gaussian_log_density(z: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:

@@ -233,20 +233,33 @@ def _barrier() -> None:
 # evaluation
 
 
+def _eval_noise(indices: list[int], shape, seed: int) -> torch.Tensor:
+    """Dequantisation noise for test images ``indices``: image ``i`` always gets the noise of seed ``seed + i``,
+    so test bits/dim do not depend on the batch size or the number of processes."""
+    g = torch.Generator()
+    out = torch.empty(len(indices), *shape)
+    for row, i in enumerate(indices):
+        g.manual_seed(seed * 1_000_003 + i)
+        out[row] = torch.rand(shape, generator=g)
+    return out
+
+
 @torch.no_grad()
 def evaluate(model: CInCFlow, dataset, num_levels: int, batch_size: int = 256, device="cpu", seed: int = 0) -> float:
-    """Mean test bits/dim of ``dataset`` (dequantised with a fixed seed), over all processes when distributed:
-    each rank takes every ``world``-th image and the sums are all-reduced."""
+    """Mean test bits/dim of ``dataset``, over all processes when distributed (each rank takes every
+    ``world``-th image, the sums are all-reduced). The dequantisation noise is fixed per image (see
+    :func:`_eval_noise`), so the result is the same for any batch size and number of processes."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed + 7919 * rank)
     indices = list(range(rank, len(dataset), world))
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices)
     total, count = 0.0, 0
     n_bits = math.log2(num_levels)
-    for levels, _ in loader:
-        x = dequantize(levels.to(device), num_levels, generator)
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        levels = torch.stack([dataset[i][0] for i in chunk])
+        u = _eval_noise(chunk, levels.shape[1:], seed)
+        x = ((levels.float() + u) / num_levels).to(device)
         bpd = model.bits_per_dim(x, n_bits)
         total += float(bpd.double().sum())
         count += x.shape[0]
