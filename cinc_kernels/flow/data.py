@@ -145,6 +145,10 @@ class _FolderImages(Dataset):
         image, label = self.folder[self.indices[i]]
         return _reduce_bits(image, self.n_bits)[0], label
 
+    def path(self, i) -> str:
+        """The file behind item ``i`` (to match per-image attributes by name)."""
+        return self.folder.samples[self.indices[i]][0]
+
 
 def _to_rgb(image):
     return image.convert("RGB")
