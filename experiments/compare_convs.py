@@ -198,7 +198,7 @@ def _plot(summary, path) -> None:
     axes[2].set_ylabel("seconds for 100 images")
     axes[2].legend()
     for ax in axes:
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="x", labelsize=8, labelrotation=30)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

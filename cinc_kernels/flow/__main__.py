@@ -71,8 +71,12 @@ def _cmd_train(args) -> int:
         values["preset"] = None
     cfg = TrainConfig(**values)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    if result["out_dir"] and (not _is_distributed() or _rank() == 0):
+    if _rank() == 0:
         print(f"step {result['step']}: test bits/dim {result['test_bpd']:.4f}; wrote {result['out_dir']}/")
+    if _is_distributed():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 

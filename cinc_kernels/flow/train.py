@@ -60,7 +60,7 @@ class TrainConfig:
     conv: str = "cinc"
     coupling: str = "quad"
     backend: str = "auto"
-    steps: int = 3000
+    steps: int = 2500
     batch_size: int = 64
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -352,7 +352,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
         step, history = ckpt["step"], ckpt["history"]
         states = ckpt["rng"]
         if states["world_size"] == world:
-            noise.set_state(states["noise"][rank].cpu() if device.type == "cpu" else states["noise"][rank])
+            noise.set_state(states["noise"][rank].cpu())
             torch.set_rng_state(states["torch"][rank].cpu())
         elif rank == 0:
             print(f"resuming with {world} processes instead of {states['world_size']}: the data order is kept, "
