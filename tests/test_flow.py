@@ -209,6 +209,10 @@ def test_latent_api_round_trip_and_errors():
         model.log_prob(torch.rand(1, 1, 6, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="channels"):
         model.log_prob(torch.rand(1, 3, 8, 8, dtype=torch.float64))
+    # Extra constructor arguments reach every convolution (here a 2×2 CInC kernel).
+    k2 = CInCFlow(1, 2, 1, 4, image_size=8, conv_kwargs={"kernel_size": 2}).double()
+    assert all(step.conv.kernel_size == 2 for level in k2.levels for step in level.steps)
+    assert torch.allclose(k2.decode(k2.encode(x)), x, atol=1e-9)
     with pytest.raises(ValueError, match="conv must be one of"):
         CInCFlow(1, 1, 1, 4, conv="nope")
     with pytest.raises(ValueError, match="coupling must be one of"):

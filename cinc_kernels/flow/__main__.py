@@ -28,6 +28,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "conv": "invertible convolution by name (cinc_kernels.nn.LAYERS)",
         "coupling": "quad or affine",
         "backend": "kernel backend of the convolutions",
+        "conv_kwargs": "JSON object of extra conv constructor arguments, e.g. '{\"parametrization\": \"contractive\"}'",
         "steps": "total optimisation steps",
         "batch_size": "images per step per process",
         "optimizer": "adam or adamax",
@@ -48,7 +49,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         kwargs = {"default": default, "help": f"{helps[f.name]} (default: {default})"}
-        if f.name == "temperatures":
+        if f.name == "conv_kwargs":
+            kwargs.update(type=_json_object, default={})
+        elif f.name == "temperatures":
             kwargs.update(type=float, nargs="+")
         elif isinstance(default, bool):
             kwargs.update(action=argparse.BooleanOptionalAction)
@@ -60,6 +63,16 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, **kwargs)
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoint.pt if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _cmd_train(args) -> int:

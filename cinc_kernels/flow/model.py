@@ -83,6 +83,10 @@ class CInCFlow(nn.Module):
                                       conv_kwargs, split=not last))
             channels = 4 * channels if last else 4 * channels - (4 * channels) // 2
         self.top_channels = channels
+        for i, level in enumerate(self.levels):
+            for j, step in enumerate(level.steps):
+                if hasattr(step.conv, "name"):  # layers that name themselves in warnings (e.g. a non-finite inverse)
+                    step.conv.name = f"levels.{i}.steps.{j}.conv"
         self.top_mean = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.top_log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
 

@@ -60,6 +60,7 @@ class TrainConfig:
     conv: str = "cinc"
     coupling: str = "quad"
     backend: str = "auto"
+    conv_kwargs: dict = dataclasses.field(default_factory=dict)
     steps: int = 2500
     batch_size: int = 64
     optimizer: str = "adam"
@@ -309,7 +310,8 @@ def build_from_config(cfg: TrainConfig, data: ImageData) -> CInCFlow:
         raise ValueError(f"the data's images are {h}×{w}; square images are expected")
     return build_model(cfg.preset, in_channels=c, image_size=h, levels=cfg.levels,
                        steps_per_level=cfg.steps_per_level, hidden_channels=cfg.hidden_channels, conv=cfg.conv,
-                       coupling=cfg.coupling, backend=cfg.backend)
+                       coupling=cfg.coupling, backend=cfg.backend,
+                       conv_kwargs=dict(cfg.conv_kwargs) or None)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data: Optional[ImageData] = None) -> dict:
