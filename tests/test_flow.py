@@ -360,6 +360,7 @@ def test_command_line_train_sample_eval(tmp_path, capsys):
     ckpt = str(out / "checkpoint.pt")
     assert main(["sample", "--checkpoint", ckpt, "--n", "4", "--temperatures", "0.5", "0.9"]) == 0
     assert (out / "samples" / "sample_T0.90.png").is_file()
+    assert (out / "samples" / "sample_temperatures.png").is_file()
     times = json.loads((out / "samples" / "sample_times.json").read_text())
     assert set(times["seconds"]) == {"0.50", "0.90"}
     capsys.readouterr()

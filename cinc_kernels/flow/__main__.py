@@ -122,7 +122,7 @@ def _cmd_sample(args) -> int:
     model, ckpt = load_model(args.checkpoint, device, backend=args.backend)
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "samples")
     os.makedirs(out_dir, exist_ok=True)
-    timings = {}
+    timings, rows = {}, []
     side = model.image_size[0] if model.image_size else 32
     for t in args.temperatures:
         generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -136,7 +136,12 @@ def _cmd_sample(args) -> int:
         path = os.path.join(out_dir, f"sample_T{t:.2f}.png")
         save_grid(images, path, scale=max(1, 64 // side))
         timings[f"{t:.2f}"] = seconds
+        rows.append(images[:10])
         print(f"T={t:.2f}: {args.n} images in {seconds:.3f} s -> {path}")
+    # One overview: a row of (up to) ten images per temperature, same noise in every row.
+    overview = os.path.join(out_dir, "sample_temperatures.png")
+    save_grid(torch.cat(rows), overview, nrow=rows[0].shape[0], scale=max(1, 64 // side))
+    print(f"rows T={', '.join(f'{t:g}' for t in args.temperatures)} -> {overview}")
     with open(os.path.join(out_dir, "sample_times.json"), "w") as f:
         json.dump({"checkpoint": args.checkpoint, "step": ckpt["step"], "n": args.n, "device": str(device),
                    "seconds": timings}, f, indent=2)
