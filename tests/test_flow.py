@@ -305,6 +305,8 @@ def test_resume_gives_the_same_next_losses(tmp_path):
     assert resumed["history"]["train_bpd"] == straight["history"]["train_bpd"]
     for (name, a), b in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().values()):
         assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="cannot resume"):
+        train(_cfg(tmp_path, "resumed", steps=9, batch_size=256, hidden_channels=4), resume=True, progress=False)
 
 
 def test_atomic_checkpoint_survives_a_crash_mid_write(tmp_path, monkeypatch):

@@ -348,6 +348,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
 
     if resume and os.path.isfile(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, map_location=device)
+        if ckpt["model_config"] != model.config:
+            raise ValueError(f"cannot resume: {ckpt_path} holds a model with {ckpt['model_config']}, these settings "
+                             f"build {model.config}; use the run's own settings (its config.json) or another out_dir")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -396,7 +399,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
     net.train()
     sample_generator_seed = cfg.seed + 12345
 
-    def write_outputs(final: bool = False):
+    def write_outputs():
         """Checkpoint, metrics, plot (rank 0 writes; every rank contributes its RNG state)."""
         states = {"world_size": world, "noise": _gather(noise.get_state().cpu()),
                   "torch": _gather(torch.get_rng_state())}
