@@ -240,6 +240,47 @@ def test_missing_data_names_the_expected_files(tmp_path, name, expected):
         load_data(name, str(tmp_path))
 
 
+def _write_idx(path, array):
+    """An IDX file (MNIST's format): magic 0x0000 08 nd (unsigned bytes), big-endian int32 sizes, the bytes."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_mnist_like_loading_from_local_idx_files(tmp_path, name, folder):
+    pytest.importorskip("torchvision")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    raw = tmp_path / folder / "raw"
+    train_images = rng.integers(0, 256, (12, 28, 28))
+    _write_idx(raw / "train-images-idx3-ubyte", train_images)
+    _write_idx(raw / "train-labels-idx1-ubyte", rng.integers(0, 10, 12))
+    _write_idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (5, 28, 28)))
+    _write_idx(raw / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 5))
+    data = load_data(name, str(tmp_path))
+    assert (len(data.train), len(data.test), data.num_levels, data.shape) == (12, 5, 256, (1, 32, 32))
+    image = data.train.images[3, 0]
+    assert torch.equal(image[2:30, 2:30], torch.from_numpy(train_images[3]).to(torch.uint8))
+    assert int(image[:2].abs().sum()) == 0  # zero padding to 32×32
+    five = load_data(name, str(tmp_path), n_bits=5)
+    assert five.num_levels == 32 and torch.equal(five.train.images, data.train.images >> 3)
+
+
+def test_cifar10_files_that_torchvision_refuses_are_explained(tmp_path):
+    pytest.importorskip("torchvision")
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for f in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+              "batches.meta"):
+        (folder / f).write_bytes(b"not a pickle")
+    with pytest.raises(RuntimeError, match="torchvision refused them"):
+        load_data("cifar10", str(tmp_path))
+
+
 def test_data_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="data must be one of"):
         load_data("svhn", str(tmp_path))

@@ -100,6 +100,15 @@ def _digits() -> ImageData:
                      17, (1, 8, 8), [str(i) for i in range(10)])
 
 
+def _open(cls, root: str, train: bool, name: str):
+    """A torchvision data set with ``download=False``; its refusal (e.g. a checksum mismatch) explained."""
+    try:
+        return cls(root, train=train, download=False)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{name}: the expected files are under {root!r} but torchvision refused them ({exc}); "
+                           f"they may be truncated or another version: unpack them again") from None
+
+
 def _mnist_like(name: str, root: str, n_bits: Optional[int]) -> ImageData:
     from torchvision import datasets
 
@@ -110,7 +119,7 @@ def _mnist_like(name: str, root: str, n_bits: Optional[int]) -> ImageData:
              f"torchvision.datasets.{cls.__name__}(root, download=True) on a machine with a network.")
     splits = []
     for train in (True, False):
-        ds = cls(root, train=train, download=False)
+        ds = _open(cls, root, train, name)
         images = torch.nn.functional.pad(ds.data, (2, 2, 2, 2)).unsqueeze(1)  # 28×28 → 32×32
         images, levels = _reduce_bits(images, n_bits)
         splits.append(LevelDataset(images.contiguous(), ds.targets.clone()))
@@ -121,11 +130,12 @@ def _cifar10(root: str, n_bits: Optional[int]) -> ImageData:
     from torchvision import datasets
 
     files = [f"cifar-10-batches-py/{f}" for f in
-             ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")]
+             ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+              "batches.meta")]
     _missing(root, files, "cifar10", "Unpack the CIFAR-10 python version (cifar-10-python.tar.gz) there.")
     splits = []
     for train in (True, False):
-        ds = datasets.CIFAR10(root, train=train, download=False)
+        ds = _open(datasets.CIFAR10, root, train, "cifar10")
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         images, levels = _reduce_bits(images, n_bits)
         splits.append(LevelDataset(images, torch.tensor(ds.targets)))
