@@ -11,8 +11,9 @@ images and to evaluate their density; then writes ``results.json`` (every run, w
     python experiments/compare_convs.py --quick                  # smoke run: 1 seed, digits-tiny, 20 steps
 
 ``--paper-timing`` instead times sampling and the forward pass of the paper's CIFAR-10-sized model (3 levels × 32
-steps, 512 hidden; random near-identity weights, no training) for 100 images, CInC vs Emerging vs FInC, on the
-given device (meant for a GPU; ``--timing-preset digits-small`` makes it a CPU-sized check).
+steps, 512 hidden; random near-identity weights, no training) for 100 images, CInC vs Emerging vs FInC, each with
+its paper's coupling (quad for CInC, affine for the others), on the given device (meant for a GPU;
+``--timing-preset digits-small`` makes it a CPU-sized check).
 """
 from __future__ import annotations
 
