@@ -90,6 +90,8 @@ def run_comparison(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     rows, skipped = [], []
     for conv, coupling in CONFIGS:
+        if args.only and f"{conv}+{coupling}" not in args.only:
+            continue
         if conv not in LAYERS:
             skipped.append(conv)
             print(f"skip {conv} + {coupling}: not in cinc_kernels.nn.LAYERS ({sorted(LAYERS)})")
@@ -97,7 +99,7 @@ def run_comparison(args) -> None:
         for seed in args.seeds:
             name = f"{conv}-{coupling}-s{seed}"
             cfg = TrainConfig(name=name, out_dir=os.path.join(args.out, name), preset=args.preset, conv=conv,
-                              coupling=coupling, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                              coupling=coupling, permutation=args.permutation, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                               warmup=min(200, args.steps // 5), seed=seed, eval_every=args.steps,
                               sample_every=args.steps, checkpoint_every=args.steps, device=args.device,
                               threads=args.threads, n_samples=36, temperatures=(0.7,))
@@ -115,6 +117,7 @@ def run_comparison(args) -> None:
             rows.append(row)
             print(json.dumps(row))
     meta = {"machine": _machine(), "budget": {"preset": args.preset, "steps": args.steps,
+                                              "permutation": args.permutation,
                                               "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds},
             "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]), "skipped_convs": skipped}
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -158,7 +161,7 @@ def _write_markdown(summary, meta, path) -> None:
     m, b = meta["machine"], meta["budget"]
     lines = [
         f"Equal budget on the digits: preset {b['preset']}, {b['steps']} steps × batch {b['batch_size']}, "
-        f"lr {b['lr']}, seeds {b['seeds']}. Mean ± standard deviation over seeds.",
+        f"lr {b['lr']}, permutation {b['permutation']}, seeds {b['seeds']}. Mean ± standard deviation over seeds.",
         f"Machine: {m['cuda_device'] or m['processor']}, {m['cpus']} CPUs, {m['threads']} threads, torch "
         f"{m['torch']}, {m['date']}. Command: `{meta['command']}`.",
         "",
@@ -237,6 +240,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--permutation", default="none", help="none (the spec's step) or reverse")
+    p.add_argument("--only", nargs="+", default=None, help="run only these conv+coupling pairs, e.g. cinc+affine")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n-sample", type=int, default=100, help="images for the sampling/forward timings")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (the best one is kept)")

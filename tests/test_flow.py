@@ -163,6 +163,23 @@ def test_logdet_matches_autograd_jacobian(conv, coupling):
         assert abs(err) < 1e-8, f"{conv}/{coupling}: slogdet and logdet differ by {err:.3e}"
 
 
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_reverse_permutation_is_invertible_with_exact_logdet(coupling):
+    torch.manual_seed(0)
+    model = CInCFlow(1, 2, 2, 8, coupling=coupling, image_size=4, permutation="reverse").double()
+    g = torch.Generator().manual_seed(1)
+    model.train()(torch.rand(8, 1, 4, 4, generator=g, dtype=torch.float64))
+    _perturb(model, 0.1, g)
+    model.eval()
+    assert all(step.permute is not None for level in model.levels for step in level.steps)
+    x = torch.rand(1, 1, 4, 4, generator=g, dtype=torch.float64)
+    assert torch.allclose(model.decode(model.encode(x)), x, rtol=0, atol=1e-9)
+    jac = torch.autograd.functional.jacobian(lambda v: flatten_latents(model.encode(v)), x).reshape(16, 16)
+    assert abs(float(torch.linalg.slogdet(jac).logabsdet - model.transform(x)[1][0].detach())) < 1e-8
+    with pytest.raises(ValueError, match="permutation must be one of"):
+        CInCFlow(1, 1, 1, 4, permutation="shuffle")
+
+
 def test_bits_per_dim_on_a_gaussian_with_known_answer():
     # With no flow steps every prior starts as a standard normal on the centred image (x - 0.5).
     for levels in (1, 2):

@@ -7,11 +7,23 @@
 
 Command line: ``python -m cinc_kernels.flow train | sample | eval``.
 """
-from .layers import COUPLINGS, ActNorm, AffineCoupling, CouplingNet, FlowStep, QuadCoupling, Split, Squeeze
+from .layers import (
+    COUPLINGS,
+    PERMUTATIONS,
+    ActNorm,
+    AffineCoupling,
+    CouplingNet,
+    FlowStep,
+    QuadCoupling,
+    ReverseChannels,
+    Split,
+    Squeeze,
+)
 from .model import PRESETS, CInCFlow, build_model, flatten_latents, unflatten_latents
 
 __all__ = [
     "COUPLINGS",
+    "PERMUTATIONS",
     "PRESETS",
     "ActNorm",
     "AffineCoupling",
@@ -19,6 +31,7 @@ __all__ = [
     "CouplingNet",
     "FlowStep",
     "QuadCoupling",
+    "ReverseChannels",
     "Split",
     "Squeeze",
     "build_model",

@@ -29,6 +29,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "coupling": "quad or affine",
         "backend": "kernel backend of the convolutions",
         "conv_kwargs": "JSON object of extra conv constructor arguments, e.g. '{\"parametrization\": \"contractive\"}'",
+        "permutation": "none (the spec's flow step) or reverse (reverse the channels before each coupling)",
         "steps": "total optimisation steps",
         "batch_size": "images per step per process",
         "optimizer": "adam or adamax",

@@ -21,7 +21,9 @@ __all__ = [
     "COUPLINGS",
     "CouplingNet",
     "FlowStep",
+    "PERMUTATIONS",
     "QuadCoupling",
+    "ReverseChannels",
     "Split",
     "Squeeze",
     "make_conv",
@@ -202,30 +204,55 @@ def make_conv(name: str, channels: int, backend: str = "auto", **kwargs) -> nn.M
     return cls(channels, **kwargs)
 
 
-class FlowStep(nn.Module):
-    """One step of flow: ActNorm → invertible convolution (by name) → coupling (by name).
+class ReverseChannels(nn.Module):
+    """Reverse the channel order (Glow's "reverse" permutation): volume preserving, its own inverse.
 
-    Shapes: ``(B, C, H, W)`` in and out; ``logdet``: ``(B,)``.
+    It lets a coupling condition on the other half in alternate steps; with a convolution whose same-pixel
+    channel mixing is triangular (CInC's centre tap) the first channels otherwise never see the last ones of the
+    same pixel. Shapes: ``(B, C, H, W)`` in and out; ``logdet``: zeros ``(B,)``.
+    """
+
+    def forward(self, x: torch.Tensor):
+        return x.flip(1), x.new_zeros(x.shape[0])
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y.flip(1)
+
+
+PERMUTATIONS = ("none", "reverse")
+
+
+class FlowStep(nn.Module):
+    """One step of flow: ActNorm → invertible convolution (by name) → [channel reversal] → coupling (by name).
+
+    ``permutation="none"`` is shared/SPEC.md §4's step; ``"reverse"`` adds :class:`ReverseChannels` before the
+    coupling. Shapes: ``(B, C, H, W)`` in and out; ``logdet``: ``(B,)``.
     """
 
     def __init__(self, channels: int, hidden_channels: int, conv: str = "cinc", coupling: str = "quad",
-                 backend: str = "auto", conv_kwargs: Optional[dict] = None):
+                 backend: str = "auto", conv_kwargs: Optional[dict] = None, permutation: str = "none"):
         super().__init__()
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {', '.join(sorted(COUPLINGS))}; got {coupling!r}")
+        if permutation not in PERMUTATIONS:
+            raise ValueError(f"permutation must be one of {', '.join(PERMUTATIONS)}; got {permutation!r}")
         self.actnorm = ActNorm(channels)
         self.conv = make_conv(conv, channels, backend, **(conv_kwargs or {}))
+        self.permute = ReverseChannels() if permutation == "reverse" else None
         self.coupling = COUPLINGS[coupling](channels, hidden_channels)
+
+    def _layers(self):
+        return [m for m in (self.actnorm, self.conv, self.permute, self.coupling) if m is not None]
 
     def forward(self, x: torch.Tensor):
         logdet = x.new_zeros(x.shape[0])
-        for layer in (self.actnorm, self.conv, self.coupling):
+        for layer in self._layers():
             x, ld = layer(x)
             logdet = logdet + ld
         return x, logdet
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        for layer in (self.coupling, self.conv, self.actnorm):
+        for layer in reversed(self._layers()):
             y = layer.inverse(y)
         return y
 

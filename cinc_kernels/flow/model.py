@@ -31,11 +31,12 @@ class _Level(nn.Module):
     """``squeeze → steps → split`` (no split on the last level)."""
 
     def __init__(self, channels: int, steps: int, hidden_channels: int, conv: str, coupling: str, backend: str,
-                 conv_kwargs: Optional[dict], split: bool):
+                 conv_kwargs: Optional[dict], split: bool, permutation: str):
         super().__init__()
         self.squeeze = Squeeze()
         self.steps = nn.ModuleList(
-            FlowStep(4 * channels, hidden_channels, conv, coupling, backend, conv_kwargs) for _ in range(steps)
+            FlowStep(4 * channels, hidden_channels, conv, coupling, backend, conv_kwargs, permutation)
+            for _ in range(steps)
         )
         self.split = Split(4 * channels) if split else None
 
@@ -56,6 +57,8 @@ class CInCFlow(nn.Module):
         image_size: ``H`` or ``(H, W)`` of the training images; needed only by :meth:`sample` (which also takes it).
         backend: kernel backend passed to the convolutions (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``, …).
         conv_kwargs: extra constructor arguments for the convolution layers (e.g. ``{"kernel_size": 3}``).
+        permutation: ``"none"`` (shared/SPEC.md §4's step) or ``"reverse"`` (reverse the channels before every
+            coupling, as Glow's "reverse" option).
 
     Shapes: ``x``: ``(B, C, H, W)`` in ``[0, 1)``; :meth:`log_prob` and :meth:`bits_per_dim`: ``(B,)``;
     :meth:`encode`: a list of ``L`` tensors with the shapes of :meth:`latent_shapes`.
@@ -63,7 +66,7 @@ class CInCFlow(nn.Module):
 
     def __init__(self, in_channels: int, levels: int, steps_per_level: int, hidden_channels: int,
                  conv: str = "cinc", coupling: str = "quad", *, image_size: Optional[Size] = None,
-                 backend: str = "auto", conv_kwargs: Optional[dict] = None):
+                 backend: str = "auto", conv_kwargs: Optional[dict] = None, permutation: str = "none"):
         super().__init__()
         for name, value, low in (("in_channels", in_channels, 1), ("levels", levels, 1),
                                  ("steps_per_level", steps_per_level, 0), ("hidden_channels", hidden_channels, 1)):
@@ -74,13 +77,13 @@ class CInCFlow(nn.Module):
         self.config = dict(in_channels=in_channels, levels=levels, steps_per_level=steps_per_level,
                            hidden_channels=hidden_channels, conv=conv, coupling=coupling,
                            image_size=None if image_size is None else list(self.image_size), backend=backend,
-                           conv_kwargs=dict(conv_kwargs or {}))
+                           conv_kwargs=dict(conv_kwargs or {}), permutation=permutation)
         self.levels = nn.ModuleList()
         channels = in_channels
         for i in range(levels):
             last = i == levels - 1
             self.levels.append(_Level(channels, steps_per_level, hidden_channels, conv, coupling, backend,
-                                      conv_kwargs, split=not last))
+                                      conv_kwargs, split=not last, permutation=permutation))
             channels = 4 * channels if last else 4 * channels - (4 * channels) // 2
         self.top_channels = channels
         for i, level in enumerate(self.levels):

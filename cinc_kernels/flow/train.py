@@ -61,6 +61,7 @@ class TrainConfig:
     coupling: str = "quad"
     backend: str = "auto"
     conv_kwargs: dict = dataclasses.field(default_factory=dict)
+    permutation: str = "none"
     steps: int = 2500
     batch_size: int = 64
     optimizer: str = "adam"
@@ -311,7 +312,7 @@ def build_from_config(cfg: TrainConfig, data: ImageData) -> CInCFlow:
     return build_model(cfg.preset, in_channels=c, image_size=h, levels=cfg.levels,
                        steps_per_level=cfg.steps_per_level, hidden_channels=cfg.hidden_channels, conv=cfg.conv,
                        coupling=cfg.coupling, backend=cfg.backend,
-                       conv_kwargs=dict(cfg.conv_kwargs) or None)
+                       conv_kwargs=dict(cfg.conv_kwargs) or None, permutation=cfg.permutation)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data: Optional[ImageData] = None) -> dict:
