@@ -196,9 +196,12 @@ def _plot(summary, path) -> None:
     axes[0].set_ylabel("test bits / dim (lower is better)")
     axes[1].bar(labels, [s["conv_parameters"] for s in summary], color="tab:green")
     axes[1].set_ylabel("free parameters of the convolutions")
-    axes[2].bar(labels, [s["sample_s"] for s in summary], yerr=[s["sample_s_sd"] for s in summary], capsize=4,
-                color="tab:red", label="sample")
-    axes[2].bar(labels, [s["forward_s"] for s in summary], color="tab:gray", alpha=0.7, label="forward")
+    positions = list(range(len(summary)))
+    axes[2].bar([p - 0.2 for p in positions], [s["sample_s"] for s in summary], width=0.4,
+                yerr=[s["sample_s_sd"] for s in summary], capsize=3, color="tab:red", label="sample")
+    axes[2].bar([p + 0.2 for p in positions], [s["forward_s"] for s in summary], width=0.4,
+                yerr=[s["forward_s_sd"] for s in summary], capsize=3, color="tab:gray", label="forward (density)")
+    axes[2].set_xticks(positions, labels)
     axes[2].set_ylabel("seconds for 100 images")
     axes[2].legend()
     for ax in axes:
