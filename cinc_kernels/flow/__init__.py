@@ -5,7 +5,7 @@
     bpd = model.bits_per_dim(x, n_bits=8)      # x: (B, 1, 8, 8) dequantised in [0, 1)
     z = model.encode(x); x2 = model.decode(z); samples = model.sample(16, temperature=0.7)
 
-Command line: ``python -m cinc_kernels.flow train | sample | eval``.
+Command line: ``python -m cinc_kernels.flow train | sample | eval | edit``.
 """
 from .layers import (
     COUPLINGS,
