@@ -1,0 +1,226 @@
+"""``python -m cinc_kernels.flow train | sample | eval | edit`` — see ``--help`` of each command."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from .train import TrainConfig
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    helps = {
+        "name": "run name; the output folder defaults to runs/<name>",
+        "out_dir": "output folder (checkpoint.pt, config.json, metrics.json, loss.png, samples/)",
+        "data": "digits (bundled, no download), mnist, fashion-mnist, cifar10, imagefolder",
+        "data_root": "local folder with the data set's files (never downloaded)",
+        "n_bits": "reduce 8-bit data to this many bits (e.g. 5)",
+        "image_size": "side length for imagefolder data (a multiple of 2**levels)",
+        "preset": "model preset (digits-tiny, digits-small, mnist-small, cifar10-small, cifar10, imagenet32, "
+                  "imagenet64); --levels/--steps-per-level/--hidden-channels override it",
+        "levels": "override the preset's number of levels",
+        "steps_per_level": "override the preset's flow steps per level",
+        "hidden_channels": "override the preset's coupling width",
+        "conv": "invertible convolution by name (cinc_kernels.nn.LAYERS)",
+        "coupling": "quad or affine",
+        "backend": "kernel backend of the convolutions",
+        "conv_kwargs": "JSON object of extra conv constructor arguments, e.g. '{\"parametrization\": \"contractive\"}'",
+        "permutation": "none (the spec's flow step) or reverse (reverse the channels before each coupling)",
+        "steps": "total optimisation steps",
+        "batch_size": "images per step per process",
+        "optimizer": "adam or adamax",
+        "lr": "learning rate after warm-up",
+        "warmup": "linear warm-up steps",
+        "grad_clip": "clip the gradient norm to this",
+        "eval_every": "test bits/dim every this many steps",
+        "sample_every": "sample grids every this many steps",
+        "checkpoint_every": "checkpoint every this many steps",
+        "temperatures": "sampling temperatures of the grids",
+        "n_samples": "images per sample grid",
+        "seed": "random seed",
+        "device": "auto (cuda:LOCAL_RANK if there is a GPU, else cpu), cpu, cuda, cuda:1, …",
+        "num_workers": "DataLoader worker processes",
+        "threads": "CPU threads per process (0: PyTorch's default; 1 is fastest for the small presets)",
+    }
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        kwargs = {"default": default, "help": f"{helps[f.name]} (default: {default})"}
+        if f.name == "conv_kwargs":
+            kwargs.update(type=_json_object, default={})
+        elif f.name == "temperatures":
+            kwargs.update(type=float, nargs="+")
+        elif isinstance(default, bool):
+            kwargs.update(action=argparse.BooleanOptionalAction)
+        elif isinstance(default, (int, float, str)):
+            kwargs["type"] = type(default)
+        else:
+            kwargs["type"] = int if f.name in ("n_bits", "image_size", "levels", "steps_per_level",
+                                               "hidden_channels") else str
+        p.add_argument(flag, **kwargs)
+    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoint.pt if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _cmd_train(args) -> int:
+    from .train import train
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    values["temperatures"] = tuple(values["temperatures"])
+    if values["preset"] in ("", "none"):
+        values["preset"] = None
+    cfg = TrainConfig(**values)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if _rank() == 0:
+        print(f"step {result['step']}: test bits/dim {result['test_bpd']:.4f}; wrote {result['out_dir']}/")
+    if _is_distributed():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+def _is_distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_initialized()
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _device(spec: str):
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def _cmd_sample(args) -> int:
+    import torch
+
+    from .train import load_model, save_grid
+
+    device = _device(args.device)
+    model, ckpt = load_model(args.checkpoint, device, backend=args.backend)
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "samples")
+    os.makedirs(out_dir, exist_ok=True)
+    timings, rows = {}, []
+    side = model.image_size[0] if model.image_size else 32
+    for t in args.temperatures:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        tic = time.perf_counter()
+        images = model.sample(args.n, t, generator=generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - tic
+        path = os.path.join(out_dir, f"sample_T{t:.2f}.png")
+        save_grid(images, path, scale=max(1, 64 // side))
+        timings[f"{t:.2f}"] = seconds
+        rows.append(images[:10])
+        print(f"T={t:.2f}: {args.n} images in {seconds:.3f} s -> {path}")
+    # One overview: a row of (up to) ten images per temperature, same noise in every row.
+    overview = os.path.join(out_dir, "sample_temperatures.png")
+    save_grid(torch.cat(rows), overview, nrow=rows[0].shape[0], scale=max(1, 64 // side))
+    print(f"rows T={', '.join(f'{t:g}' for t in args.temperatures)} -> {overview}")
+    with open(os.path.join(out_dir, "sample_times.json"), "w") as f:
+        json.dump({"checkpoint": args.checkpoint, "step": ckpt["step"], "n": args.n, "device": str(device),
+                   "seconds": timings}, f, indent=2)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .data import load_data
+    from .train import evaluate, load_model
+
+    device = _device(args.device)
+    model, ckpt = load_model(args.checkpoint, device, backend=args.backend)
+    cfg = ckpt.get("config", {})
+    name = args.data or cfg.get("data", "digits")
+    root = args.data_root if args.data_root is not None else cfg.get("data_root")
+    n_bits = cfg.get("n_bits") if args.data is None else args.n_bits
+    image_size = args.image_size if args.image_size is not None else cfg.get("image_size")
+    data = load_data(name, root, n_bits=n_bits, image_size=image_size)
+    tic = time.perf_counter()
+    bpd = evaluate(model, data.test, data.num_levels, batch_size=args.batch_size, device=device, seed=args.seed)
+    seconds = time.perf_counter() - tic
+    print(json.dumps({"checkpoint": args.checkpoint, "step": ckpt["step"], "data": name,
+                      "test_images": len(data.test), "test_bits_per_dim": bpd, "seconds": round(seconds, 3)}))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cinc_kernels.flow",
+                                     description="Train, sample and evaluate CInC Flow models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a flow (DDP under torchrun)",
+                       description="Train a flow; under torchrun every process takes part (DDP).")
+    _add_train_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sample", help="sample grids at several temperatures from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by train")
+    p.add_argument("--n", type=int, default=64, help="images per grid (default 64)")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.5, 0.7, 0.85, 1.0])
+    p.add_argument("--out", default=None, help="output folder (default: samples/ beside the checkpoint)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", default=None, help="override the convolutions' kernel backend")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (0: PyTorch's default)")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("eval", help="test bits/dim of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", default=None, help="data set (default: the one it was trained on)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--n-bits", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", default=None)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (0: PyTorch's default)")
+    p.set_defaults(func=_cmd_eval)
+
+    try:
+        from .edit import add_edit_parser
+    except ImportError:
+        add_edit_parser = None
+    if add_edit_parser is not None:
+        add_edit_parser(sub)
+
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", 0) > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Image data for the flow: discrete pixel levels in, dequantised ``[0, 1)`` tensors out.
+
+Every data set yields ``(image, label)`` with ``image`` a ``uint8`` tensor ``(C, H, W)`` of levels
+``0 … num_levels-1``. :func:`dequantize` turns a batch into the model's continuous input ``(k + u) / num_levels``.
+
+- ``digits``: scikit-learn's bundled handwritten digits (1797 images, 1×8×8, 17 grey levels, no download), split
+  once and for all into 1500 training and 297 test images by a fixed permutation.
+- ``mnist``, ``fashion-mnist``, ``cifar10``: torchvision's readers with ``download=False`` on a local folder;
+  MNIST-like images are zero-padded from 28×28 to 32×32 so that up to 5 levels of squeezing fit.
+- ``imagefolder``: any folder of ``<class>/<image>`` files (``<root>/train`` and ``<root>/test`` if both exist,
+  otherwise a fixed 90/10 split), centre-cropped and resized to ``image_size``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Optional
+
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["DATASETS", "ImageData", "LevelDataset", "dequantize", "load_data"]
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+
+
+class LevelDataset(Dataset):
+    """Images held in memory: ``images`` ``(N, C, H, W)`` uint8 levels, ``labels`` ``(N,)`` int64."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if images.dim() != 4 or images.dtype != torch.uint8:
+            raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        self.images, self.labels = images, labels.long()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+
+@dataclasses.dataclass
+class ImageData:
+    """A data set's two splits and what the model needs to know about them."""
+
+    name: str
+    train: Dataset
+    test: Dataset
+    num_levels: int
+    shape: tuple  # (C, H, W)
+    classes: Optional[list] = None
+
+    @property
+    def n_bits(self) -> float:
+        """``log2(num_levels)``: fractional for the digits' 17 levels."""
+        return math.log2(self.num_levels)
+
+
+def dequantize(levels: torch.Tensor, num_levels: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Uniform dequantisation: uint8 levels ``k`` ``(B, C, H, W)`` → float32 ``(k + u) / num_levels`` in
+    ``[0, 1)``, ``u ~ U[0, 1)`` drawn from ``generator`` (on the tensor's device)."""
+    x = levels.float()
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return (x + u) / num_levels
+
+
+def _reduce_bits(images: torch.Tensor, n_bits: Optional[int]) -> tuple[torch.Tensor, int]:
+    """8-bit images reduced to ``n_bits`` (Glow's trick for faces) and their number of levels."""
+    if n_bits is None or n_bits == 8:
+        return images, 256
+    if not 1 <= n_bits <= 8:
+        raise ValueError(f"n_bits must be in 1…8 for 8-bit data, got {n_bits}")
+    return images >> (8 - n_bits), 2 ** n_bits
+
+
+def _missing(root: str, files: list[str], what: str, hint: str) -> None:
+    absent = [f for f in files if not os.path.isfile(os.path.join(root, f))]
+    if absent:
+        listed = "\n  ".join(os.path.join(root, f) for f in files)
+        raise FileNotFoundError(
+            f"{what} not found under data root {root!r}: missing {len(absent)} of the expected files\n  {listed}\n"
+            f"{hint}"
+        )
+
+
+def _digits() -> ImageData:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images).round().to(torch.uint8).unsqueeze(1)  # (1797, 1, 8, 8), 0…16
+    labels = torch.from_numpy(bunch.target).long()
+    # A fixed permutation (its own generator, so it never depends on the run's seed): the split is part of the
+    # data set's definition and must be the same for every run and every number of processes.
+    perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(20210727))
+    train, test = perm[:1500], perm[1500:]
+    return ImageData("digits", LevelDataset(images[train], labels[train]), LevelDataset(images[test], labels[test]),
+                     17, (1, 8, 8), [str(i) for i in range(10)])
+
+
+def _open(cls, root: str, train: bool, name: str):
+    """A torchvision data set with ``download=False``; its refusal (e.g. a checksum mismatch) explained."""
+    try:
+        return cls(root, train=train, download=False)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{name}: the expected files are under {root!r} but torchvision refused them ({exc}); "
+                           f"they may be truncated or another version: unpack them again") from None
+
+
+def _mnist_like(name: str, root: str, n_bits: Optional[int]) -> ImageData:
+    from torchvision import datasets
+
+    cls, folder = (datasets.MNIST, "MNIST") if name == "mnist" else (datasets.FashionMNIST, "FashionMNIST")
+    files = [f"{folder}/raw/{f}" for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                           "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+    _missing(root, files, name, f"Put torchvision's {folder} raw files there (unzipped), e.g. with "
+             f"torchvision.datasets.{cls.__name__}(root, download=True) on a machine with a network.")
+    splits = []
+    for train in (True, False):
+        ds = _open(cls, root, train, name)
+        images = torch.nn.functional.pad(ds.data, (2, 2, 2, 2)).unsqueeze(1)  # 28×28 → 32×32
+        images, levels = _reduce_bits(images, n_bits)
+        splits.append(LevelDataset(images.contiguous(), ds.targets.clone()))
+    return ImageData(name, splits[0], splits[1], levels, (1, 32, 32), list(ds.classes))
+
+
+def _cifar10(root: str, n_bits: Optional[int]) -> ImageData:
+    from torchvision import datasets
+
+    files = [f"cifar-10-batches-py/{f}" for f in
+             ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+              "batches.meta")]
+    _missing(root, files, "cifar10", "Unpack the CIFAR-10 python version (cifar-10-python.tar.gz) there.")
+    splits = []
+    for train in (True, False):
+        ds = _open(datasets.CIFAR10, root, train, "cifar10")
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        images, levels = _reduce_bits(images, n_bits)
+        splits.append(LevelDataset(images, torch.tensor(ds.targets)))
+    return ImageData("cifar10", splits[0], splits[1], levels, (3, 32, 32), list(ds.classes))
+
+
+class _FolderImages(Dataset):
+    """An ImageFolder (or a subset of it) yielding uint8 ``(3, S, S)`` tensors, reduced to ``n_bits``."""
+
+    def __init__(self, folder, indices, n_bits):
+        self.folder, self.indices, self.n_bits = folder, indices, n_bits
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        image, label = self.folder[self.indices[i]]
+        return _reduce_bits(image, self.n_bits)[0], label
+
+    def path(self, i) -> str:
+        """The file behind item ``i`` (to match per-image attributes by name)."""
+        return self.folder.samples[self.indices[i]][0]
+
+
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
+def _image_folder(root: str, image_size: Optional[int], n_bits: Optional[int]) -> ImageData:
+    from torchvision import datasets, transforms
+
+    if image_size is None:
+        raise ValueError("imagefolder data needs image_size (e.g. --image-size 32), a multiple of 2**levels")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"imagefolder: data root {root!r} is not a directory; expected {root}/<class>/<image> "
+                                f"files, or {root}/train/<class>/<image> and {root}/test/<class>/<image>")
+    transform = transforms.Compose([
+        transforms.Lambda(_to_rgb),
+        transforms.Resize(image_size),
+        transforms.CenterCrop(image_size),
+        transforms.PILToTensor(),
+    ])
+
+    def folder(path):
+        try:
+            return datasets.ImageFolder(path, transform=transform)
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise FileNotFoundError(f"imagefolder: no images under {path!r} (expected {path}/<class>/<image> with "
+                                    f"a known image extension): {exc}") from None
+
+    train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
+    if os.path.isdir(train_dir) and os.path.isdir(test_dir):
+        train, test = folder(train_dir), folder(test_dir)
+        train_set = _FolderImages(train, list(range(len(train))), n_bits)
+        test_set = _FolderImages(test, list(range(len(test))), n_bits)
+        classes = train.classes
+    else:
+        full = folder(root)
+        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(20210727)).tolist()
+        n_test = max(1, len(full) // 10)
+        train_set = _FolderImages(full, perm[n_test:], n_bits)
+        test_set = _FolderImages(full, perm[:n_test], n_bits)
+        classes = full.classes
+    levels = 256 if n_bits is None else 2 ** n_bits
+    return ImageData("imagefolder", train_set, test_set, levels, (3, image_size, image_size), classes)
+
+
+def load_data(name: str = "digits", root: Optional[str] = None, *, n_bits: Optional[int] = None,
+              image_size: Optional[int] = None) -> ImageData:
+    """Load a data set by name (:data:`DATASETS`).
+
+    Args:
+        name: ``"digits"`` (bundled, the default), ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``,
+            ``"imagefolder"``.
+        root: the local folder holding the files (ignored for ``digits``); nothing is ever downloaded.
+        n_bits: reduce 8-bit data to this many bits (e.g. 5 for faces); not for ``digits`` (17 levels).
+        image_size: the side length for ``imagefolder``.
+
+    Raises:
+        FileNotFoundError: naming every expected file when the folder lacks them.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"data must be one of {', '.join(DATASETS)}; got {name!r}")
+    if name == "digits":
+        if n_bits is not None:
+            raise ValueError("n_bits does not apply to the digits (they have 17 levels)")
+        return _digits()
+    if root is None:
+        raise ValueError(f"data {name!r} needs a data root folder (--data-root)")
+    root = os.path.expanduser(root)
+    if name in ("mnist", "fashion-mnist"):
+        return _mnist_like(name, root, n_bits)
+    if name == "cifar10":
+        return _cifar10(root, n_bits)
+    return _image_folder(root, image_size, n_bits)

@@ -1,0 +1,269 @@
+"""Likelihood and speed of CInC Flow at equal budget across invertible convolutions and couplings (issue 7 §1).
+
+Trains, on the bundled digits and with one budget (steps, batch, preset, seeds), flows that differ only in the
+convolution and the coupling: CInC + quad, CInC + affine, Emerging + affine, autoregressive + affine, Glow 1×1 +
+affine, FInC + affine (a conv missing from ``cinc_kernels.nn.LAYERS`` is skipped with a note). For each it records
+test bits/dim, free parameters (whole model and convolutions alone), training images/s, and the time to sample 100
+images and to evaluate their density; then writes ``results.json`` (every run, with machine and versions),
+``results.csv`` (long format), ``results.md`` (mean ± standard deviation over seeds) and ``results.png``.
+
+    python experiments/compare_convs.py                          # 3 seeds × 6 configs, digits-small, 1500 steps
+    python experiments/compare_convs.py --quick                  # smoke run: 1 seed, digits-tiny, 20 steps
+
+``--paper-timing`` instead times sampling and the forward pass of the paper's CIFAR-10-sized model (3 levels × 32
+steps, 512 hidden; random near-identity weights, no training) for 100 images, CInC vs Emerging vs FInC, each with
+its paper's coupling (quad for CInC, affine for the others), on the given device (meant for a GPU;
+``--timing-preset digits-small`` makes it a CPU-sized check).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cinc_kernels.flow import build_model  # noqa: E402
+from cinc_kernels.flow.train import TrainConfig, train  # noqa: E402
+from cinc_kernels.nn import LAYERS  # noqa: E402
+
+CONFIGS = [("cinc", "quad"), ("cinc", "affine"), ("emerging", "affine"), ("autoregressive", "affine"),
+           ("1x1", "affine"), ("finc", "affine")]
+
+
+def _machine() -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _best_time(fn, device, repeats: int = 3) -> float:
+    fn()  # warm-up (kernel selection, caches)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        tic = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - tic)
+    return min(times)
+
+
+def _conv_parameters(model) -> int:
+    return sum(step.conv.num_parameters() if hasattr(step.conv, "num_parameters") else
+               sum(p.numel() for p in step.conv.parameters())
+               for level in model.levels for step in level.steps)
+
+
+@torch.no_grad()
+def _speed(model, n: int, device, repeats: int) -> tuple[float, float]:
+    """Seconds to sample ``n`` images and to evaluate the log-density of ``n`` images."""
+    model.eval()
+    g = torch.Generator(device=device).manual_seed(0)
+    sample = _best_time(lambda: model.sample(n, 1.0, generator=g), device, repeats)
+    x = model.sample(n, 1.0, generator=g).clamp(0, 0.999)
+    forward = _best_time(lambda: model.log_prob(x), device, repeats)
+    return sample, forward
+
+
+def run_comparison(args) -> None:
+    os.makedirs(args.out, exist_ok=True)
+    rows, skipped = [], []
+    for conv, coupling in CONFIGS:
+        if args.only and f"{conv}+{coupling}" not in args.only:
+            continue
+        if conv not in LAYERS:
+            skipped.append(conv)
+            print(f"skip {conv} + {coupling}: not in cinc_kernels.nn.LAYERS ({sorted(LAYERS)})")
+            continue
+        for seed in args.seeds:
+            name = f"{conv}-{coupling}-s{seed}"
+            cfg = TrainConfig(name=name, out_dir=os.path.join(args.out, name), preset=args.preset, conv=conv,
+                              coupling=coupling, permutation=args.permutation, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                              warmup=min(200, args.steps // 5), seed=seed, eval_every=args.steps,
+                              sample_every=args.steps, checkpoint_every=args.steps, device=args.device,
+                              threads=args.threads, n_samples=36, temperatures=(0.7,))
+            tic = time.perf_counter()
+            result = train(cfg, progress=not args.no_progress)
+            wall = time.perf_counter() - tic
+            model = result["model"]
+            rates = result["history"]["images_per_s"]
+            sample_s, forward_s = _speed(model, args.n_sample, args.device, args.repeats)
+            row = {"conv": conv, "coupling": coupling, "seed": seed, "test_bpd": result["test_bpd"],
+                   "parameters": model.num_parameters(), "conv_parameters": _conv_parameters(model),
+                   "train_images_per_s": statistics.median(rates[len(rates) // 10:]), "train_wall_s": wall,
+                   "sample_s": sample_s, "forward_s": forward_s, "n_sample": args.n_sample,
+                   "skipped_steps": result["skipped_steps"]}
+            rows.append(row)
+            print(json.dumps(row))
+    meta = {"machine": _machine(), "budget": {"preset": args.preset, "steps": args.steps,
+                                              "permutation": args.permutation,
+                                              "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds},
+            "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]), "skipped_convs": skipped}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"meta": meta, "runs": rows}, f, indent=2)
+    _write_csv(rows, meta, os.path.join(args.out, "results.csv"))
+    summary = _summarise(rows)
+    _write_markdown(summary, meta, os.path.join(args.out, "results.md"))
+    _plot(summary, os.path.join(args.out, "results.png"))
+    print(open(os.path.join(args.out, "results.md")).read())
+
+
+def _write_csv(rows, meta, path) -> None:
+    keys = ["conv", "coupling", "seed", "metric", "value", "device", "torch", "date"]
+    with open(path, "w") as f:
+        f.write(",".join(keys) + "\n")
+        for r in rows:
+            for metric in ("test_bpd", "parameters", "conv_parameters", "train_images_per_s", "sample_s",
+                           "forward_s"):
+                f.write(f"{r['conv']},{r['coupling']},{r['seed']},{metric},{r[metric]},"
+                        f"{meta['machine']['cuda_device'] or meta['machine']['processor']},"
+                        f"{meta['machine']['torch']},{meta['machine']['date']}\n")
+
+
+def _summarise(rows) -> list[dict]:
+    out = []
+    for conv, coupling in CONFIGS:
+        group = [r for r in rows if r["conv"] == conv and r["coupling"] == coupling]
+        if not group:
+            continue
+        s = {"conv": conv, "coupling": coupling, "n": len(group)}
+        for metric in ("test_bpd", "train_images_per_s", "sample_s", "forward_s"):
+            values = [r[metric] for r in group]
+            s[metric] = statistics.mean(values)
+            s[metric + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        s["parameters"], s["conv_parameters"] = group[0]["parameters"], group[0]["conv_parameters"]
+        out.append(s)
+    return out
+
+
+def _write_markdown(summary, meta, path) -> None:
+    m, b = meta["machine"], meta["budget"]
+    lines = [
+        f"Equal budget on the digits: preset {b['preset']}, {b['steps']} steps × batch {b['batch_size']}, "
+        f"lr {b['lr']}, permutation {b['permutation']}, seeds {b['seeds']}. Mean ± standard deviation over seeds.",
+        f"Machine: {m['cuda_device'] or m['processor']}, {m['cpus']} CPUs, {m['threads']} threads, torch "
+        f"{m['torch']}, {m['date']}. Command: `{meta['command']}`.",
+        "",
+        "| conv | coupling | test bits/dim | parameters | conv parameters | train img/s | sample 100 (s) | "
+        "forward 100 (s) | sample / forward |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        lines.append(f"| {s['conv']} | {s['coupling']} | {s['test_bpd']:.4f} ± {s['test_bpd_sd']:.4f} | "
+                     f"{s['parameters']:,} | {s['conv_parameters']:,} | {s['train_images_per_s']:.0f} | "
+                     f"{s['sample_s']:.4f} | {s['forward_s']:.4f} | {s['sample_s'] / s['forward_s']:.1f} |")
+    if meta["skipped_convs"]:
+        lines.append("")
+        lines.append(f"Skipped (not installed): {', '.join(meta['skipped_convs'])}.")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _plot(summary, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{s['conv']}\n{s['coupling']}" for s in summary]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    axes[0].bar(labels, [s["test_bpd"] for s in summary], yerr=[s["test_bpd_sd"] for s in summary], capsize=4,
+                color="tab:blue")
+    lo = min(s["test_bpd"] - s["test_bpd_sd"] for s in summary)
+    hi = max(s["test_bpd"] + s["test_bpd_sd"] for s in summary)
+    axes[0].set_ylim(lo - 0.1 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
+    axes[0].set_ylabel("test bits / dim (lower is better)")
+    axes[1].bar(labels, [s["conv_parameters"] for s in summary], color="tab:green")
+    axes[1].set_ylabel("free parameters of the convolutions")
+    positions = list(range(len(summary)))
+    axes[2].bar([p - 0.2 for p in positions], [s["sample_s"] for s in summary], width=0.4,
+                yerr=[s["sample_s_sd"] for s in summary], capsize=3, color="tab:red", label="sample")
+    axes[2].bar([p + 0.2 for p in positions], [s["forward_s"] for s in summary], width=0.4,
+                yerr=[s["forward_s_sd"] for s in summary], capsize=3, color="tab:gray", label="forward (density)")
+    axes[2].set_xticks(positions, labels)
+    axes[2].set_ylabel("seconds for 100 images")
+    axes[2].legend()
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=8, labelrotation=30)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_paper_timing(args) -> None:
+    """Sampling and forward time of the paper-sized model for 100 images, per conv (random weights)."""
+    device = torch.device(args.device)
+    rows = []
+    for conv in ("cinc", "emerging", "finc"):
+        if conv not in LAYERS:
+            print(f"skip {conv}: not in cinc_kernels.nn.LAYERS")
+            continue
+        torch.manual_seed(0)
+        model = build_model(args.timing_preset, conv=conv, coupling="affine" if conv != "cinc" else "quad")
+        model = model.to(device)
+        size = model.image_size
+        with torch.no_grad():
+            model.train()(torch.rand(16, model.in_channels, *size, device=device))  # ActNorm init
+        sample_s, forward_s = _speed(model, args.n_sample, device, args.repeats)
+        row = {"conv": conv, "preset": args.timing_preset, "n": args.n_sample, "sample_s": sample_s,
+               "forward_s": forward_s, "ratio": sample_s / forward_s, "parameters": model.num_parameters()}
+        rows.append(row)
+        print(json.dumps(row))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "paper_timing.json"), "w") as f:
+        json.dump({"machine": _machine(), "rows": rows}, f, indent=2)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/compare_convs", help="output folder (default runs/compare_convs)")
+    p.add_argument("--preset", default="digits-small")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--permutation", default="none", help="none (the spec's step) or reverse")
+    p.add_argument("--only", nargs="+", default=None, help="run only these conv+coupling pairs, e.g. cinc+affine")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--n-sample", type=int, default=100, help="images for the sampling/forward timings")
+    p.add_argument("--repeats", type=int, default=3, help="timing repeats (the best one is kept)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--quick", action="store_true", help="smoke run: digits-tiny, 20 steps, seed 0")
+    p.add_argument("--paper-timing", action="store_true", help="time the paper-sized model instead")
+    p.add_argument("--timing-preset", default="cifar10")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset, args.steps, args.seeds, args.n_sample, args.repeats = "digits-tiny", 20, [0], 16, 1
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.paper_timing:
+        run_paper_timing(args)
+    else:
+        run_comparison(args)
+
+
+if __name__ == "__main__":
+    main()
