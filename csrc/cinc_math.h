@@ -87,6 +87,45 @@ CINC_HD void solve_upper_in_place(const Acc* columns, Acc* r, int64_t C) {
 // A strided image: pixel (i, j)'s channel 0 is at data + i·row + j·col, channel c a further c·channel along.
 // The tap sums below read images only through `pixel(i, j)` and `channel_stride()`, so a backend can hand them any
 // storage with that shape of access (the CUDA wavefront passes a ring of recent anti-diagonals in shared memory).
+// The two substitutions above for P independent pixels at once, the residuals interleaved: r[c * P + p] is channel
+// c of pixel p. Each pixel sees exactly the operations of the one-pixel version in the same order (bitwise equal
+// results); interleaving hides the division's latency behind the other pixels and vectorises across them.
+template <int P, typename Acc>
+CINC_HD void solve_lower_in_place_block(const Acc* columns, Acc* r, int64_t C) {
+  for (int64_t j = 0; j < C; ++j) {
+    const Acc* col = columns + j * C;
+    Acc xj[P];
+    CINC_UNROLL
+    for (int p = 0; p < P; ++p) {
+      xj[p] = r[j * P + p] / col[j];
+      r[j * P + p] = xj[p];
+    }
+    for (int64_t i = j + 1; i < C; ++i) {
+      const Acc l = col[i];
+      CINC_UNROLL
+      for (int p = 0; p < P; ++p) r[i * P + p] -= l * xj[p];
+    }
+  }
+}
+
+template <int P, typename Acc>
+CINC_HD void solve_upper_in_place_block(const Acc* columns, Acc* r, int64_t C) {
+  for (int64_t j = C - 1; j >= 0; --j) {
+    const Acc* col = columns + j * C;
+    Acc uj[P];
+    CINC_UNROLL
+    for (int p = 0; p < P; ++p) {
+      uj[p] = r[j * P + p] / col[j];
+      r[j * P + p] = uj[p];
+    }
+    for (int64_t i = 0; i < j; ++i) {
+      const Acc l = col[i];
+      CINC_UNROLL
+      for (int p = 0; p < P; ++p) r[i * P + p] -= l * uj[p];
+    }
+  }
+}
+
 template <typename T>
 struct StridedImage {
   const T* data;
