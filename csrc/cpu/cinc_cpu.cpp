@@ -190,7 +190,7 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
 // inverse and its adjoint: one wavefront, run from the top-left (inverse) or the bottom-right (adjoint)
 
 // Pixels solved together by the interleaved substitution. With one pixel at a time the division's latency bounds the
-// solve (it sits on the dependency chain of every channel); 8 interleaved pixels made the C = 48 inverse ~1.3× faster
+// solve (it sits on the dependency chain of every channel); 8 interleaved pixels made the C = 48 inverse ~1.15× faster
 // (benchmarks/bench_cpu_ops.py, 2-core EPYC).
 constexpr int kSolveBlock = 8;
 
