@@ -117,7 +117,9 @@ def extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = [os.path.join("csrc", "cinc_ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
-    extra = {"cxx": opt + ["-fopenmp"]}
+    # No FMA contraction: the CPU kernels' vectorised and scalar paths then round identically (bitwise-equal results
+    # whichever CPU features are present).
+    extra = {"cxx": opt + ["-fopenmp", "-ffp-contract=off"]}
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))

@@ -127,3 +127,23 @@ def test_auto_backend_on_cpu_matches_reference():
     y = ck.cinc_conv2d(x, w)
     assert rel_error(y, reference.forward(x.double(), w.double())) <= RTOL[torch.float32]
     assert rel_error(ck.cinc_conv2d_inverse(y, w), x) <= 20 * RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [7, 48])
+def test_block_and_single_pixel_substitutions_are_bitwise_equal(C, dtype):
+    """The CPU solve substitutes 8 pixels at once (vectorised across them) and the remainder one by one; both must
+    round identically. With k = 1 every pixel is solved independently: 9 copies of one pixel give 8 in a block and 1
+    alone, and all 9 solutions must be the same bits."""
+    g = torch.Generator().manual_seed(C)
+    w = make_weight(C, 1, dtype, generator=g, off_centre=1.0)
+    w[:, :, 0, 0] += torch.randn(C, C, generator=g, dtype=torch.float64).to(dtype).tril(-1)
+    pixel = torch.randn(1, C, 1, 1, generator=g, dtype=torch.float64).to(dtype)
+    for adjoint in (False, True):
+        y = pixel.expand(1, C, 3, 3).contiguous()
+        fn = ck.cinc_conv2d_inverse_transpose if adjoint else ck.cinc_conv2d_inverse
+        x = fn(y, w, backend="cpu")
+        flat = x.permute(0, 2, 3, 1).reshape(9, C)
+        assert torch.equal(flat, flat[:1].expand(9, C)), f"adjoint={adjoint}"
+        want = (reference.inverse_transpose if adjoint else reference.inverse)(pixel.double(), w.double())
+        assert rel_error(flat[0], want.reshape(C)) <= 20 * RTOL[dtype]
