@@ -11,8 +11,18 @@
 # one still runs (the benchmark is still worth having when a test fails).
 set -u
 cd "$(dirname "$0")/.."
-OUT="${OUT:-$(pwd)/benchmarks/results/gpu}"
-mkdir -p "$OUT"
+# Everything is written to a scratch folder and packed at the end: the device tool returns at most 8 files from $OUT,
+# so $OUT receives gpu_check.tar.gz (all logs, CSVs, tables) plus the few small files worth reading at once.
+DEST="${OUT:-$(pwd)/benchmarks/results/gpu}"
+mkdir -p "$DEST"
+OUT=$(mktemp -d)
+pack() {  # everything under the scratch folder, as one archive, plus the small files to read at once
+  tar czf "$DEST/gpu_check.tar.gz" -C "$OUT" .
+  for f in stages.txt environment.txt summary.txt; do
+    if [ -f "$OUT/$f" ]; then cp "$OUT/$f" "$DEST/"; fi
+  done
+  echo "results: $DEST/gpu_check.tar.gz (unpack into benchmarks/results/gpu/ and commit)"
+}
 PY="${PYTHON:-python3}"
 START=$(date +%s)
 declare -a STATUS=()
@@ -44,6 +54,7 @@ if [ "${CINC_SKIP_BUILD:-0}" = 1 ]; then
 elif ! stage build 300 "$PY" setup.py -q build_ext --inplace; then
   echo "BUILD FAILED: see $OUT/build.log"
   printf '%s\n' "${STATUS[@]}" > "$OUT/stages.txt"
+  pack
   exit 1
 fi
 "$PY" -m cinc_kernels info | tee "$OUT/info.txt"
@@ -81,4 +92,5 @@ grep -E "passed|failed|error" "$OUT/test_cuda.log" | tail -n 1
 [ -f "$OUT/test_triton.log" ] && grep -E "passed|failed|error" "$OUT/test_triton.log" | tail -n 1
 [ -f "$OUT/summary.txt" ] && cat "$OUT/summary.txt"
 [ -f "$OUT/bench_triton.log" ] && tail -n 5 "$OUT/bench_triton.log"
+pack
 exit 0
