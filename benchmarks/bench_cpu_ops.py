@@ -10,7 +10,6 @@ Writes long-format CSV rows (appended) to results/cpu_ops.csv and the latest tab
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cinc_kernels as ck  # noqa: E402
 from cinc_kernels import reference  # noqa: E402
+from _results import write_results  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # Targets of the foundation issue: inverse time / ATen conv2d forward time.
@@ -155,18 +155,7 @@ def main(argv=None):
     report = "\n".join(lines)
     print(report)
     if not args.no_write:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "cpu_ops.csv")
-        new = not os.path.exists(path)
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        with open(os.path.join(args.out, "cpu_ops.md"), "w") as f:
-            f.write(report + "\n")
-        print(f"\nwrote {path} and {os.path.join(args.out, 'cpu_ops.md')}")
-
+        write_results(args.out, "cpu_ops", rows, report)
 
 if __name__ == "__main__":
     main()
