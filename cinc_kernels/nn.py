@@ -20,6 +20,13 @@ from .reference import free_parameters, weight_mask
 __all__ = ["CInCConv2d", "EmergingConv2d", "AutoregressiveConv2d", "InvConv1x1", "FInCConv2d", "LAYERS"]
 
 
+def _with_bias_mask(layer: nn.Module, masks: dict) -> dict:
+    """``masks`` plus an all-free mask for the layer's bias, when it has one."""
+    if layer.bias is not None:
+        masks["bias"] = torch.ones_like(layer.bias)
+    return masks
+
+
 class CInCConv2d(nn.Module):
     """The CInC convolution as a layer (shared/SPEC.md §1).
 
@@ -125,11 +132,8 @@ class CInCConv2d(nn.Module):
 
     def free_masks(self) -> dict:
         """``{parameter name: 1 where the entry is free, 0 where it is masked}``, one mask per parameter."""
-        masks = {"weight": weight_mask(self.channels, self.kernel_size, self.unit_diagonal, dtype=self.weight.dtype,
-                                       device=self.weight.device)}
-        if self.bias is not None:
-            masks["bias"] = torch.ones_like(self.bias)
-        return masks
+        return _with_bias_mask(self, {"weight": weight_mask(self.channels, self.kernel_size, self.unit_diagonal,
+                                                            dtype=self.weight.dtype, device=self.weight.device)})
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}, "
@@ -223,10 +227,8 @@ class InvConv1x1(nn.Module):
         return self.channels**2 + (self.channels if self.bias is not None else 0)
 
     def free_masks(self) -> dict:
-        masks = {"lower": self.lower_mask, "upper": self.upper_mask, "log_scale": torch.ones_like(self.log_scale)}
-        if self.bias is not None:
-            masks["bias"] = torch.ones_like(self.bias)
-        return masks
+        return _with_bias_mask(self, {"lower": self.lower_mask, "upper": self.upper_mask,
+                                      "log_scale": torch.ones_like(self.log_scale)})
 
     def extra_repr(self) -> str:
         return f"{self.channels}, bias={self.bias is not None}, LU, free_parameters={self.num_parameters()}"
@@ -375,10 +377,7 @@ class AutoregressiveConv2d(nn.Module):
         return (k + 1) * p * C * C + C * (C + 1) // 2 + (C if self.bias is not None else 0)
 
     def free_masks(self) -> dict:
-        masks = {"weight": self.mask}
-        if self.bias is not None:
-            masks["bias"] = torch.ones_like(self.bias)
-        return masks
+        return _with_bias_mask(self, {"weight": self.mask})
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}, "
@@ -446,10 +445,7 @@ class FInCConv2d(nn.Module):
         return n + (self.channels if self.bias is not None else 0)
 
     def free_masks(self) -> dict:
-        masks = {"weight": self.mask}
-        if self.bias is not None:
-            masks["bias"] = torch.ones_like(self.bias)
-        return masks
+        return _with_bias_mask(self, {"weight": self.mask})
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, kernel_size={self.kernel_size}, groups={self.group_sizes}, "
