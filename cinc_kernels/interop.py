@@ -67,7 +67,7 @@ def _check_image(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be (B, C, H, W), got shape {tuple(x.shape)}")
 
 
-def _layer_logdet(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+def _layer_logdet(layer: Any, y: torch.Tensor) -> torch.Tensor:
     """``log|det ∂y/∂x|`` per sample for images of ``y``'s size, ``(B,)``."""
     return layer.logdet(y.shape[-2], y.shape[-1]).to(y.dtype).expand(y.shape[0])
 
@@ -86,6 +86,8 @@ def _build_normflows():
         Args:
             layer: e.g. ``CInCConv2d(C)`` or :func:`make_layer` ``("cinc", C)``; its parameters become this flow's.
         """
+
+        layer: Any  # one of our layers: forward -> (y, logdet), inverse, logdet(H, W)
 
         def __init__(self, layer: nn.Module):
             super().__init__()
@@ -121,6 +123,8 @@ def _build_freia():
             conv: a name of :func:`make_layer`.
             **conv_kwargs: constructor arguments of that layer (``kernel_size``, ``parametrization``, ``backend``…).
         """
+
+        layer: Any  # one of our layers: forward -> (y, logdet), inverse, logdet(H, W)
 
         def __init__(self, dims_in, dims_c=None, conv: str = "cinc", **conv_kwargs):
             super().__init__(dims_in, dims_c)
@@ -160,6 +164,8 @@ def _build_zuko():
         codomain = constraints.independent(constraints.real, 3)
         bijective = True
 
+        layer: Any  # one of our layers: forward -> (y, logdet), inverse, logdet(H, W)
+
         def __init__(self, layer: nn.Module, **kwargs):
             super().__init__(**kwargs)
             self.layer = layer
@@ -190,6 +196,8 @@ def _build_zuko():
         """A layer of ours as a zuko lazy transform (an ``nn.Module`` holding the parameters, returning a
         :class:`ZukoConvTransform` when called); put it in ``zuko.lazy.Flow`` with a base over images, e.g. by
         :func:`image_flow`."""
+
+        layer: Any  # one of our layers: forward -> (y, logdet), inverse, logdet(H, W)
 
         def __init__(self, layer: nn.Module):
             super().__init__()
