@@ -5,7 +5,7 @@ Every layer of :data:`cinc_kernels.nn.LAYERS` computes ``y, logdet = layer(x)`` 
 in the library's *density* direction (data → latent, the one training evaluates) and the solve in its *sampling*
 direction, with the log-determinant signs that library expects::
 
-    from cinc_kernels.interop import NormflowsConv, FrEIAConv, ZukoConv, make_layer
+    from cinc_kernels.interop import NormflowsConv, FrEIAConv, ZukoConv, image_flow, make_layer
 
     flows.append(NormflowsConv(make_layer("cinc", 12)))               # normflows: nf.NormalizingFlow / MultiscaleFlow
     inn = Ff.SequenceINN(3, 16, 16); inn.append(FrEIAConv, conv="cinc")   # FrEIA
@@ -55,9 +55,9 @@ def _require(module: str, package: str) -> Any:
 
 
 def _check_layer(layer: Any) -> None:
-    if not isinstance(layer, nn.Module) or not callable(getattr(layer, "inverse", None)):
-        raise TypeError("layer must be an invertible convolution module with forward() -> (y, logdet) and "
-                        f"inverse(y), e.g. cinc_kernels.CInCConv2d; got {type(layer).__name__}")
+    if not isinstance(layer, nn.Module) or not all(callable(getattr(layer, m, None)) for m in ("inverse", "logdet")):
+        raise TypeError("layer must be an invertible convolution module with forward(x) -> (y, logdet), "
+                        f"inverse(y) and logdet(H, W), e.g. cinc_kernels.CInCConv2d; got {type(layer).__name__}")
 
 
 def _check_image(x: torch.Tensor, name: str) -> None:
@@ -169,9 +169,6 @@ def _build_zuko():
         def __init__(self, layer: nn.Module, **kwargs):
             super().__init__(**kwargs)
             self.layer = layer
-
-        def __eq__(self, other):
-            return isinstance(other, ZukoConvTransform) and other.layer is self.layer
 
         @staticmethod
         def _flat(x: torch.Tensor, name: str) -> torch.Tensor:

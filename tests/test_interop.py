@@ -235,6 +235,12 @@ def test_zuko_sampling_and_training():
     _assert_free_gradients(flow.transform.transforms[0].layer)
 
 
+def test_adapters_reject_a_module_without_inverse():
+    for adapter in (interop.NormflowsConv, interop.ZukoConv):
+        with pytest.raises(TypeError, match="layer"):
+            adapter(torch.nn.Conv2d(2, 2, 3))
+
+
 def test_zuko_rejects_context():
     with pytest.raises(ValueError, match="c must be None"):
         interop.ZukoConv(_layer("cinc", 2))(torch.zeros(1))
