@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from ._autograd import register_autograd_formulas, register_fake_impls
+from .registration import register_autograd_formulas, register_fake_impls
 
 OPS = ("forward", "inverse", "inverse_transpose", "logdet")
 FLOATS = (torch.float32, torch.float64)
