@@ -21,7 +21,7 @@ import torch
 
 import cinc_kernels as ck
 from cinc_kernels import reference
-from cinc_kernels.backends import build_info
+from cinc_kernels import build_info
 
 from .cases import LAYOUTS, RTOL, assert_rel_close, make_image, make_weight, with_layout
 

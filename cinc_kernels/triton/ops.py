@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import triton
 
-from ..registration import register_autograd_formulas, register_fake_impls
+from .. import registration
 from . import kernels
 
 NAMESPACE = "cinc_triton"
@@ -187,5 +187,4 @@ OPS = {
     "logdet": torch.ops.cinc_triton.logdet.default,
 }
 
-register_fake_impls(*OPS.values())
-register_autograd_formulas(*OPS.values())
+registration.register(OPS)
