@@ -25,16 +25,16 @@ __all__ = [
 
 
 def weight_mask(channels, kernel_size, unit_diagonal=False, *, dtype=torch.float64, device=None):
-    """1 where ``weight`` is free, 0 where the mask zeroes it: the centre tap's entries above its diagonal (and on
-    it with ``unit_diagonal``). Shape ``(C, C, k, k)``. Written entry by entry, independently of
-    :mod:`cinc_kernels.masks`, which the fast paths use."""
+    """1 where ``weight`` is free, 0 where the mask zeroes it: centre-tap entries ``[o, c, k-1, k-1]`` with
+    ``c > o`` (and ``c == o`` with ``unit_diagonal``). Shape ``(C, C, k, k)``. Built from the row and column
+    indices, independently of :mod:`cinc_kernels.masks`, which the fast paths use."""
     C, k = channels, kernel_size
-    keep = torch.ones(C, C, k, k, dtype=dtype)
-    for o in range(C):
-        for c in range(C):
-            if c > o or (unit_diagonal and c == o):
-                keep[o, c, k - 1, k - 1] = 0
-    return keep.to(device)
+    o = torch.arange(C, device=device).view(C, 1)
+    c = torch.arange(C, device=device).view(1, C)
+    zeroed = (c >= o) if unit_diagonal else (c > o)
+    keep = torch.ones(C, C, k, k, dtype=dtype, device=device)
+    keep[:, :, k - 1, k - 1] = (~zeroed).to(dtype)
+    return keep
 
 
 def masked_weight(weight: torch.Tensor, unit_diagonal: bool = False) -> torch.Tensor:
@@ -46,8 +46,7 @@ def masked_weight(weight: torch.Tensor, unit_diagonal: bool = False) -> torch.Te
     wm = weight * weight_mask(C, k, unit_diagonal, dtype=weight.dtype, device=weight.device)
     if unit_diagonal:
         ones = torch.zeros_like(wm)
-        for c in range(C):
-            ones[c, c, k - 1, k - 1] = 1
+        ones[range(C), range(C), k - 1, k - 1] = 1
         wm = wm + ones
     return wm
 
