@@ -28,9 +28,20 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@pytest.fixture
+def one_thread():
+    """One CPU thread for the test: two OpenMP threads on a machine whose two cores are already busy spin and slow
+    tiny models down 10×."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "custom_ops: only backends whose ops are torch.library custom ops")
     config.addinivalue_line("markers", "fast_paths: every backend but the float64 reference")
+    config.addinivalue_line("markers", "every_backend: set on the cases this file generates")
 
 
 def _backend_params(marks):
@@ -40,15 +51,15 @@ def _backend_params(marks):
     for case in INTERPRETER_PROCESS_BACKENDS if triton_interpreted() else MAIN_PROCESS_BACKENDS:
         if ("custom_ops" in marks and not case.custom_ops) or ("fast_paths" in marks and case.name == "reference"):
             continue
-        skip = ()
+        skip = []
         if case.device == "cuda" and not torch.cuda.is_available():
             if case.name == "triton":
                 continue  # the interpreter process runs the Triton kernels on CPU tensors instead
-            skip = pytest.mark.skip(reason=f"backend {case.name!r} needs a CUDA GPU (none is visible)")
+            skip = [pytest.mark.skip(reason=f"backend {case.name!r} needs a CUDA GPU (none is visible)")]
         else:
             why = get_backend(case.name).unavailable()
             if why is not None:
-                skip = pytest.mark.skip(reason=f"backend {case.name!r} is not available on this install: {why}")
+                skip = [pytest.mark.skip(reason=f"backend {case.name!r} is not available on this install: {why}")]
         params.append((case, skip))
     return params
 
@@ -68,7 +79,7 @@ def pytest_generate_tests(metafunc):
         for dtype in DTYPES if with_dtype else (None,):
             values = (case.name, case.device) + ((dtype,) if with_dtype else ())
             ident = case.name + (f"-{str(dtype)[6:]}" if with_dtype else "")
-            params.append(pytest.param(*values, id=ident, marks=skip))
+            params.append(pytest.param(*values, id=ident, marks=[pytest.mark.every_backend, *skip]))
     metafunc.parametrize("backend,device,dtype" if with_dtype else "backend,device", params)
 
 
@@ -78,7 +89,7 @@ def pytest_collection_modifyitems(config, items):
     triton_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton")
     keep, drop = [], []
     for item in items:
-        shared = "backend" in item.fixturenames and "device" in item.fixturenames
+        shared = item.get_closest_marker("every_backend") is not None
         (keep if shared or str(item.path).startswith(triton_dir + os.sep) else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
