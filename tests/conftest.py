@@ -3,8 +3,8 @@
 A test that takes ``backend`` and ``device`` arguments (and does not parametrise them itself) runs once per backend
 case of this process (:data:`tests.cases.MAIN_PROCESS_BACKENDS`, or :data:`tests.cases.INTERPRETER_PROCESS_BACKENDS`
 when ``TRITON_INTERPRET=1``); one that also takes ``dtype`` without parametrising it runs for float32 and float64.
-Markers narrow the cases: ``custom_ops`` (backends whose ops are ``torch.library`` custom ops) and ``fast_paths``
-(every backend but the reference, which the bodies compare with). The interpreter process runs only those shared
+Markers narrow the cases: ``custom_ops`` (backends whose ops are ``torch.library`` custom ops), ``fast_paths``
+(every backend but the reference, which the bodies compare with) and ``gpu_only`` (backends on CUDA tensors). The interpreter process runs only those shared
 bodies and ``tests/triton``; everything else already ran in the main process.
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ def one_thread():
 def pytest_configure(config):
     config.addinivalue_line("markers", "custom_ops: only backends whose ops are torch.library custom ops")
     config.addinivalue_line("markers", "fast_paths: every backend but the float64 reference")
+    config.addinivalue_line("markers", "gpu_only: only backends on CUDA tensors (kernels compiled for a GPU)")
     config.addinivalue_line("markers", "every_backend: set on the cases this file generates")
 
 
@@ -49,7 +50,8 @@ def _backend_params(marks):
 
     params = []
     for case in INTERPRETER_PROCESS_BACKENDS if triton_interpreted() else MAIN_PROCESS_BACKENDS:
-        if ("custom_ops" in marks and not case.custom_ops) or ("fast_paths" in marks and case.name == "reference"):
+        if (("custom_ops" in marks and not case.custom_ops) or ("fast_paths" in marks and case.name == "reference")
+                or ("gpu_only" in marks and case.device != "cuda")):
             continue
         skip = []
         if case.device == "cuda" and not torch.cuda.is_available():

@@ -37,7 +37,7 @@ CASES = [
     (1, 40, 3, 4, 2, True),
     (1, 70, 2, 3, 3, False),
 ]
-# Full-size shapes, only where the kernels are compiled for a GPU.
+# Full-size shapes, only where the kernels are compiled for a GPU (the reference is not among them: too slow).
 GPU_CASES = [(3, 12, 9, 9, 3, True), (2, 8, 6, 4, 5, True), (1, 16, 13, 11, 7, False), (4, 48, 32, 32, 3, True),
              (2, 12, 31, 17, 5, False), (3, 96, 16, 16, 3, True)]
 
@@ -76,12 +76,10 @@ def test_ops_match_reference(backend, device, dtype, case, unit):
     assert_ops_match_reference(backend, x, w, b, unit, what=f"{backend} {_ids(case)} unit={unit}")
 
 
-@pytest.mark.fast_paths
+@pytest.mark.gpu_only
 @pytest.mark.parametrize("unit", [False, True], ids=["", "unit"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=_ids)
 def test_ops_match_reference_full_size(backend, device, dtype, case, unit):
-    if device != "cuda":
-        pytest.skip("full-size shapes run where the kernels are compiled for a GPU; the small ones cover the CPU")
     w, b, x = _inputs(case, dtype, device, seed=_seed(case, unit, dtype))
     assert_ops_match_reference(backend, x, w, b, unit, what=f"{backend} {_ids(case)} unit={unit}")
 
@@ -215,6 +213,7 @@ def test_opcheck(backend, device, op, case):
     torch.library.opcheck(fn, args)
 
 
+@pytest.mark.fast_paths
 @pytest.mark.parametrize("case", GRAD_CASES, ids=_case_id)
 @pytest.mark.parametrize("op", OPS)
 def test_gradcheck_float64(backend, device, op, case):
