@@ -22,13 +22,14 @@ demo: build
 	$(PYTHON) -m cinc_kernels bench
 
 # The Triton kernels run under Triton's CPU interpreter, which must be switched on before triton is imported:
-# hence a second pytest process.
+# hence a second pytest process. It collects the whole suite but keeps only tests/triton and the shared bodies that
+# run on every backend (tests taking `backend` and `device`, tests/conftest.py), now for the Triton backend.
 test: build
 	$(PYTHON) -m pytest -q tests --ignore=tests/triton
 	$(MAKE) --no-print-directory test-triton
 
 test-triton:
-	@if [ -d tests/triton ]; then TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests/triton; fi
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests
 
 clean:
 	rm -rf build cinc_kernels/*.so cinc_kernels/_build_info.json

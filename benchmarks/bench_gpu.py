@@ -152,7 +152,7 @@ def main(argv=None):
     except ImportError:
         triton_version = "none"
     versions = (f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton_version}, "
-                f"python {platform.python_version()}, cinc build {json.dumps(ck.backends.build_info())}")
+                f"python {platform.python_version()}, cinc build {json.dumps(ck.build_info())}")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rec = Recorder(device_name, versions, stamp)
     has_triton_backend = "triton" in ck.available_backends() and device.type == "cuda"

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import cinc_kernels as ck  # noqa: E402
 from cinc_kernels import reference  # noqa: E402
 from _results import write_results  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
-from cinc_kernels._autograd import conv_input_grad  # noqa: E402
+from cinc_kernels.registration import conv_input_grad  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGETS = {"inverse": 3.0, "forward": 1.1}  # time / cuDNN forward, from the CUDA issue

@@ -59,9 +59,9 @@ elif ! stage build 300 "$PY" setup.py -q build_ext --inplace; then
 fi
 "$PY" -m cinc_kernels info | tee "$OUT/info.txt"
 
-stage test_cuda 150 "$PY" -m pytest -q -rs tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
+stage test_cuda 150 "$PY" -m pytest -q -rs tests/test_cuda.py tests/test_backend_contract.py -k cuda --junitxml="$OUT/test_cuda.xml"
 if [ -d tests/triton ]; then
-  stage test_triton 90 env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs tests/triton --junitxml="$OUT/test_triton.xml"
+  stage test_triton 90 env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs tests/triton tests/test_backend_contract.py -k triton --junitxml="$OUT/test_triton.xml"
 fi
 stage selfcheck 60 "$PY" -m cinc_kernels check
 

@@ -42,7 +42,7 @@ from . import __version__
 from . import functional as fn
 from .backends import available_backends, get_backend
 from .nn import LAYERS
-from .reference import masked_weight
+from .masks import masked_weight
 
 __all__ = ["BenchConfig", "CorrectnessError", "CSV_COLUMNS", "run", "write_results", "main",
            "torch_wavefront_inverse", "sequential_raster_inverse"]

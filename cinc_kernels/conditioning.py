@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from . import functional as fn
-from .reference import masked_weight
+from .masks import masked_weight
 
 __all__ = [
     "NonFiniteInverseWarning",

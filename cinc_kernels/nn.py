@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 from . import conditioning
 from . import functional as fn
-from .reference import free_parameters, weight_mask
+from .masks import free_parameters, weight_mask
 
 __all__ = ["CInCConv2d", "EmergingConv2d", "AutoregressiveConv2d", "InvConv1x1", "FInCConv2d", "LAYERS"]
 

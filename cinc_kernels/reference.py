@@ -1,7 +1,9 @@
-"""The float64 reference: the spec (``shared/SPEC.md`` §1) written as plainly as possible.
+"""The float64 reference: the spec (``docs/spec.md`` §1) written as plainly as possible.
 
-Every fast path in the package is tested against these functions. They upcast to float64, loop in the
-most obvious order and cast back, so they are slow; they are also the one place to read what an op means.
+Every fast path in the package is tested against these functions, so this module is a leaf: it imports nothing of
+the package, and no fast path imports it (only the registry, to offer it as ``backend="reference"``). They upcast to
+float64, loop in the most obvious order and cast back, so they are slow; they are also the one place to read what an
+op means.
 
 Shapes: ``x``/``y``/``g`` are ``(B, C, H, W)``, ``weight`` is ``(C, C, k, k)`` with ``weight[o, c, a, b]``,
 ``bias`` is ``(C,)`` or ``None``.
@@ -19,16 +21,19 @@ __all__ = [
     "inverse_transpose",
     "logdet",
     "dense_matrix",
-    "free_parameters",
 ]
 
 
 def weight_mask(channels, kernel_size, unit_diagonal=False, *, dtype=torch.float64, device=None):
-    """1 where ``weight`` is free, 0 where the mask zeroes it (above the centre tap's diagonal; and on it with
-    ``unit_diagonal``). Shape ``(C, C, k, k)``."""
+    """1 where ``weight`` is free, 0 where the mask zeroes it: centre-tap entries ``[o, c, k-1, k-1]`` with
+    ``c > o`` (and ``c == o`` with ``unit_diagonal``). Shape ``(C, C, k, k)``. Built from the row and column
+    indices, independently of :mod:`cinc_kernels.masks`, which the fast paths use."""
     C, k = channels, kernel_size
+    o = torch.arange(C, device=device).view(C, 1)
+    c = torch.arange(C, device=device).view(1, C)
+    zeroed = (c >= o) if unit_diagonal else (c > o)
     keep = torch.ones(C, C, k, k, dtype=dtype, device=device)
-    keep[:, :, k - 1, k - 1] = torch.ones(C, C, dtype=dtype, device=device).tril(-1 if unit_diagonal else 0)
+    keep[:, :, k - 1, k - 1] = (~zeroed).to(dtype)
     return keep
 
 
@@ -40,8 +45,9 @@ def masked_weight(weight: torch.Tensor, unit_diagonal: bool = False) -> torch.Te
     C, k = weight.shape[0], weight.shape[-1]
     wm = weight * weight_mask(C, k, unit_diagonal, dtype=weight.dtype, device=weight.device)
     if unit_diagonal:
-        eye = torch.eye(C, dtype=weight.dtype, device=weight.device)[:, :, None, None]
-        wm = wm + torch.nn.functional.pad(eye, (k - 1, 0, k - 1, 0))
+        ones = torch.zeros_like(wm)
+        ones[range(C), range(C), k - 1, k - 1] = 1
+        wm = wm + ones
     return wm
 
 
@@ -154,10 +160,3 @@ def dense_matrix(weight, height, width, unit_diagonal=False):
     basis = torch.eye(n, dtype=torch.float64, device=weight.device).view(n, C, height, width)
     cols = forward(basis, weight.double(), None, unit_diagonal).reshape(n, n)
     return cols.T
-
-
-def free_parameters(channels: int, kernel_size: int, unit_diagonal: bool) -> int:
-    """``k²C² − C(C−1)/2`` (minus ``C`` with a unit diagonal)."""
-    n = kernel_size**2 * channels**2 - channels * (channels - 1) // 2
-    return n - channels if unit_diagonal else n
-

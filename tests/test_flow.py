@@ -30,13 +30,7 @@ CONVS = sorted(LAYERS)
 COUPLINGS = ("affine", "quad")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two OpenMP threads on a machine whose two cores are already busy spin and slow tiny models down 10×.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturb(module: torch.nn.Module, scale: float, generator: torch.Generator) -> None:

@@ -11,12 +11,7 @@ from cinc_kernels.flow.edit import attribute_directions, edit_images, read_attri
 from cinc_kernels.flow.train import TrainConfig, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_correlation_direction_matches_numpy_corrcoef():

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from .train import TrainConfig
+from .train import TrainConfig, resolve_device
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -106,20 +106,12 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _device(spec: str):
-    import torch
-
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
 def _cmd_sample(args) -> int:
     import torch
 
     from .train import load_model, save_grid
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device, backend=args.backend)
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "samples")
     os.makedirs(out_dir, exist_ok=True)
@@ -153,7 +145,7 @@ def _cmd_eval(args) -> int:
     from .data import load_data
     from .train import evaluate, load_model
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device, backend=args.backend)
     cfg = ckpt.get("config", {})
     name = args.data or cfg.get("data", "digits")
@@ -203,12 +195,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (0: PyTorch's default)")
     p.set_defaults(func=_cmd_eval)
 
-    try:
-        from .edit import add_edit_parser
-    except ImportError:
-        add_edit_parser = None
-    if add_edit_parser is not None:
-        add_edit_parser(sub)
+    from .edit import add_edit_parser
+
+    add_edit_parser(sub)
 
     args = parser.parse_args(argv)
     if getattr(args, "threads", 0) > 0:

@@ -5,7 +5,6 @@ shared/SPEC.md §4: per level ``squeeze → K × [ActNorm → invertible conv �
 """
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Optional, Sequence
 
@@ -187,21 +186,11 @@ COUPLINGS: dict[str, type] = {"affine": AffineCoupling, "quad": QuadCoupling}
 
 
 def make_conv(name: str, channels: int, backend: str = "auto", **kwargs) -> nn.Module:
-    """An invertible convolution from :data:`cinc_kernels.nn.LAYERS` by name.
-
-    ``backend`` is passed only to layers whose constructor takes it (a pure-PyTorch layer may not).
-    """
+    """An invertible convolution from :data:`cinc_kernels.nn.LAYERS` by name; every layer there takes ``backend``
+    (docs/spec.md §3: one interface)."""
     if name not in LAYERS:
         raise ValueError(f"conv must be one of {', '.join(sorted(LAYERS))}; got {name!r}")
-    cls = LAYERS[name]
-    try:
-        params = inspect.signature(cls).parameters
-        takes_backend = "backend" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    except (TypeError, ValueError):
-        takes_backend = True
-    if takes_backend:
-        kwargs["backend"] = backend
-    return cls(channels, **kwargs)
+    return LAYERS[name](channels, backend=backend, **kwargs)
 
 
 class ReverseChannels(nn.Module):

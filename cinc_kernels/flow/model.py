@@ -52,7 +52,7 @@ class CInCFlow(nn.Module):
         steps_per_level: flow steps per level ``K`` (0 is allowed: a pure Gaussian model, useful in tests).
         hidden_channels: width of the couplings' conditioner CNNs.
         conv: an invertible convolution of :data:`cinc_kernels.nn.LAYERS` by name (``"cinc"``, ``"emerging"``,
-            ``"autoregressive"``, ``"1x1"``, ``"finc"`` once they are installed).
+            ``"autoregressive"``, ``"1x1"``, ``"finc"``).
         coupling: ``"quad"`` (the paper's) or ``"affine"``.
         image_size: ``H`` or ``(H, W)`` of the training images; needed only by :meth:`sample` (which also takes it).
         backend: kernel backend passed to the convolutions (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``, …).

@@ -204,7 +204,9 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _device(spec: str) -> torch.device:
+def resolve_device(spec: str) -> torch.device:
+    """``"auto"``: this process's GPU (``cuda:LOCAL_RANK`` under torchrun) if there is one, else the CPU; otherwise
+    ``spec`` as torch reads it (``"cpu"``, ``"cuda"``, ``"cuda:1"``). Every flow command resolves ``--device`` here."""
     if spec != "auto":
         return torch.device(spec)
     if torch.cuda.is_available():
@@ -329,7 +331,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
         # spin-wait for a busy core made a digits step 15× slower (0.07 s → 1.5 s, 2 cores at load 6).
         torch.set_num_threads(cfg.threads)
     rank, world = _distributed()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     out_dir = cfg.resolved_out_dir()

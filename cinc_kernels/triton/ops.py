@@ -3,7 +3,7 @@
 The four ops have the signatures of the ``cinc`` ops (csrc/cinc_ops.cpp). They are registered with
 ``torch.library.custom_op`` plus the shared fake implementations, so ``torch.compile(fullgraph=True)`` traces
 through them as opaque calls, like the C++ ops; their gradients are the shared formulas of
-:mod:`cinc_kernels._autograd`, which call these same ops.
+:mod:`cinc_kernels.registration`, which call these same ops.
 
 Why not ``torch.library.triton_op`` + ``wrap_triton`` (which let Inductor see the kernels): (1) the inverse must
 refuse a singular weight, a data-dependent check that cannot run while a ``triton_op`` body is traced with fake
@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import triton
 
-from .._autograd import register_autograd_formulas, register_fake_impls
+from .. import registration
 from . import kernels
 
 NAMESPACE = "cinc_triton"
@@ -187,5 +187,4 @@ OPS = {
     "logdet": torch.ops.cinc_triton.logdet.default,
 }
 
-register_fake_impls(*OPS.values())
-register_autograd_formulas(*OPS.values())
+registration.register(OPS)

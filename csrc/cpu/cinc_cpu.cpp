@@ -116,9 +116,9 @@ void check_nonsingular(const at::Tensor& weight, bool unit_diagonal) {
   if (unit_diagonal) return;
   const int64_t k = weight.size(3);
   const at::Tensor diag = weight.select(3, k - 1).select(2, k - 1).diagonal();
-  TORCH_CHECK(!diag.eq(0).any().item<bool>(),
-              "weight: the centre tap weight[:, :, k-1, k-1] has a zero on its diagonal, so the convolution is "
-              "singular and has no inverse (its log-determinant is -inf)");
+  TORCH_CHECK_VALUE(!diag.eq(0).any().item<bool>(),
+                    "weight: the centre tap weight[:, :, k-1, k-1] has a zero on its diagonal, so the convolution "
+                    "is singular and has no inverse (its log-determinant is -inf)");
 }
 
 // ---------------------------------------------------------------------------------------------------------------

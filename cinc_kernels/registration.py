@@ -1,14 +1,17 @@
-"""Gradients of the CInC ops (shared/SPEC.md §1), written once and attached to every backend's custom ops.
+"""Where the CInC custom ops get their fake (shape-only) and autograd implementations, for every namespace.
 
-Each formula calls other ops of the same backend (the inverse's backward is its adjoint solve, and back), so a
-backend gets autograd by handing its four ops to :func:`register_autograd_formulas`.
+The gradients of docs/spec.md §1 are written once here. Each formula calls other ops of the same backend (the
+inverse's backward is its adjoint solve, and back), so a backend whose ops are ``torch.library`` custom ops gets
+autograd and ``torch.compile`` support by handing its four ops to :func:`register`. Importing this module does so for
+the C++ ops ``torch.ops.cinc.*``; the Triton backend registers ``torch.ops.cinc_triton.*`` when it is first loaded.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .reference import masked_weight, weight_mask
+from . import _extension
+from .masks import masked_weight, weight_mask
 
 
 def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
@@ -114,3 +117,15 @@ def register_fake_impls(forward, inverse, inverse_transpose, logdet) -> None:
     torch.library.register_fake(inverse, image_like)
     torch.library.register_fake(inverse_transpose, image_like)
     torch.library.register_fake(logdet, lambda weight, height, width, unit_diagonal: weight.new_empty(()))
+
+
+def register(ops) -> None:
+    """Fake and autograd implementations for one backend's ops, a mapping from op name (``"forward"``, ``"inverse"``,
+    ``"inverse_transpose"``, ``"logdet"``) to its ``torch.ops.<namespace>.<op>.default``."""
+    ordered = [ops[name] for name in _extension.OP_NAMES]
+    register_fake_impls(*ordered)
+    register_autograd_formulas(*ordered)
+
+
+if _extension.OPS:
+    register(_extension.OPS)
