@@ -139,9 +139,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     nvcc = nvcc_path()
     if nvcc is None:
-        print("error: --arch: no nvcc found (set CUDA_HOME)", file=sys.stderr)
+        print("error: no nvcc found (set CUDA_HOME to the CUDA toolkit)", file=sys.stderr)
         return 2
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    lines = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    version = next((line.strip() for line in lines if "release" in line), lines[-1] if lines else "nvcc")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rows = []
     for arch in args.arch or sorted(SHARED_LIMIT):

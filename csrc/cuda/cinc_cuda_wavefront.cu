@@ -6,9 +6,9 @@
 //      4 channels per thread;
 //   B. channel substitution as C independent dot products with the precomputed L⁻¹ (x = L⁻¹ r, u = L⁻ᵀ r), one
 //      (pixel, channel) per thread, instead of C dependent steps per pixel.
-// The arithmetic is cinc_math.h's (causal_neighbour_block / anticausal_neighbour_block, which the CPU kernels also
-// run through accumulate_causal_taps / subtract_anticausal_taps; lower_inverse_*_row_dot; solve_lower_in_place to
-// build L⁻¹).
+// The tap sums and the substitution that builds L⁻¹ are cinc_math.h's (causal_neighbour_block /
+// anticausal_neighbour_block, which the CPU kernels also run; solve_lower_in_place); the dot products with L⁻¹
+// (lower_inverse_*_row_dot) are cinc_wavefront_block.h's.
 //
 // Shared memory holds L⁻¹, a ring of the last 2(k-1) anti-diagonals of the solution (every neighbour a pixel reads
 // lies on one of them), the current diagonal's residual and, when it fits, a copy of the weight;
