@@ -5,8 +5,9 @@ the extension) with the host compiler and tests/cuda_emulation/cuda_host_emulati
 ``__syncthreads()`` a real barrier, shared memory filled with NaN and guarded past the launch's size, and the whole
 thing built with ThreadSanitizer, which fails the run on any pair of accesses that the barriers do not order. The
 shapes below take every shared-memory layout of the wavefront (ring + weight copy, ring, output in global memory),
-k = 1…7, float32 and float64, strided inputs, thread counts that make each thread loop over several items, and
-forward tiles/channel chunks/output groups that do not divide the image or the channels.
+k = 1…7, float32 and float64 (and float16/bfloat16 for the forward), strided inputs, thread counts that make each
+thread loop over several items, and forward tiles/channel chunks/output groups that do not divide the image or the
+channels.
 
 tests/cuda_emulation/mutation_check.py deletes each ``__syncthreads()`` and mis-sizes each shared buffer in turn and
 checks that this file fails.
@@ -31,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMULATION = os.path.join(ROOT, "tests", "cuda_emulation")
 # mutation_check.py points this at a mutated copy of csrc/.
 CSRC = os.environ.get("CINC_EMULATION_CSRC", os.path.join(ROOT, "csrc"))
-DTYPES = {"float": torch.float32, "double": torch.float64}
+DTYPES = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
 H200_SHARED = 232448
 
 
@@ -50,7 +51,9 @@ def _build(out_dir, sanitize):
     flags = ["-std=c++20", "-g", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas", "-fno-strict-aliasing",
              "-pthread"]
     flags += ["-O1", "-fsanitize=thread"] if sanitize else ["-O2"]
-    done = subprocess.run([cxx, *flags, "-I", CSRC, "-o", exe, os.path.join(EMULATION, "run_kernels.cpp")],
+    # c10's header-only float16/bfloat16 types, for the forward's half instantiations.
+    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
+    done = subprocess.run([cxx, *flags, "-I", CSRC, "-isystem", torch_include, "-o", exe, os.path.join(EMULATION, "run_kernels.cpp")],
                           capture_output=True, text=True)
     if done.returncode != 0:
         if sanitize and "sanitize" in done.stderr:
@@ -201,6 +204,17 @@ def test_forward_kernel(emulator, dtype, B, C, H, W, k):
     want = reference.forward(x, w, use_bias, unit_diagonal)
     assert torch.isfinite(got).all(), f"non-finite output, {launch}"
     assert_rel_close(got, want, torch_dtype, what=f"forward {dtype} {layout} {launch}")
+
+
+@pytest.mark.parametrize("dtype", ["half", "bfloat16"])
+@pytest.mark.parametrize("B,C,H,W,k", [(1, 9, 6, 5, 2), (1, 17, 3, 35, 4)], ids=lambda v: str(v))
+def test_forward_kernel_half_types(emulator, dtype, B, C, H, W, k):
+    """float16/bfloat16 load and store in their own type and accumulate in float32: the same float4 path as float32."""
+    torch_dtype = DTYPES[dtype]
+    w, bias, x = _inputs(_seed("forward", dtype, B, C, H, W, k), B, C, H, W, k, torch_dtype)
+    got, launch = _run(emulator, "forward", dtype, w, x=with_layout(x, "channels_last"), bias=bias)
+    want = reference.forward(x, w, bias, False)
+    assert_rel_close(got, want, torch_dtype, what=f"forward {dtype} {launch}")
 
 
 @pytest.mark.parametrize("dtype", ["float", "double"])

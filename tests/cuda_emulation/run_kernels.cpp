@@ -8,6 +8,7 @@
 // keys: B C H W k unit bias (0/1), strides=sb,sc,sh,sw offset storage (the input's view of its storage, in
 // elements), shared (the device's shared memory per block, bytes), threads (the wavefront's forced threads, 0 for
 // the heuristic), sms (multiprocessors, for the heuristic).
+// DTYPE: float | double, and for the forward also half | bfloat16.
 // stdin: float64 weight (C·C·k·k), bias (C, when bias=1), input storage (storage elements; none for logdet).
 // stdout: one line "key=value ..." describing the launch, then the float64 output (B·C·H·W, or 1 for logdet).
 // A launch the device would refuse exits with status 3 and the reason on stderr.
@@ -17,6 +18,10 @@
 // compiled into the CPU kernels only off x86) against their one-pixel forms, bitwise, and prints "ok".
 #include "cuda_host_emulation.h"
 
+// The half types of the forward's float16/bfloat16 instantiations (header-only parts of c10).
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include "cuda/cinc_forward_kernel.cuh"
 #include "cuda/cinc_wavefront_kernel.cuh"
 
@@ -24,7 +29,9 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <map>
+#include <type_traits>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -82,13 +89,23 @@ std::vector<double> read_doubles(size_t n) {
 
 template <typename T>
 std::vector<T> cast(const std::vector<double>& v) {
-  return std::vector<T>(v.begin(), v.end());
+  std::vector<T> out;
+  out.reserve(v.size());
+  for (const double d : v) {
+    if constexpr (sizeof(T) < 4) {
+      out.push_back(T(static_cast<float>(d)));  // the half types convert from float only
+    } else {
+      out.push_back(static_cast<T>(d));
+    }
+  }
+  return out;
 }
 
 template <typename T>
 void write_output(const std::string& header, const std::vector<T>& out) {
   std::printf("%s\n", header.c_str());
-  const std::vector<double> d(out.begin(), out.end());
+  std::vector<double> d;
+  for (const T& v : out) d.push_back(static_cast<double>(static_cast<std::conditional_t<sizeof(T) < 4, float, T>>(v)));
   std::fwrite(d.data(), sizeof(double), d.size(), stdout);
 }
 
@@ -101,12 +118,12 @@ struct Problem {
   Device device;
 };
 
-template <typename T>
+template <typename T, typename Acc>
 void run_forward(const Problem& pr, const std::vector<double>& weight, const std::vector<double>& bias,
                  const std::vector<double>& input) {
   using namespace cinc::cuda;
   const std::vector<T> w = cast<T>(weight), b = cast<T>(bias), x = cast<T>(input);
-  std::vector<T> y(pr.B * pr.C * pr.H * pr.W, T(NAN));
+  std::vector<T> y(pr.B * pr.C * pr.H * pr.W, T(std::numeric_limits<float>::quiet_NaN()));
   ForwardParams<T> p;
   p.x = x.data() + pr.offset;
   p.x_stride_b = pr.strides[0];
@@ -122,8 +139,8 @@ void run_forward(const Problem& pr, const std::vector<double>& weight, const std
   p.k = pr.k;
   p.unit_diagonal = pr.unit_diagonal;
   int64_t tiles_h = 0;
-  const ForwardLaunch l = configure_forward<T, T>(p, pr.B, &tiles_h);
-  launch(forward_kernel<T, T>, dim3(static_cast<unsigned int>(l.blocks), static_cast<unsigned int>(l.groups)),
+  const ForwardLaunch l = configure_forward<T, Acc>(p, pr.B, &tiles_h);
+  launch(forward_kernel<T, Acc>, dim3(static_cast<unsigned int>(l.blocks), static_cast<unsigned int>(l.groups)),
          dim3(l.tile_w, l.tile_h), l.shared_bytes, kMaxTileThreads, pr.device, p);
   std::ostringstream header;
   header << "tile_w=" << l.tile_w << " tile_h=" << l.tile_h << " blocks=" << l.blocks << " groups=" << l.groups
@@ -279,7 +296,16 @@ int run(int argc, char** argv) {
   pr.storage = args.get("storage", 0);
   const std::vector<double> input = read_doubles(pr.storage);
   if (op == "forward") {
-    dtype == "float" ? run_forward<float>(pr, weight, bias, input) : run_forward<double>(pr, weight, bias, input);
+    // The accumulator types of cinc_cuda_forward.cu (at::opmath_type).
+    if (dtype == "half") {
+      run_forward<c10::Half, float>(pr, weight, bias, input);
+    } else if (dtype == "bfloat16") {
+      run_forward<c10::BFloat16, float>(pr, weight, bias, input);
+    } else if (dtype == "float") {
+      run_forward<float, float>(pr, weight, bias, input);
+    } else {
+      run_forward<double, double>(pr, weight, bias, input);
+    }
   } else if (op == "inverse" || op == "inverse_transpose") {
     const bool adjoint = op == "inverse_transpose";
     const int threads = static_cast<int>(args.get("threads", 0)), sms = static_cast<int>(args.get("sms", 132));
