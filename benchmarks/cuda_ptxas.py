@@ -124,7 +124,8 @@ def parse(log: str, arch: str) -> list[dict]:
     out = []
     for r in rows:
         out.append({
-            "kernel": short_name(names[r["mangled"]]), "arch": r["arch"], "registers": r.get("registers", -1), "stack_bytes": r.get("stack", 0),
+            "kernel": short_name(names[r["mangled"]]), "arch": r["arch"], "registers": r.get("registers", -1),
+            "stack_bytes": r.get("stack", 0),
             "spill_store_bytes": r.get("spill_stores", 0), "spill_load_bytes": r.get("spill_loads", 0),
             "static_smem_bytes": r.get("static_smem", 0), "smem_limit_bytes": SHARED_LIMIT[arch],
         })

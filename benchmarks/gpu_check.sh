@@ -56,8 +56,8 @@ finish() {
 trap finish EXIT
 trap 'echo "stopped by a signal" >> "$STATUS"; exit 143' INT TERM
 
-# stage NAME CAP_S COMMAND...: runs COMMAND in $WORK/NAME/ (as $STAGE_DIR) for at most CAP_S seconds and never past
-# the budget; logs to $WORK/NAME/log.txt; records the outcome; packs.
+# stage NAME CAP_S COMMAND...: runs COMMAND (which may write into $WORK/NAME/) for at most CAP_S seconds and never
+# past the budget; logs to $WORK/NAME/log.txt; records the outcome; packs.
 stage() {
   local name=$1 cap=$2
   shift 2
@@ -71,7 +71,7 @@ stage() {
   echo "=== $name (limit ${limit} s)"
   local t0
   t0=$(date +%s)
-  STAGE_DIR="$WORK/$name" timeout -k 5 "$limit" "$@" > "$WORK/$name/log.txt" 2>&1
+  timeout -k 5 "$limit" "$@" > "$WORK/$name/log.txt" 2>&1
   local rc=$?
   local took=$(( $(date +%s) - t0 ))
   tail -n 15 "$WORK/$name/log.txt"
@@ -84,11 +84,17 @@ stage() {
   return $rc
 }
 
-# pytest's last line ("3 passed, 1 skipped in 2.1s") into the stage's result.txt.
+# stage, then pytest's last line ("3 passed, 1 skipped in 2.1s") into the stage's result.txt, for the summary.
 pytest_stage() {
-  local name=$1 cap=$2
-  shift 2
-  stage "$name" "$cap" bash -c '"$@"; rc=$?; grep -E "passed|failed|error|no tests ran" "$STAGE_DIR/log.txt" | tail -n 1 > "$STAGE_DIR/result.txt"; exit $rc' _ "$@"
+  local name=$1
+  stage "$@"
+  local rc=$?
+  if [ -f "$WORK/$name/log.txt" ]; then
+    grep -E "passed|failed|error|no tests ran" "$WORK/$name/log.txt" | tail -n 1 > "$WORK/$name/result.txt"
+    [ -s "$WORK/$name/result.txt" ] || echo "no pytest summary line (see $name/log.txt)" > "$WORK/$name/result.txt"
+    pack
+  fi
+  return $rc
 }
 
 {
@@ -98,7 +104,7 @@ pytest_stage() {
   else
     echo "no nvidia-smi"
   fi
-  "$PY" -c "import torch, platform; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', platform.python_version())"
+  "$PY" -c "import torch, platform as p; print('torch', torch.__version__, torch.version.cuda, p.python_version())"
   "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -n 1
   nvcc --version 2>&1 | tail -n 2
 } > "$WORK/environment.txt" 2>&1
@@ -112,7 +118,7 @@ elif ! stage build 240 "$PY" setup.py -q build_ext --inplace; then
   echo "the build failed: nothing else can run (see build/log.txt)"
   exit 1
 fi
-stage info 30 bash -c '"$0" -m cinc_kernels info > "$STAGE_DIR/info.txt"' "$PY"
+stage info 30 "$PY" -m cinc_kernels info
 
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "GPU stages: skipped, no CUDA GPU is visible" >> "$STATUS"
@@ -120,8 +126,9 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 # The CUDA backend, tested for real; then its benchmark at the shapes of the targets (B = 16, C = 48, 32×32 and 64×64).
-pytest_stage test_cuda 100 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py --junitxml="$WORK/test_cuda/junit.xml"
-stage bench_gpu 110 bash -c '"$0" benchmarks/bench_gpu.py --out "$STAGE_DIR" --batch 16 --channels 48 --sizes 32 64' "$PY"
+pytest_stage test_cuda 100 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py \
+  --junitxml="$WORK/test_cuda/junit.xml"
+stage bench_gpu 110 "$PY" benchmarks/bench_gpu.py --out "$WORK/bench_gpu" --batch 16 --channels 48 --sizes 32 64
 
 # Triton compiled for the GPU (no interpreter): the tests its author marked worth a GPU's time, then its benchmark.
 if [ -d tests/triton ]; then
@@ -129,13 +136,14 @@ if [ -d tests/triton ]; then
     tests/triton --junitxml="$WORK/test_triton_smoke/junit.xml"
 fi
 if [ -f benchmarks/bench_triton.py ]; then
-  stage bench_triton 45 bash -c '"$0" benchmarks/bench_triton.py --out "$STAGE_DIR" --batch 16 --channels 48 --sizes 32 64' "$PY"
+  stage bench_triton 45 "$PY" benchmarks/bench_triton.py --out "$WORK/bench_triton" --batch 16 --channels 48 \
+    --sizes 32 64
 fi
 
 # The rest, while the budget lasts: the wider sweep, then the remaining Triton tests.
-stage bench_gpu_wide 120 bash -c '"$0" benchmarks/bench_gpu.py --out "$STAGE_DIR" --skip finc' "$PY"
+stage bench_gpu_wide 120 "$PY" benchmarks/bench_gpu.py --out "$WORK/bench_gpu_wide" --skip finc
 if [ -d tests/triton ]; then
-  pytest_stage test_triton_rest 120 env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs -p no:cacheprovider -m "not gpu_smoke" \
-    tests/triton --junitxml="$WORK/test_triton_rest/junit.xml"
+  pytest_stage test_triton_rest 120 env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs -p no:cacheprovider \
+    -m "not gpu_smoke" tests/triton --junitxml="$WORK/test_triton_rest/junit.xml"
 fi
 exit 0

@@ -30,7 +30,7 @@ def test_dry_run_packs_its_results_and_ends_quickly(tmp_path):
     took = time.monotonic() - t0
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["gpu_check.tar.gz", "summary.txt"]
-    assert {"environment.txt", "stages.txt", "summary.txt", "info/info.txt", "info/log.txt"} <= _archive_names(tmp_path)
+    assert {"environment.txt", "stages.txt", "summary.txt", "info/log.txt"} <= _archive_names(tmp_path)
     summary = (tmp_path / "summary.txt").read_text()
     for line in ("build: skipped (CINC_SKIP_BUILD=1)", "info: ok", "GPU stages: skipped, no CUDA GPU is visible",
                  "finished: exit 0"):

@@ -174,13 +174,13 @@ void run_wavefront(const Problem& pr, bool adjoint, int forced_threads, int mult
   const size_t shared = static_cast<size_t>(layout.total_elements) * sizeof(T);
   const int threads = wavefront_threads<T>(pr.B, pr.C, p.max_diagonal, multiprocessors, forced_threads);
   const dim3 grid(static_cast<unsigned int>(pr.B)), block(threads);
+  constexpr int most = kWavefrontMaxThreads<T>;
   if (adjoint) {
-    layout.use_ring ? launch(wavefront_kernel<T, true, true>, grid, block, shared, kWavefrontMaxThreads<T>, pr.device, p)
-                    : launch(wavefront_kernel<T, true, false>, grid, block, shared, kWavefrontMaxThreads<T>, pr.device, p);
+    layout.use_ring ? launch(wavefront_kernel<T, true, true>, grid, block, shared, most, pr.device, p)
+                    : launch(wavefront_kernel<T, true, false>, grid, block, shared, most, pr.device, p);
   } else {
-    layout.use_ring
-        ? launch(wavefront_kernel<T, false, true>, grid, block, shared, kWavefrontMaxThreads<T>, pr.device, p)
-        : launch(wavefront_kernel<T, false, false>, grid, block, shared, kWavefrontMaxThreads<T>, pr.device, p);
+    layout.use_ring ? launch(wavefront_kernel<T, false, true>, grid, block, shared, most, pr.device, p)
+                    : launch(wavefront_kernel<T, false, false>, grid, block, shared, most, pr.device, p);
   }
   std::ostringstream header;
   header << "use_ring=" << layout.use_ring << " weight_in_shared=" << layout.weight_in_shared
