@@ -118,15 +118,18 @@ def run_one(mutation: Mutation, timeout: int) -> tuple[bool, str, float]:
         seconds = time.time() - t0
         if done.returncode == 0:
             return False, "NOT CAUGHT: " + done.stdout.strip().splitlines()[-1], seconds
-        return True, _first_failure(done.stdout), seconds
+        return True, _first_failure(done.stdout, csrc), seconds
 
 
-def _first_failure(log: str) -> str:
-    failed = next((line for line in log.splitlines() if line.startswith(("FAILED", "ERROR"))), "")
-    reasons = [line.strip() for line in log.splitlines()
+def _first_failure(log: str, csrc: str) -> str:
+    """The first failing test and why: a ThreadSanitizer race if one was reported, else the assertion."""
+    lines = log.splitlines()
+    failed = next((line for line in lines if line.startswith(("FAILED", "ERROR"))), "")
+    failed = re.sub(r"^(FAILED|ERROR) tests/test_cuda_emulated.py::(\S+).*", r"\2", failed)
+    reasons = [re.sub(r"^E\s+", "", line).replace(csrc + "/", "csrc/") for line in lines
                if "ThreadSanitizer: data race" in line or line.startswith("E ")]
     reason = next((r for r in reasons if "data race" in r), reasons[0] if reasons else "")
-    return f"{failed[:160]} | {reason[:200]}".strip(" |")
+    return f"{failed} | {reason[:220]}".strip(" |")
 
 
 def main(argv=None) -> int:
@@ -152,7 +155,7 @@ def main(argv=None) -> int:
             f.write("# Mutations of csrc/cuda and tests/test_cuda_emulated.py\n\n")
             f.write("`python tests/cuda_emulation/mutation_check.py`: each row breaks one thing in a copy of csrc/ "
                     "and runs the emulated tests of the kernel it touches.\n\n")
-            f.write("| # | mutation | caught | first failure |\n|---|---|---|---|\n")
+            f.write("| # | mutation | caught | first failing test / why |\n|---|---|---|---|\n")
             for n, name, caught, what, _ in rows:
                 f.write(f"| {n} | {name} | {'yes' if caught else '**no**'} | {what.replace('|', '/')} |\n")
     missed = [r for r in rows if not r[2]]
