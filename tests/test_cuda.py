@@ -236,3 +236,16 @@ def test_torch_compile_fullgraph():
     back, ld = torch.compile(roundtrip, fullgraph=True)(xc, wc, bc)
     assert_rel_close(back, x, torch.float32, factor=10, what="compiled round trip")
     assert abs(ld.item() - reference.logdet(w, 9, 7).item()) <= 1e-4 * abs(reference.logdet(w, 9, 7).item())
+
+
+@needs_gpu
+def test_too_many_channels_for_shared_memory_names_a_backend_that_works():
+    """L⁻¹ and one diagonal must fit in shared memory (C up to ~170 in float32 on an H200); beyond, the error names
+    a backend that takes the call, and the CPU backend does."""
+    C = 400
+    w = make_weight(C, 1, torch.float32, generator=torch.Generator().manual_seed(3))
+    y = make_image(1, C, 2, 3, torch.float32, generator=torch.Generator().manual_seed(4))
+    with pytest.raises((RuntimeError, ValueError), match='backend="torch"'):
+        ck.cinc_conv2d_inverse(y.cuda(), w.cuda(), backend="cuda")
+    got = ck.cinc_conv2d_inverse(y, w, backend="cpu")
+    assert_rel_close(got, reference.inverse(y.double(), w.double()), torch.float32, factor=10, what="C = 400 on cpu")
