@@ -60,8 +60,8 @@ def _build(out_dir, sanitize):
     done = subprocess.run([cxx, *flags, "-I", CSRC, "-isystem", torch_include, "-o", exe,
                            os.path.join(EMULATION, "run_kernels.cpp")], capture_output=True, text=True)
     if done.returncode != 0:
-        if sanitize and "sanitize" in done.stderr:
-            pytest.skip(f"{cxx} cannot build with -fsanitize=thread here: {done.stderr.strip()[-300:]}")
+        if sanitize:
+            return None
         raise AssertionError(f"building the emulated kernels failed:\n{done.stderr[-4000:]}")
     return exe
 
@@ -74,15 +74,19 @@ def _starts(command) -> subprocess.CompletedProcess:
 def emulator(tmp_path_factory):
     """The command that runs the emulated kernels: the ThreadSanitizer build, under `setarch -R` where the kernel's
     address-space randomisation is too wide for ThreadSanitizer's memory map; the plain build (NaN-filled and guarded
-    shared memory still checked) where neither starts."""
+    shared memory still checked) where there is no working ThreadSanitizer."""
     out = tmp_path_factory.mktemp("cuda_emulation")
     exe = _build(out, sanitize=True)
-    for command in ([exe], ["setarch", platform.machine(), "-R", exe]):
-        done = _starts(command)
-        if done.returncode == 0:
-            return command
-    warnings.warn("the ThreadSanitizer build of the emulated kernels does not start here "
-                  f"({done.stderr.strip()[:200]}); running the plain build: races between threads go unchecked")
+    why = "the compiler cannot build it (no libtsan?)"
+    if exe is not None:
+        commands = [[exe]] + ([["setarch", platform.machine(), "-R", exe]] if shutil.which("setarch") else [])
+        for command in commands:
+            done = _starts(command)
+            if done.returncode == 0:
+                return command
+        why = f"it does not start ({done.stderr.strip()[:200]})"
+    warnings.warn(f"no ThreadSanitizer build of the emulated kernels: {why}; running the plain build, so races "
+                  "between threads go unchecked")
     return [_build(out, sanitize=False)]
 
 
@@ -281,5 +285,5 @@ def test_emulation_notices_a_stray_write_and_a_race(emulator):
     race = subprocess.run([*emulator, "selftest", "race"], capture_output=True, text=True,
                           env=dict(os.environ, TSAN_OPTIONS=TSAN))
     if "_tsan" not in emulator[-1]:
-        pytest.skip("the ThreadSanitizer build does not start on this machine (see the warning); no race check")
+        pytest.skip("no working ThreadSanitizer build on this machine (see the warning): no race check")
     assert race.returncode == 66 and "data race" in race.stderr, race.stderr[-2000:]
