@@ -50,6 +50,7 @@ finish() {
   trap - EXIT INT TERM
   echo "finished: exit $rc after $(elapsed) s" >> "$STATUS"
   pack
+  rm -rf "$WORK"
   echo "results: $DEST/gpu_check.tar.gz and $DEST/summary.txt"
   exit "$rc"
 }
