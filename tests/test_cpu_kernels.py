@@ -103,19 +103,20 @@ def test_batch_zero_and_empty_images(C, op):
 
 
 @pytest.mark.parametrize("C,k", [(1, 2), (5, 3), (12, 3), (9, 5)])
-def test_direct_and_gemm_schedules_agree(C, k, monkeypatch):
-    """The per-pixel schedule (tap loop of cinc_math.h) and the gathered-GEMM schedule, forced on the same inputs."""
+def test_direct_and_tiled_schedules_agree(C, k, monkeypatch):
+    """The per-pixel schedule (tap loop of cinc_math.h) and the tiled one (register-blocked tap micro-kernel), forced
+    on the same inputs."""
     g = torch.Generator().manual_seed(C + k)
     w = make_weight(C, k, generator=g)
     b = torch.randn(C, generator=g, dtype=torch.float64)
     x = make_image(3, C, 9, 6, generator=g)
     results = {}
-    for schedule, threshold in (("direct", "100000"), ("gemm", "1")):
-        monkeypatch.setenv("CINC_CPU_GEMM_MIN_CHANNELS", threshold)
+    for schedule in ("direct", "tiled"):
+        monkeypatch.setenv("CINC_CPU_SCHEDULE", schedule)
         results[schedule] = (ck.cinc_conv2d(x, w, b, backend="cpu"), ck.cinc_conv2d_inverse(x, w, b, backend="cpu"),
                              ck.cinc_conv2d_inverse_transpose(x, w, backend="cpu"))
-    for direct, gemm in zip(results["direct"], results["gemm"]):
-        torch.testing.assert_close(direct, gemm, rtol=1e-12, atol=1e-12)
+    for direct, tiled in zip(results["direct"], results["tiled"]):
+        torch.testing.assert_close(direct, tiled, rtol=1e-12, atol=1e-12)
     y_ref = reference.forward(x, w, b)
     assert rel_error(results["direct"][0], y_ref) <= RTOL[torch.float64]
 
