@@ -105,11 +105,17 @@ at::Tensor from_channels_last_buffer(const at::Tensor& t) {
   return t.permute({0, 3, 1, 2}).contiguous();  // (B, C, H, W)
 }
 
+// `weight` contiguous. Reads the C diagonal entries directly: a handful of ATen ops here cost more than a small solve.
 void check_nonsingular(const at::Tensor& weight, bool unit_diagonal) {
   if (unit_diagonal) return;
-  const int64_t k = weight.size(3);
-  const at::Tensor diag = weight.select(3, k - 1).select(2, k - 1).diagonal();
-  TORCH_CHECK(!diag.eq(0).any().item<bool>(),
+  const int64_t C = weight.size(0);
+  const int k = static_cast<int>(weight.size(3));
+  bool singular = false;
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "cinc_check_nonsingular_cpu", [&] {
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) singular |= w[weight_offset(c, c, k - 1, k - 1, C, k)] == scalar_t(0);
+  });
+  TORCH_CHECK(!singular,
               "weight: the centre tap weight[:, :, k-1, k-1] has a zero on its diagonal, so the convolution is "
               "singular and has no inverse (its log-determinant is -inf)");
 }
@@ -329,16 +335,23 @@ at::Tensor forward_tiled(const at::Tensor& x, const at::Tensor& weight, const st
       const int64_t n0 = blk * kSolveBlock;
       const int count = static_cast<int>(std::min<int64_t>(kSolveBlock, pixels - n0));
       const T* corner[kSolveBlock];
+      T* result[kSolveBlock];
+      int64_t b = n0 / HW, i = (n0 / W) % H, j = n0 % W;
       for (int p = 0; p < kSolveBlock; ++p) {
-        const int64_t n = n0 + std::min(p, count - 1);
-        const int64_t b = n / HW, i = (n / W) % H, j = n % W;
         corner[p] = pp + ((b * Hp + i) * Wp + j) * C;  // the window of (i, j) starts at padded (i, j)
+        result[p] = yp + b * C * HW + i * W + j;
+        if (p + 1 < count && ++j == W) {  // a short last block repeats its last pixel
+          j = 0;
+          if (++i == H) {
+            i = 0;
+            ++b;
+          }
+        }
       }
       kernel(ts, corner, sums.data);
       for (int p = 0; p < count; ++p) {
-        const int64_t n = n0 + p;
-        T* out = yp + (n / HW) * C * HW + n % HW;
-        for (int64_t o = 0; o < C; ++o) out[o * HW] = bp != nullptr ? sums.data[p * Cp + o] + bp[o] : sums.data[p * Cp + o];
+        const T* sum = sums.data + p * Cp;
+        for (int64_t o = 0; o < C; ++o) result[p][o * HW] = bp != nullptr ? sum[o] + bp[o] : sum[o];
       }
     }
   });
@@ -517,15 +530,20 @@ void tiled_blocks(const TiledWavefront<T>& tw, T* padded, int64_t first_image, i
     const int count = static_cast<int>(std::min<int64_t>(kSolveBlock, rows - n0));
     int64_t image[kSolveBlock], row[kSolveBlock], col[kSolveBlock];
     const T* corner[kSolveBlock];
-    // A short last block repeats its last pixel: the lanes are independent, so the copies change no result.
+    // Row n of the diagonal is pixel (first + n % count, ·) of image n / count; one division per block, then steps.
+    int64_t g = n0 / diag.count, i = diag.first + n0 % diag.count;
     for (int p = 0; p < kSolveBlock; ++p) {
-      const int64_t n = n0 + std::min(p, count - 1);
-      image[p] = n / diag.count;
-      row[p] = diag.first + n % diag.count;
-      col[p] = d - row[p];
+      // A short last block repeats its last pixel: the lanes are independent, so the copies change no result.
+      image[p] = g;
+      row[p] = i;
+      col[p] = d - i;
       // The window of pixel (i, j) starts at padded (i, j) in both layouts (top-left padding for the inverse,
       // bottom-right for the adjoint).
-      corner[p] = padded + image[p] * image_stride + row[p] * row_stride + col[p] * C;
+      corner[p] = padded + g * image_stride + i * row_stride + col[p] * C;
+      if (p + 1 < count && ++i == diag.first + diag.count) {
+        i = diag.first;
+        ++g;
+      }
     }
     tw.sums_kernel(tw.sums, corner, sums);
     for (int p = 0; p < kSolveBlock; ++p) {
