@@ -148,3 +148,22 @@ def test_block_and_single_pixel_substitutions_are_bitwise_equal(C, dtype):
         assert torch.equal(flat, flat[:1].expand(9, C)), f"adjoint={adjoint}"
         want = (reference.inverse_transpose if adjoint else reference.inverse)(pixel.double(), w.double())
         assert rel_error(flat[0], want.reshape(C)) <= 20 * RTOL[dtype]
+
+
+@pytest.mark.parametrize("vector_bytes", ["16", "32", "64"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [1, 5, 12, 24])
+def test_tiled_schedule_on_every_vector_width(C, dtype, vector_bytes, monkeypatch):
+    """The tap micro-kernel is built for 16-, 32- and 64-byte vectors (baseline, AVX2 + FMA, AVX-512) and picks one
+    at run time; capping the width runs the narrower builds on this CPU too. C = 1, 5, 12, 24 cover vectors with
+    padding lanes and several vectors per tap row."""
+    monkeypatch.setenv("CINC_CPU_MAX_VECTOR_BYTES", vector_bytes)
+    g = torch.Generator().manual_seed(C)
+    w = make_weight(C, 3, dtype, generator=g, off_centre=1.0)
+    b = torch.randn(C, generator=g, dtype=torch.float64).to(dtype)
+    x = make_image(3, C, 7, 5, dtype, generator=g)
+    y = ck.cinc_conv2d(x, w, b, backend="cpu")
+    assert rel_error(y, reference.forward(x.double(), w.double(), b.double())) <= RTOL[dtype]
+    assert rel_error(ck.cinc_conv2d_inverse(y, w, b, backend="cpu"), x) <= 20 * RTOL[dtype]
+    u = ck.cinc_conv2d_inverse_transpose(x, w, backend="cpu")
+    assert rel_error(u, reference.inverse_transpose(x.double(), w.double())) <= 20 * RTOL[dtype]

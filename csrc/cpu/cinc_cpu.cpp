@@ -202,15 +202,19 @@ __attribute__((target("avx512f"))) CINC_CONTRACT void tap_sums_avx512(const TapS
 #endif
 
 // The widest vectors this CPU runs well (64 bytes with AVX-512, 32 with AVX2 and FMA, else 16).
+// CINC_CPU_MAX_VECTOR_BYTES=16|32 caps it (read at every call), so that the tests run the narrower builds too.
 int max_vector_bytes() {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const int bytes = __builtin_cpu_supports("avx512f")                                     ? 64
-                           : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 32
-                                                                                                 : 16;
-  return bytes;
+  static const int cpu = __builtin_cpu_supports("avx512f")                                     ? 64
+                         : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 32
+                                                                                               : 16;
 #else
-  return 16;
+  const int cpu = 16;
 #endif
+  const char* env = std::getenv("CINC_CPU_MAX_VECTOR_BYTES");
+  if (env == nullptr || *env == '\0') return cpu;
+  const int cap = std::atoi(env);
+  return cap >= 64 ? cpu : cap >= 32 ? std::min(cpu, 32) : 16;
 }
 
 // The vector width for C output channels: fewest vector operations per tap, a 64-byte one counted as two 32-byte
