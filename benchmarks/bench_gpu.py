@@ -1,4 +1,4 @@
-"""The CUDA kernels against cuDNN, nn.Conv2d and a FInC-style inverse, side by side in one run (issue 3's targets).
+"""The CUDA kernels against cuDNN, nn.Conv2d and a FInC-style inverse, side by side in one run.
 
     python benchmarks/bench_gpu.py --out DIR          # on a GPU: float32, k = 3, the issue's shapes (~2-4 min)
     python benchmarks/bench_gpu.py --dry-run          # on the CPU: tiny shapes, the CPU backend and Triton's

@@ -17,7 +17,7 @@ case only. Results are appended as long-format CSV rows (the harness's schema, :
 (default ``runs/bench``; ``benchmarks/results`` only when asked), with a Markdown table and PNG plots beside them.
 
 Weights are the layers' own initialisation moved by ``N(0, (0.1/√fan_in)²)`` noise on every parameter, so every tap
-matters and the inverse stays well conditioned (shared/SPEC.md §1, "Conditioning").
+matters and the inverse stays well conditioned (docs/spec.md §1, conditioning).
 """
 from __future__ import annotations
 
