@@ -241,7 +241,9 @@ def flow_part(convs, batch, size, levels, steps, hidden, rounds, rows, lines):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2, help="threads of the ops and schedules parts (default 2)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                   help="threads of the ops part, one table each (default 1 2; the schedules and flow parts use the "
+                        "last)")
     p.add_argument("--step-threads", type=int, nargs="+", default=[1, 2], help="threads of the training-step part")
     p.add_argument("--rounds", type=int, default=30, help="interleaved rounds per shape (default 30)")
     p.add_argument("--parts", nargs="+", default=["ops", "schedules", "step", "flow"],
@@ -250,7 +252,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help=f"folder for cpu_ops.csv/.md (default {RESULTS}; with --quick: none)")
     p.add_argument("--no-write", action="store_true", help="print the report only")
     args = p.parse_args(argv)
-    if args.threads < 1 or any(n < 1 for n in args.step_threads):
+    if any(n < 1 for n in args.threads + args.step_threads):
         p.error("--threads/--step-threads: must be >= 1")
     if args.rounds < 1:
         p.error("--rounds: must be >= 1")
@@ -262,11 +264,13 @@ def main(argv=None) -> int:
         flow, rounds = dict(batch=2, size=8, levels=2, steps=1, hidden=8), 3
     out = pathlib.Path(args.out) if args.out else (None if args.quick else RESULTS)
 
-    torch.set_num_threads(args.threads)
     rows, lines = [], []
     start = harness.machine("cpu")
     if "ops" in args.parts:
-        ops_part(op_shapes, rounds, rows, lines)
+        for n in args.threads:
+            with threads(n):
+                ops_part(op_shapes, rounds, rows, lines)
+    torch.set_num_threads(args.threads[-1])
     if "schedules" in args.parts:
         schedules_part(rounds, rows, lines)
     if "step" in args.parts:
@@ -278,7 +282,9 @@ def main(argv=None) -> int:
         "# CPU ops against ATen's convolution", "",
         f"{harness.describe_machine(start)} (at the start; each CSV row has its own load average).",
         f"Command: `{command.strip()}`. Timings on a machine shared with other jobs are noisy: the ratios come from "
-        "providers interleaved call by call, so they hold up better than the absolute times.", "",
+        "providers interleaved call by call, so they hold up better than the absolute times. With more threads than "
+        "idle cores, OpenMP's waits for descheduled threads cost milliseconds per call whatever the work, and "
+        "multi-threaded medians measure the machine's load, not the kernels: read the 1-thread tables then.", "",
     ] + lines)
     print()
     print(report)
