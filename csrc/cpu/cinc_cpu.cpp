@@ -1,9 +1,10 @@
-// CPU kernels of the CInC convolution: forward, wavefront inverse, its adjoint, log-determinant.
+// CPU kernels of the CInC convolution (docs/spec.md §1): forward, wavefront inverse, its adjoint, log-determinant.
 //
-// Two schedules share the per-pixel arithmetic of cinc_math.h:
-//  * direct: one task per pixel runs the tap loop and the channel substitution (few channels);
-//  * gemm:   each anti-diagonal's neighbour windows are gathered into a (pixels, k²C) matrix and multiplied by the
-//            masked taps in one BLAS call, then every pixel of the diagonal is substituted in parallel.
+// Two schedules:
+//  * tiled (the default): a register-blocked micro-kernel computes the tap sums of 8 pixels × one vector of output
+//    channels straight from a zero-padded channels-last image; the solves substitute those 8 pixels together.
+//  * direct (CINC_CPU_SCHEDULE=direct): one task per pixel runs cinc_math.h's tap loop and channel substitution; the
+//    independent one-pixel implementation the tests compare the tiled one with.
 // Both keep the working image channels-last (B, H, W, C), so a pixel's channels and a window row's k·C values are
 // contiguous; results are returned as contiguous NCHW tensors.
 #include <ATen/ATen.h>
