@@ -14,7 +14,8 @@ build: deps
 	$(PYTHON) setup.py -q build_ext --inplace
 
 # After the versions and the self-check: the layers side by side on this machine's default device (CUDA if present),
-# ending with the table and the paths of the CSV and plots (benchmarks/results/). About 16 s with --threads 1 on the
+# ending with the table and the paths of the CSV and plots, written to runs/bench/ (untracked); the committed results
+# in benchmarks/results/ change only by an explicit benchmark run (`make bench`). About 16 s with --threads 1 on the
 # (busy) 2-core build machine; with 2 threads on a machine that other jobs load, OpenMP stalls stretch it to ~3 min.
 demo: build
 	$(PYTHON) -m cinc_kernels info
@@ -27,6 +28,12 @@ demo: build
 test: build
 	$(PYTHON) -m pytest -q tests --ignore=tests/triton
 	$(MAKE) --no-print-directory test-triton
+
+# The committed CPU results: the CPU ops against ATen's convolution, training steps and the flow's sampling/density
+# ratio (benchmarks/results/cpu_ops.*), then the layers side by side (benchmarks/results/layers.*).
+bench: build
+	$(PYTHON) benchmarks/bench_cpu_ops.py
+	$(PYTHON) -m cinc_kernels bench --device cpu --out benchmarks/results
 
 test-triton:
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests

@@ -58,19 +58,20 @@ def test_cpu_kernels_match_reference(case):
 
 
 @pytest.mark.parametrize("C,k", [(1, 2), (5, 3), (12, 3), (9, 5)])
-def test_direct_and_gemm_schedules_agree(C, k, monkeypatch):
-    """The per-pixel schedule (tap loop of cinc_math.h) and the gathered-GEMM schedule, forced on the same inputs."""
+def test_direct_and_tiled_schedules_agree(C, k, monkeypatch):
+    """The per-pixel schedule (tap loop of cinc_math.h) and the tiled one (register-blocked tap micro-kernel), forced
+    on the same inputs."""
     g = torch.Generator().manual_seed(C + k)
     w = make_weight(C, k, generator=g)
     b = torch.randn(C, generator=g, dtype=torch.float64)
     x = make_image(3, C, 9, 6, generator=g)
     results = {}
-    for schedule, threshold in (("direct", "100000"), ("gemm", "1")):
-        monkeypatch.setenv("CINC_CPU_GEMM_MIN_CHANNELS", threshold)
+    for schedule in ("direct", "tiled"):
+        monkeypatch.setenv("CINC_CPU_SCHEDULE", schedule)
         results[schedule] = (ck.cinc_conv2d(x, w, b, backend="cpu"), ck.cinc_conv2d_inverse(x, w, b, backend="cpu"),
                              ck.cinc_conv2d_inverse_transpose(x, w, backend="cpu"))
-    for direct, gemm in zip(results["direct"], results["gemm"]):
-        torch.testing.assert_close(direct, gemm, rtol=1e-12, atol=1e-12)
+    for direct, tiled in zip(results["direct"], results["tiled"]):
+        torch.testing.assert_close(direct, tiled, rtol=1e-12, atol=1e-12)
     y_ref = reference.forward(x, w, b)
     assert rel_error(results["direct"][0], y_ref) <= RTOL[torch.float64]
 
@@ -102,3 +103,22 @@ def test_block_and_single_pixel_substitutions_are_bitwise_equal(C, dtype):
         assert torch.equal(flat, flat[:1].expand(9, C)), f"adjoint={adjoint}"
         want = (reference.inverse_transpose if adjoint else reference.inverse)(pixel.double(), w.double())
         assert rel_error(flat[0], want.reshape(C)) <= 20 * RTOL[dtype]
+
+
+@pytest.mark.parametrize("vector_bytes", ["16", "32", "64"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [1, 5, 12, 24])
+def test_tiled_schedule_on_every_vector_width(C, dtype, vector_bytes, monkeypatch):
+    """The tap micro-kernel is built for 16-, 32- and 64-byte vectors (baseline, AVX2 + FMA, AVX-512) and picks one
+    at run time; capping the width runs the narrower builds on this CPU too. C = 1, 5, 12, 24 cover vectors with
+    padding lanes and several vectors per tap row."""
+    monkeypatch.setenv("CINC_CPU_MAX_VECTOR_BYTES", vector_bytes)
+    g = torch.Generator().manual_seed(C)
+    w = make_weight(C, 3, dtype, generator=g, off_centre=1.0)
+    b = torch.randn(C, generator=g, dtype=torch.float64).to(dtype)
+    x = make_image(3, C, 7, 5, dtype, generator=g)
+    y = ck.cinc_conv2d(x, w, b, backend="cpu")
+    assert rel_error(y, reference.forward(x.double(), w.double(), b.double())) <= RTOL[dtype]
+    assert rel_error(ck.cinc_conv2d_inverse(y, w, b, backend="cpu"), x) <= 20 * RTOL[dtype]
+    u = ck.cinc_conv2d_inverse_transpose(x, w, backend="cpu")
+    assert rel_error(u, reference.inverse_transpose(x.double(), w.double())) <= 20 * RTOL[dtype]

@@ -244,7 +244,7 @@ def test_bench_tiny_run_writes_long_format_csv(tmp_path):
     ops = {(r["layer"], r["op"]) for r in table}
     for name in ck.LAYERS:
         assert {(name, op) for op in ("forward", "inverse", "logdet", "fwd+bwd")} <= ops
-    algos = {r["backend"] for r in table if r["suite"] == "inverse_algorithms"}
+    algos = {r["provider"] for r in table if r["suite"] == "inverse_algorithms"}
     assert {"cpu", "torch_wavefront"} <= algos and any(a.startswith("sequential_raster") for a in algos)
     for r in table:
         assert float(r["median_ms"]) >= 0 and float(r["p20_ms"]) >= 0 and float(r["p80_ms"]) >= 0
