@@ -7,27 +7,20 @@ register themselves with :func:`register_backend`.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import _extension, reference
 from ._autograd import register_autograd_formulas, register_fake_impls
 
 OPS = ("forward", "inverse", "inverse_transpose", "logdet")
 FLOATS = (torch.float32, torch.float64)
 
-try:
-    from . import _C  # noqa: F401  (loading the library registers torch.ops.cinc.*)
-
-    _EXTENSION_ERROR: Optional[str] = None
-except ImportError as exc:  # pragma: no cover - exercised only on an unbuilt checkout
-    _EXTENSION_ERROR = str(exc)
-
-_BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (or `make build`) in the repository root"
+# Loading the library registers torch.ops.cinc.*; a library built by another torch is refused here, at import.
+_EXTENSION_ERROR: Optional[str] = _extension.load()
+_BUILD_HINT = _extension.BUILD_HINT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +31,9 @@ class Backend:
     ``forward(x, weight, bias, unit_diagonal)``; an op it lacks is absent. ``device_types`` lists the tensor device
     types it accepts (empty: any). ``dtypes(op, device_type)`` gives the dtypes it accepts for an op.
     ``unavailable()`` returns ``None`` when the backend works on this install, else why not and how to fix it.
+    ``device_unsupported(device)`` returns ``None`` when it can run on that device, else why not (``auto`` then
+    skips it with a one-time warning). ``skip_warning()`` returns what ``auto`` warns once when it passes over an
+    unavailable backend that should have been there (a compiled extension that did not load), else ``None``.
     """
 
     name: str
@@ -46,6 +42,8 @@ class Backend:
     dtypes: Callable[[str, str], tuple] = lambda op, device_type: FLOATS
     unavailable: Callable[[], Optional[str]] = lambda: None
     public: bool = True
+    device_unsupported: Callable[[torch.device], Optional[str]] = lambda device: None
+    skip_warning: Callable[[], Optional[str]] = lambda: None
 
     def runs_on(self, device_type: str) -> bool:
         return not self.device_types or device_type in self.device_types
@@ -99,9 +97,20 @@ def select(name: str, op: str, device: torch.device, dtype: torch.dtype, arg: st
     if name == "auto":
         for candidate in AUTO_ORDER.get((device.type, op), ["reference"]):
             b = _REGISTRY.get(candidate)
-            if (b is not None and op in b.ops and b.runs_on(device.type) and b.unavailable() is None
-                    and dtype in b.dtypes(op, device.type)):
-                return b
+            if b is None or op not in b.ops or not b.runs_on(device.type):
+                continue
+            if b.unavailable() is not None:
+                warning = b.skip_warning()
+                if warning is not None:
+                    _extension.warn_once(warning)
+                continue
+            if dtype not in b.dtypes(op, device.type):
+                continue
+            why = b.device_unsupported(device)
+            if why is not None:
+                _extension.warn_once(f"backend='auto' does not use {candidate!r} on {device}: {why}")
+                continue
+            return b
         raise ValueError(f"{arg}: no backend runs {op} for dtype {dtype} on {device.type}")
     b = get_backend(name)
     why = b.unavailable()
@@ -113,6 +122,9 @@ def select(name: str, op: str, device: torch.device, dtype: torch.dtype, arg: st
         raise ValueError(
             f"backend {name!r} runs on {'/'.join(b.device_types)} tensors, but {arg} is on {device.type}"
         )
+    why = b.device_unsupported(device)
+    if why is not None:
+        raise RuntimeError(f"backend {name!r} cannot run on {device}: {why}")
     accepted = b.dtypes(op, device.type)
     if dtype not in accepted:
         names = ", ".join(str(d).replace("torch.", "") for d in accepted)
@@ -157,14 +169,7 @@ register_backend(
 )
 
 
-def build_info() -> dict:
-    """What the extension was built with (written by setup.py), or ``{}`` for an unbuilt checkout."""
-    path = os.path.join(os.path.dirname(__file__), "_build_info.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+build_info = _extension.build_info
 
 
 def _has_kernel(op: str, key: str) -> bool:
@@ -189,6 +194,13 @@ def _cuda_unavailable():
     return None
 
 
+def _extension_skip_warning():
+    if _EXTENSION_ERROR is None:
+        return None
+    return (f"backend='auto' falls back to slower backends: the C++ extension cinc_kernels._C did not load "
+            f"({_EXTENSION_ERROR}); {_BUILD_HINT}")
+
+
 if _EXTENSION_ERROR is None:
     _EXTENSION_OPS = {op: getattr(torch.ops.cinc, op).default for op in OPS}
     register_fake_impls(*(_EXTENSION_OPS[op] for op in OPS))
@@ -196,7 +208,8 @@ if _EXTENSION_ERROR is None:
 else:  # pragma: no cover
     _EXTENSION_OPS = {}
 
-register_backend(Backend(name="cpu", ops=_EXTENSION_OPS, device_types=("cpu",), unavailable=_cpu_unavailable))
+register_backend(Backend(name="cpu", ops=_EXTENSION_OPS, device_types=("cpu",), unavailable=_cpu_unavailable,
+                         skip_warning=_extension_skip_warning))
 register_backend(
     Backend(
         name="cuda",
@@ -204,5 +217,7 @@ register_backend(
         device_types=("cuda",),
         dtypes=lambda op, dev: FLOATS + ((torch.float16, torch.bfloat16) if op == "forward" else ()),
         unavailable=_cuda_unavailable,
+        device_unsupported=_extension.cuda_device_unsupported,
+        skip_warning=_extension_skip_warning,
     )
 )
