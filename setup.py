@@ -178,7 +178,7 @@ def cpu_flags():
 CPU_COMPILE_FLAGS, CPU_LINK_FLAGS, WITH_OPENMP = cpu_flags()
 
 
-def write_build_info():
+def write_build_info(package_dirs):
     info = {
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
@@ -193,9 +193,22 @@ def write_build_info():
         "python": sys.version.split()[0],
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    with open(os.path.join(ROOT, "cinc_kernels", "_build_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
-        f.write("\n")
+    for package_dir in package_dirs:
+        os.makedirs(package_dir, exist_ok=True)
+        with open(os.path.join(package_dir, "_build_info.json"), "w") as f:
+            json.dump(info, f, indent=2)
+            f.write("\n")
+
+
+class BuildExtensionWithInfo(BuildExtension):
+    """Writes _build_info.json beside the extension it builds (and only then: an sdist must not rewrite it)."""
+
+    def run(self):
+        super().run()
+        # In place (and editable installs, which import from the source tree) beside the source; otherwise into the
+        # build tree the wheel is packed from, leaving the checkout's own build record alone.
+        in_source = self.inplace or getattr(self, "editable_mode", False)
+        write_build_info([os.path.join(ROOT if in_source else self.build_lib, "cinc_kernels")])
 
 
 def extension():
@@ -219,12 +232,11 @@ def extension():
     return CppExtension("cinc_kernels._C", sources, define_macros=macros, **common)
 
 
-write_build_info()
 setup(
     name="cinc_kernels",
     packages=find_packages(include=["cinc_kernels", "cinc_kernels.*"]),
     package_data={"cinc_kernels": ["_build_info.json", "py.typed"]},
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionWithInfo.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": LIMITED_API[0]}},
 )
