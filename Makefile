@@ -3,7 +3,7 @@
 PYTHON ?= python3
 export CINC_CUDA ?= auto
 
-.PHONY: deps build demo test test-triton bench clean
+.PHONY: deps build demo test test-triton test-install typecheck bench clean
 
 deps:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -26,9 +26,20 @@ demo: build
 test: build
 	$(PYTHON) -m pytest -q tests --ignore=tests/triton
 	$(MAKE) --no-print-directory test-triton
+	$(MAKE) --no-print-directory typecheck
+	$(MAKE) --no-print-directory test-install
 
 test-triton:
 	@if [ -d tests/triton ]; then TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests/triton; fi
+
+# The sdist and the cp310-abi3 wheel, each installed into a fresh virtual environment (reusing the installed torch)
+# and checked with `python -m cinc_kernels check` from outside the repository: two full CPU builds, a few minutes.
+test-install:
+	CINC_TEST_INSTALL=1 $(PYTHON) -m pytest -q tests/test_packaging.py -k venv
+
+# The public modules, strictly typed (the package ships py.typed).
+typecheck:
+	$(PYTHON) -m mypy
 
 clean:
 	rm -rf build cinc_kernels/*.so cinc_kernels/_build_info.json

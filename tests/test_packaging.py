@@ -255,8 +255,12 @@ install = pytest.mark.skipif(os.environ.get("CINC_TEST_INSTALL") != "1",
 
 
 def _venv(path) -> str:
-    """A fresh virtual environment that sees the installed torch (not the checkout); returns its python."""
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(path)], check=True)
+    """A fresh virtual environment that sees the installed torch (not the checkout); returns its python.
+
+    Without its own pip: ensurepip would also put its bundled setuptools (65.5 on Python 3.11, too old for the
+    project's metadata) in front of the installed one.
+    """
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(path)], check=True)
     return os.path.join(str(path), "bin", "python")
 
 
