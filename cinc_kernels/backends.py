@@ -37,9 +37,9 @@ class Backend:
     """
 
     name: str
-    ops: dict
-    device_types: tuple = ()
-    dtypes: Callable[[str, str], tuple] = lambda op, device_type: FLOATS
+    ops: dict[str, Callable[..., torch.Tensor]]
+    device_types: tuple[str, ...] = ()
+    dtypes: Callable[[str, str], tuple[torch.dtype, ...]] = lambda op, device_type: FLOATS
     unavailable: Callable[[], Optional[str]] = lambda: None
     public: bool = True
     device_unsupported: Callable[[torch.device], Optional[str]] = lambda device: None
@@ -136,8 +136,9 @@ def select(name: str, op: str, device: torch.device, dtype: torch.dtype, arg: st
 # built-in backends
 
 
-def _reference_logdet(weight, height, width, unit_diagonal):
-    return reference.logdet(weight, height, width, unit_diagonal).to(weight.dtype)
+def _reference_logdet(weight: torch.Tensor, height: int, width: int, unit_diagonal: bool) -> torch.Tensor:
+    ld: torch.Tensor = reference.logdet(weight, height, width, unit_diagonal)
+    return ld.to(weight.dtype)
 
 
 register_backend(
@@ -153,7 +154,8 @@ register_backend(
 )
 
 
-def _aten_forward(x, weight, bias, unit_diagonal):
+def _aten_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  unit_diagonal: bool) -> torch.Tensor:
     """The forward through ATen's convolution (oneDNN / cuDNN) on the masked weight; differentiable by ATen."""
     k = weight.shape[-1]
     return F.conv2d(F.pad(x, (k - 1, 0, k - 1, 0)), reference.masked_weight(weight, unit_diagonal), bias)
@@ -176,13 +178,13 @@ def _has_kernel(op: str, key: str) -> bool:
     return _EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"cinc::{op}", key)
 
 
-def _cpu_unavailable():
+def _cpu_unavailable() -> Optional[str]:
     if _EXTENSION_ERROR is not None:
         return f"the C++ extension cinc_kernels._C did not load ({_EXTENSION_ERROR}); {_BUILD_HINT}"
     return None
 
 
-def _cuda_unavailable():
+def _cuda_unavailable() -> Optional[str]:
     if _EXTENSION_ERROR is not None:
         return f"the C++ extension cinc_kernels._C did not load ({_EXTENSION_ERROR}); {_BUILD_HINT}"
     if not _has_kernel("inverse", "CUDA"):
@@ -194,7 +196,7 @@ def _cuda_unavailable():
     return None
 
 
-def _extension_skip_warning():
+def _extension_skip_warning() -> Optional[str]:
     if _EXTENSION_ERROR is None:
         return None
     return (f"backend='auto' falls back to slower backends: the C++ extension cinc_kernels._C did not load "
