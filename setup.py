@@ -100,7 +100,12 @@ def default_arch_list(home):
                 wanted.append(arch)
     supported = nvcc_archs(home)
     if supported is not None:
-        wanted = [a for a in wanted if a.split("+")[0] in supported] or wanted
+        kept = [a for a in wanted if a.split("+")[0] in supported]
+        if kept and not any(a.endswith("+PTX") for a in kept):
+            # An older nvcc without 9.0: PTX of the newest arch it has still reaches the GPUs after it.
+            newest = max(kept, key=lambda a: tuple(int(v) for v in a.split(".")))
+            kept[kept.index(newest)] = newest + "+PTX"
+        wanted = kept or wanted
     return ";".join(wanted)
 
 

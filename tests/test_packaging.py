@@ -8,6 +8,7 @@ import dataclasses
 import glob
 import importlib
 import os
+import runpy
 import subprocess
 import sys
 import tarfile
@@ -119,6 +120,39 @@ def test_parse_archs():
 ])
 def test_default_archs_cover(capability, covered):
     assert _extension.archs_cover(_extension.parse_archs("8.0;8.6;8.9;9.0+PTX"), capability) is covered
+
+
+@pytest.fixture(scope="module")
+def setup_namespace():
+    """setup.py's functions, from running it with ``--version`` (which builds nothing)."""
+    argv, environ = sys.argv, dict(os.environ)
+    sys.argv = ["setup.py", "--version"]
+    try:
+        return runpy.run_path(os.path.join(ROOT, "setup.py"))
+    finally:
+        # setup.py sets CUDA_HOME and TORCH_CUDA_ARCH_LIST for the build it would run.
+        sys.argv = argv
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+@pytest.mark.parametrize("nvcc,gpus,expected", [
+    ({"7.5", "8.0", "8.6", "8.7", "8.9", "9.0", "10.0", "12.0"}, [], "8.0;8.6;8.9;9.0+PTX"),
+    ({"7.5", "8.0", "8.6", "8.9", "9.0"}, [(7, 5)], "8.0;8.6;8.9;9.0+PTX;7.5"),
+    ({"8.0", "8.6", "8.9", "9.0", "10.0"}, [(9, 0), (8, 0)], "8.0;8.6;8.9;9.0+PTX"),
+    ({"7.5", "8.0", "8.6"}, [], "8.0;8.6+PTX"),  # CUDA 11.1–11.7: no 8.9 or 9.0, so the PTX moves to 8.6
+    (None, [], "8.0;8.6;8.9;9.0+PTX"),  # an nvcc that cannot list its archs: the default as is
+])
+def test_default_arch_list(setup_namespace, nvcc, gpus, expected, monkeypatch):
+    props = [types.SimpleNamespace(major=major, minor=minor) for major, minor in gpus]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(gpus))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (props[i].major, props[i].minor))
+    namespace = setup_namespace["default_arch_list"].__globals__
+    monkeypatch.setitem(namespace, "nvcc_archs", lambda home: nvcc)
+    assert namespace["default_arch_list"]("/unused") == expected
+    archs = _extension.parse_archs(expected)
+    assert all(_extension.archs_cover(archs, gpu) for gpu in gpus)
 
 
 def test_sass_without_ptx_does_not_cover_a_newer_major():
