@@ -42,4 +42,4 @@ typecheck:
 	$(PYTHON) -m mypy
 
 clean:
-	rm -rf build cinc_kernels/*.so cinc_kernels/_build_info.json
+	rm -rf build dist *.egg-info cinc_kernels/*.so cinc_kernels/_build_info.json

@@ -74,7 +74,7 @@ def cinc_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             gradient.
         bias: ``(C,)`` or ``None``.
         unit_diagonal: treat the centre tap's diagonal as ones (log-determinant 0).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``, ``"torch"`` (portable, any device).
 
     Returns:
         ``y``: ``(B, C, H, W)``, same dtype and device as ``x``.

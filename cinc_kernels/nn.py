@@ -47,7 +47,8 @@ class CInCConv2d(nn.Module):
         kernel_size: ``k`` in 1…7 (the paper's 3).
         bias: learn a ``(C,)`` bias.
         unit_diagonal: fix the centre tap's diagonal to ones (log-determinant 0, invertible by construction).
-        backend: passed to the functional ops (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``).
+        backend: passed to the functional ops (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``, ``"torch"``,
+            ``"reference"``).
         init_scale: standard deviation of the off-identity initial entries (the layer starts near the identity).
         parametrization: ``"none"`` (``weight`` is free) or ``"contractive"``: ``weight`` is
             :func:`cinc_kernels.conditioning.contractive_weight` of a free parameter (registered with

@@ -37,7 +37,7 @@ def _diagonal_pixels(d: int, height: int, width: int, device: torch.device) -> t
 
 
 def _wavefront(rhs: torch.Tensor, taps: torch.Tensor, centre: torch.Tensor, *, upper: bool) -> torch.Tensor:
-    """Solve for ``x`` with ``x[i, j] = centre⁻¹ (rhs[i, j] − Σ_ab taps[:, :, a, b] · x[i + a − (k−1), j + b − (k−1)])``.
+    """Solve for ``x`` with ``x[i, j] = centre⁻¹ (rhs[i, j] − Σ_ab taps[:, :, a, b] · x[i+a−(k−1), j+b−(k−1)])``.
 
     ``rhs``: ``(B, C, H, W)``; ``taps``: ``(C, C, k, k)`` with a zero centre tap; ``centre``: ``(C, C)`` triangular
     (``upper`` says which). Pixels outside the image count as zero. The neighbours sit up and to the left, so the
