@@ -3,7 +3,7 @@
 PYTHON ?= python3
 export CINC_CUDA ?= auto
 
-.PHONY: deps build demo test test-triton bench clean
+.PHONY: deps build demo test test-triton test-install typecheck bench clean
 
 deps:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -28,6 +28,8 @@ demo: build
 test: build
 	$(PYTHON) -m pytest -q tests --ignore=tests/triton
 	$(MAKE) --no-print-directory test-triton
+	$(MAKE) --no-print-directory typecheck
+	$(MAKE) --no-print-directory test-install
 
 # The committed CPU results: the CPU ops against ATen's convolution, training steps and the flow's sampling/density
 # ratio (benchmarks/results/cpu_ops.*), then the layers side by side (benchmarks/results/layers.*).
@@ -38,5 +40,14 @@ bench: build
 test-triton:
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests
 
+# The sdist and the cp310-abi3 wheel, each installed into a fresh virtual environment (reusing the installed torch)
+# and checked with `python -m cinc_kernels check` from outside the repository: two full CPU builds, a few minutes.
+test-install:
+	CINC_TEST_INSTALL=1 $(PYTHON) -m pytest -q tests/test_packaging.py -k venv
+
+# The public modules, strictly typed (the package ships py.typed).
+typecheck:
+	$(PYTHON) -m mypy
+
 clean:
-	rm -rf build cinc_kernels/*.so cinc_kernels/_build_info.json
+	rm -rf build dist *.egg-info cinc_kernels/*.so cinc_kernels/_build_info.json

@@ -13,6 +13,7 @@ from ._extension import build_info
 from .backends import available_backends, register_backend
 from .conditioning import inverse_gain
 from .functional import cinc_conv2d, cinc_conv2d_inverse, cinc_conv2d_inverse_transpose, cinc_logdet
+from . import torch_backend as _torch_backend  # noqa: F401  (registers backend="torch", after the compiled ones)
 
 __version__ = "0.1.0"
 

@@ -31,7 +31,10 @@ class Backend:
     ``forward(x, weight, bias, unit_diagonal)``; an op it lacks is absent. ``device_types`` lists the tensor device
     types it accepts (empty: any). ``op_dtypes`` declares the dtypes of the ops that take more than :data:`FLOATS`,
     keyed by op name or by ``(device_type, op)``. ``unavailable()`` returns ``None`` when the backend works on this
-    install, else why not and how to fix it.
+    install, else why not and how to fix it. ``device_unsupported(device)`` returns ``None`` when it can run on that
+    device, else why not (``auto`` then skips it with a one-time warning). ``skip_warning()`` returns what ``auto``
+    warns once when it passes over an unavailable backend that should have been there (a compiled extension that did
+    not load), else ``None``.
     """
 
     name: str
@@ -40,6 +43,8 @@ class Backend:
     op_dtypes: Mapping = dataclasses.field(default_factory=dict)
     unavailable: Callable[[], Optional[str]] = lambda: None
     public: bool = True
+    device_unsupported: Callable[[torch.device], Optional[str]] = lambda device: None
+    skip_warning: Callable[[], Optional[str]] = lambda: None
 
     def runs_on(self, device_type: str) -> bool:
         return not self.device_types or device_type in self.device_types
@@ -115,9 +120,20 @@ def select(name: str, op: str, device: torch.device, dtype: torch.dtype, arg: st
     if name == "auto":
         for candidate in AUTO_ORDER.get((device.type, op), ["reference"]):
             b = _lookup(candidate)
-            if (b is not None and op in b.ops and b.runs_on(device.type) and b.unavailable() is None
-                    and dtype in b.dtypes(op, device.type)):
-                return b
+            if b is None or op not in b.ops or not b.runs_on(device.type):
+                continue
+            if b.unavailable() is not None:
+                warning = b.skip_warning()
+                if warning is not None:
+                    _extension.warn_once(warning)
+                continue
+            if dtype not in b.dtypes(op, device.type):
+                continue
+            why = b.device_unsupported(device)
+            if why is not None:
+                _extension.warn_once(f"backend='auto' does not use {candidate!r} on {device}: {why}")
+                continue
+            return b
         raise ValueError(f"{arg}: no backend runs {op} for dtype {dtype} on {device.type}")
     b = get_backend(name)
     why = b.unavailable()
@@ -129,6 +145,9 @@ def select(name: str, op: str, device: torch.device, dtype: torch.dtype, arg: st
         raise ValueError(
             f"backend {name!r} runs on {'/'.join(b.device_types)} tensors, but {arg} is on {device.type}"
         )
+    why = b.device_unsupported(device)
+    if why is not None:
+        raise RuntimeError(f"backend {name!r} cannot run on {device}: {why}")
     accepted = b.dtypes(op, device.type)
     if dtype not in accepted:
         names = ", ".join(str(d).replace("torch.", "") for d in accepted)
@@ -191,8 +210,16 @@ def _cuda_unavailable():
     return None
 
 
+def _extension_skip_warning() -> Optional[str]:
+    if _extension.ERROR is None:
+        return None
+    return (f"backend='auto' falls back to slower backends: the C++ extension cinc_kernels._C did not load "
+            f"({_extension.ERROR}); {_extension.BUILD_HINT}")
+
+
 # The dtypes mirror the AT_DISPATCH lists of csrc/cpu/ and csrc/cuda/.
-register_backend(Backend(name="cpu", ops=_extension.OPS, device_types=("cpu",), unavailable=_cpu_unavailable))
+register_backend(Backend(name="cpu", ops=_extension.OPS, device_types=("cpu",), unavailable=_cpu_unavailable,
+                         skip_warning=_extension_skip_warning))
 register_backend(
     Backend(
         name="cuda",
@@ -200,5 +227,7 @@ register_backend(
         device_types=("cuda",),
         op_dtypes={"forward": FLOATS + HALVES},
         unavailable=_cuda_unavailable,
+        device_unsupported=_extension.cuda_device_unsupported,
+        skip_warning=_extension_skip_warning,
     )
 )

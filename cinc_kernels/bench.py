@@ -33,6 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ._optional import optional_import
 from . import functional as fn
 from . import harness
 from .backends import available_backends, get_backend
@@ -247,7 +248,7 @@ def run(config: BenchConfig, layer_classes: Optional[dict] = None) -> list:
     Raises :class:`CorrectnessError` before timing anything if a layer does not invert (or an inverse algorithm
     disagrees with ours) within :data:`CHECK_TOLERANCE`.
     """
-    from tqdm.auto import tqdm
+    tqdm = optional_import("tqdm.auto", "bench", "the benchmark's progress bar").tqdm
 
     layer_classes = dict(LAYERS if layer_classes is None else layer_classes)
     device = torch.device(config.device)
@@ -419,7 +420,7 @@ def _log_axes(ax, xticks) -> None:
 
 
 def _plot(rows, config: BenchConfig, path, sweep: str) -> None:
-    import matplotlib
+    matplotlib = optional_import("matplotlib", "bench", "the benchmark plots")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -457,7 +458,7 @@ def _plot(rows, config: BenchConfig, path, sweep: str) -> None:
 
 
 def _plot_algorithms(rows, config: BenchConfig, path) -> None:
-    import matplotlib
+    matplotlib = optional_import("matplotlib", "bench", "the benchmark plots")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -16,14 +16,14 @@ __all__ = ["cinc_conv2d", "cinc_conv2d_inverse", "cinc_conv2d_inverse_transpose"
 MAX_KERNEL_SIZE = 7
 
 
-def _check_tensor(t, name: str) -> None:
+def _check_tensor(t: object, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise ValueError(f"{name} must have a floating-point dtype, got {t.dtype}")
 
 
-def check_weight(weight, channels: Optional[int] = None, arg: str = "x") -> int:
+def check_weight(weight: torch.Tensor, channels: Optional[int] = None, arg: str = "x") -> int:
     """Validate a ``(C, C, k, k)`` weight (``C`` = ``channels`` when given); returns ``k``."""
     _check_tensor(weight, "weight")
     if weight.dim() != 4:
@@ -42,7 +42,7 @@ def check_weight(weight, channels: Optional[int] = None, arg: str = "x") -> int:
     return kw
 
 
-def check_image(x, weight, bias=None, arg: str = "x") -> int:
+def check_image(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, arg: str = "x") -> int:
     """Validate an image batch against ``weight`` and ``bias``; returns ``k``."""
     _check_tensor(x, arg)
     if x.dim() != 4:
@@ -63,7 +63,8 @@ def check_image(x, weight, bias=None, arg: str = "x") -> int:
     return k
 
 
-def cinc_conv2d(x, weight, bias=None, *, unit_diagonal: bool = False, backend: str = "auto") -> torch.Tensor:
+def cinc_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                unit_diagonal: bool = False, backend: str = "auto") -> torch.Tensor:
     """The CInC convolution ``y = M x + bias``: a k×k correlation padded ``k-1`` on the top and left only, whose
     centre (bottom-right) tap is lower triangular over channels.
 
@@ -73,7 +74,7 @@ def cinc_conv2d(x, weight, bias=None, *, unit_diagonal: bool = False, backend: s
             gradient.
         bias: ``(C,)`` or ``None``.
         unit_diagonal: treat the centre tap's diagonal as ones (log-determinant 0).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``, ``"torch"`` (portable, any device).
 
     Returns:
         ``y``: ``(B, C, H, W)``, same dtype and device as ``x``.
@@ -83,7 +84,7 @@ def cinc_conv2d(x, weight, bias=None, *, unit_diagonal: bool = False, backend: s
     return impl.ops["forward"](x, weight, bias, unit_diagonal)
 
 
-def _check_accumulate(accumulate, t: torch.Tensor, arg: str) -> None:
+def _check_accumulate(accumulate: Optional[torch.dtype], t: torch.Tensor, arg: str) -> None:
     if accumulate is None:
         return
     if accumulate not in (torch.float32, torch.float64):
@@ -92,11 +93,12 @@ def _check_accumulate(accumulate, t: torch.Tensor, arg: str) -> None:
         raise ValueError(f"accumulate={accumulate} is narrower than {arg}'s dtype {t.dtype}; it may only widen")
 
 
-def _upcast(t, dtype):
+def _upcast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     return None if t is None else t.to(dtype)
 
 
-def cinc_conv2d_inverse(y, weight, bias=None, *, unit_diagonal: bool = False, backend: str = "auto",
+def cinc_conv2d_inverse(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                        unit_diagonal: bool = False, backend: str = "auto",
                         accumulate: Optional[torch.dtype] = None) -> torch.Tensor:
     """``x = M⁻¹ (y - bias)``, the exact inverse of :func:`cinc_conv2d`, solved as a wavefront over the image's
     ``H + W - 1`` anti-diagonals.
@@ -129,7 +131,8 @@ def cinc_conv2d_inverse(y, weight, bias=None, *, unit_diagonal: bool = False, ba
     return impl.ops["inverse"](y, weight, bias, unit_diagonal)
 
 
-def cinc_conv2d_inverse_transpose(g, weight, *, unit_diagonal: bool = False, backend: str = "auto",
+def cinc_conv2d_inverse_transpose(g: torch.Tensor, weight: torch.Tensor, *, unit_diagonal: bool = False,
+                                  backend: str = "auto",
                                   accumulate: Optional[torch.dtype] = None) -> torch.Tensor:
     """``u = M⁻ᵀ g``: solves ``Mᵀ u = g`` (the adjoint of the inverse, used to back-propagate through it).
 
@@ -150,7 +153,8 @@ def cinc_conv2d_inverse_transpose(g, weight, *, unit_diagonal: bool = False, bac
     return impl.ops["inverse_transpose"](g, weight, unit_diagonal)
 
 
-def cinc_logdet(weight, height: int, width: int, *, unit_diagonal: bool = False, backend: str = "auto"):
+def cinc_logdet(weight: torch.Tensor, height: int, width: int, *, unit_diagonal: bool = False,
+                backend: str = "auto") -> torch.Tensor:
     """``log|det M| = H·W·Σ_c log|weight[c, c, k-1, k-1]|`` for one ``H×W`` image (0 with ``unit_diagonal``).
 
     Args:

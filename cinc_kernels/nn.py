@@ -6,7 +6,7 @@ the masked or fixed ones). :data:`LAYERS` maps the names a benchmark or a flow u
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Any, Optional, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +21,22 @@ from .masks import free_parameters, weight_mask
 __all__ = ["CInCConv2d", "EmergingConv2d", "AutoregressiveConv2d", "InvConv1x1", "FInCConv2d", "LAYERS"]
 
 
-def _with_bias_mask(layer: nn.Module, masks: dict) -> dict:
+Masks = dict[str, torch.Tensor]
+
+
+class _Layer(Protocol):
+    """What every layer of this module offers beyond ``nn.Module`` (for typing the composite layers)."""
+
+    def num_parameters(self) -> int: ...
+
+    def free_masks(self) -> Masks: ...
+
+
+def _with_bias_mask(layer: nn.Module, masks: Masks) -> Masks:
     """``masks`` plus an all-free mask for the layer's bias, when it has one."""
-    if layer.bias is not None:
-        masks["bias"] = torch.ones_like(layer.bias)
+    bias = getattr(layer, "bias", None)
+    if bias is not None:
+        masks["bias"] = torch.ones_like(bias)
     return masks
 
 
@@ -36,7 +48,8 @@ class CInCConv2d(nn.Module):
         kernel_size: ``k`` in 1…7 (the paper's 3).
         bias: learn a ``(C,)`` bias.
         unit_diagonal: fix the centre tap's diagonal to ones (log-determinant 0, invertible by construction).
-        backend: passed to the functional ops (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``).
+        backend: passed to the functional ops (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``, ``"torch"``,
+            ``"reference"``).
         init_scale: standard deviation of the off-identity initial entries (the layer starts near the identity).
         parametrization: ``"none"`` (``weight`` is free) or ``"contractive"``: ``weight`` is
             :func:`cinc_kernels.conditioning.contractive_weight` of a free parameter (registered with
@@ -85,7 +98,7 @@ class CInCConv2d(nn.Module):
         """``log|det|`` for one ``height × width`` image, a 0-dim tensor."""
         return fn.cinc_logdet(self.weight, height, width, unit_diagonal=self.unit_diagonal, backend=self.backend)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.weight  # read once: with a parametrisation every read recomputes it
         if self._forward_runs_on_aten(x):
             return self._aten_forward(x, weight)
@@ -154,7 +167,7 @@ class CInCConv2d(nn.Module):
             "check_finite=False.",
             conditioning.NonFiniteInverseWarning, stacklevel=3)
 
-    def inverse_gain(self, height: int, width: int, **kwargs) -> float:
+    def inverse_gain(self, height: int, width: int, **kwargs: Any) -> float:
         """Estimate of ``‖M⁻¹‖₂`` for one ``height × width`` image (:func:`cinc_kernels.conditioning.inverse_gain`;
         keyword arguments go there)."""
         kwargs.setdefault("backend", self.backend)
@@ -171,7 +184,7 @@ class CInCConv2d(nn.Module):
         n = free_parameters(self.channels, self.kernel_size, self.unit_diagonal)
         return n + (self.channels if self.bias is not None else 0)
 
-    def free_masks(self) -> dict:
+    def free_masks(self) -> Masks:
         """``{parameter name: 1 where the entry is free, 0 where it is masked}``, one mask per parameter."""
         return _with_bias_mask(self, {"weight": weight_mask(self.channels, self.kernel_size, self.unit_diagonal,
                                                             dtype=self.weight.dtype, device=self.weight.device)})
@@ -187,21 +200,22 @@ class CInCConv2d(nn.Module):
 # (which entries of each parameter are free) and ``logdet(height, width)``.
 
 
-def _check_channels(channels) -> None:
+def _check_channels(channels: object) -> None:
     if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
         raise ValueError(f"channels must be an int >= 1, got {channels!r}")
 
 
-def _check_input(x, channels: int, arg: str) -> None:
+def _check_input(x: object, channels: int, arg: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{arg} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4 or x.shape[1] != channels:
         raise ValueError(f"{arg} must have shape (B, {channels}, H, W) for this layer, got {tuple(x.shape)}")
 
 
-def _child_masks(module: nn.Module) -> dict:
+def _child_masks(module: nn.Module) -> Masks:
     """The ``free_masks()`` of every child, keyed like ``named_parameters()``."""
-    return {f"{name}.{p}": m for name, child in module.named_children() for p, m in child.free_masks().items()}
+    return {f"{name}.{p}": m for name, child in module.named_children()
+            for p, m in cast(_Layer, child).free_masks().items()}
 
 
 class InvConv1x1(nn.Module):
@@ -215,6 +229,11 @@ class InvConv1x1(nn.Module):
 
     Shapes: ``x``, ``y``: ``(B, C, H, W)``; ``logdet``: ``(B,)``.
     """
+
+    permutation: torch.Tensor
+    sign: torch.Tensor
+    lower_mask: torch.Tensor
+    upper_mask: torch.Tensor
 
     def __init__(self, channels: int, bias: bool = False, backend: str = "auto"):
         super().__init__()
@@ -233,7 +252,7 @@ class InvConv1x1(nn.Module):
         self.log_scale = nn.Parameter(scale.abs().log().float())
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
 
-    def _factors(self):
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         eye = torch.eye(self.channels, dtype=self.lower.dtype, device=self.lower.device)
         lower = self.lower * self.lower_mask + eye
         upper = self.upper * self.upper_mask + torch.diag(self.sign * self.log_scale.exp())
@@ -248,12 +267,13 @@ class InvConv1x1(nn.Module):
         """``W⁻¹ = U⁻¹ L⁻¹ Pᵀ``, ``(C, C)``, by triangular solves (no general inverse)."""
         lower, upper = self._factors()
         l_inv_pt = torch.linalg.solve_triangular(lower, self.permutation.T, upper=False, unitriangular=True)
-        return torch.linalg.solve_triangular(upper, l_inv_pt, upper=True)
+        inverse: torch.Tensor = torch.linalg.solve_triangular(upper, l_inv_pt, upper=True)
+        return inverse
 
     def logdet(self, height: int, width: int) -> torch.Tensor:
         return height * width * self.log_scale.sum()
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_input(x, self.channels, "x")
         y = F.conv2d(x, self.weight()[:, :, None, None], self.bias)
         return y, self.logdet(x.shape[2], x.shape[3]).expand(x.shape[0])
@@ -267,7 +287,7 @@ class InvConv1x1(nn.Module):
     def num_parameters(self) -> int:
         return self.channels**2 + (self.channels if self.bias is not None else 0)
 
-    def free_masks(self) -> dict:
+    def free_masks(self) -> Masks:
         return _with_bias_mask(self, {"lower": self.lower_mask, "upper": self.upper_mask,
                                       "log_scale": torch.ones_like(self.log_scale)})
 
@@ -315,7 +335,7 @@ class EmergingConv2d(nn.Module):
         return (self.mix.logdet(height, width) + self.conv_tl.logdet(height, width)
                 + self.conv_br.logdet(height, width))
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_input(x, self.channels, "x")
         h, ld_mix = self.mix(x)
         h, ld_tl = self.conv_tl(h)
@@ -328,9 +348,9 @@ class EmergingConv2d(nn.Module):
         return self.mix.inverse(self.conv_tl.inverse(h))
 
     def num_parameters(self) -> int:
-        return sum(child.num_parameters() for child in self.children())
+        return sum(cast(_Layer, child).num_parameters() for child in self.children())
 
-    def free_masks(self) -> dict:
+    def free_masks(self) -> Masks:
         return _child_masks(self)
 
     def extra_repr(self) -> str:
@@ -339,7 +359,8 @@ class EmergingConv2d(nn.Module):
                 f"free_parameters={self.num_parameters()}")
 
 
-def autoregressive_mask(channels: int, kernel_size: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
+def autoregressive_mask(channels: int, kernel_size: int, *, dtype: torch.dtype = torch.float32,
+                        device: Optional[torch.device | str] = None) -> torch.Tensor:
     """The MADE/PixelCNN raster mask of a centred ``k×k`` kernel, ``(C, C, k, k)``: 1 on the taps before the centre
     in raster order (all rows above, the left part of the centre row), lower triangular on the centre, 0 after."""
     p = kernel_size // 2
@@ -366,6 +387,8 @@ class AutoregressiveConv2d(nn.Module):
     Shapes: ``x``, ``y``: ``(B, C, H, W)``; ``logdet``: ``(B,)``.
     """
 
+    mask: torch.Tensor
+
     def __init__(self, channels: int, kernel_size: int = 3, bias: bool = True, backend: str = "auto",
                  init_scale: float = 1e-2):
         super().__init__()
@@ -391,7 +414,7 @@ class AutoregressiveConv2d(nn.Module):
     def logdet(self, height: int, width: int) -> torch.Tensor:
         return fn.cinc_logdet(self._row_weight(self.weight * self.mask), height, width, backend=self.backend)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_input(x, self.channels, "x")
         p = self.kernel_size // 2
         y = F.conv2d(x, self.weight * self.mask, self.bias, padding=p)
@@ -417,7 +440,7 @@ class AutoregressiveConv2d(nn.Module):
         C, k, p = self.channels, self.kernel_size, self.kernel_size // 2
         return (k + 1) * p * C * C + C * (C + 1) // 2 + (C if self.bias is not None else 0)
 
-    def free_masks(self) -> dict:
+    def free_masks(self) -> Masks:
         return _with_bias_mask(self, {"weight": self.mask})
 
     def extra_repr(self) -> str:
@@ -442,6 +465,7 @@ class FInCConv2d(nn.Module):
     """
 
     CORNERS = (("top-left", ()), ("top-right", (3,)), ("bottom-left", (2,)), ("bottom-right", (2, 3)))
+    mask: torch.Tensor
 
     def __init__(self, channels: int, kernel_size: int = 3, bias: bool = True, backend: str = "auto",
                  init_scale: float = 1e-2):
@@ -463,13 +487,13 @@ class FInCConv2d(nn.Module):
 
     def _to_top_left(self, x: torch.Tensor) -> torch.Tensor:
         """``G``: flip each group so that its corner becomes the top-left one (an involution)."""
-        groups = x.split(self.group_sizes, dim=1)
+        groups = torch.split(x, self.group_sizes, dim=1)
         return torch.cat([g.flip(dims) if dims else g for g, (_, dims) in zip(groups, self.CORNERS)], dim=1)
 
     def logdet(self, height: int, width: int) -> torch.Tensor:
         return self.weight.new_zeros(())
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_input(x, self.channels, "x")
         z = fn.cinc_conv2d(self._to_top_left(x), self.weight * self.mask, self.bias, unit_diagonal=True,
                            backend=self.backend)
@@ -485,7 +509,7 @@ class FInCConv2d(nn.Module):
         n = sum(free_parameters(c, self.kernel_size, unit_diagonal=True) for c in self.group_sizes if c)
         return n + (self.channels if self.bias is not None else 0)
 
-    def free_masks(self) -> dict:
+    def free_masks(self) -> Masks:
         return _with_bias_mask(self, {"weight": self.mask})
 
     def extra_repr(self) -> str:

@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
+from .._optional import optional_import
+
 __all__ = ["DATASETS", "ImageData", "LevelDataset", "dequantize", "load_data"]
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
@@ -87,7 +89,7 @@ def _missing(root: str, files: list[str], what: str, hint: str) -> None:
 
 
 def _digits() -> ImageData:
-    from sklearn.datasets import load_digits
+    load_digits = optional_import("sklearn.datasets", "flow", "the digits data set").load_digits
 
     bunch = load_digits()
     images = torch.from_numpy(bunch.images).round().to(torch.uint8).unsqueeze(1)  # (1797, 1, 8, 8), 0…16
@@ -110,7 +112,7 @@ def _open(cls, root: str, train: bool, name: str):
 
 
 def _mnist_like(name: str, root: str, n_bits: Optional[int]) -> ImageData:
-    from torchvision import datasets
+    datasets = optional_import("torchvision", "flow", f"the {name} data set").datasets
 
     cls, folder = (datasets.MNIST, "MNIST") if name == "mnist" else (datasets.FashionMNIST, "FashionMNIST")
     files = [f"{folder}/raw/{f}" for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -127,7 +129,7 @@ def _mnist_like(name: str, root: str, n_bits: Optional[int]) -> ImageData:
 
 
 def _cifar10(root: str, n_bits: Optional[int]) -> ImageData:
-    from torchvision import datasets
+    datasets = optional_import("torchvision", "flow", "the cifar10 data set").datasets
 
     files = [f"cifar-10-batches-py/{f}" for f in
              ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
@@ -165,7 +167,8 @@ def _to_rgb(image):
 
 
 def _image_folder(root: str, image_size: Optional[int], n_bits: Optional[int]) -> ImageData:
-    from torchvision import datasets, transforms
+    torchvision = optional_import("torchvision", "flow", "imagefolder data")
+    datasets, transforms = torchvision.datasets, torchvision.transforms
 
     if image_size is None:
         raise ValueError("imagefolder data needs image_size (e.g. --image-size 32), a multiple of 2**levels")

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .._optional import optional_import
 from .data import ImageData, dequantize, load_data
 from .model import CInCFlow, build_model
 
@@ -143,7 +144,7 @@ def load_model(path: str, device="cpu", backend: Optional[str] = None) -> tuple[
 def save_grid(images: torch.Tensor, path: str, nrow: Optional[int] = None, padding: int = 1,
               scale: int = 1) -> None:
     """Write ``(N, C, H, W)`` images in ``[0, 1]`` (clamped) as one PNG grid, ``nrow`` images a row."""
-    from PIL import Image
+    Image = optional_import("PIL.Image", "flow", "saving samples as images")
 
     images = images.detach().float().clamp(0, 1).cpu()
     n, c, h, w = images.shape
@@ -163,7 +164,7 @@ def save_grid(images: torch.Tensor, path: str, nrow: Optional[int] = None, paddi
 
 
 def _plot_history(history: dict, path: str, title: str) -> None:
-    import matplotlib
+    matplotlib = optional_import("matplotlib", "flow", "the training-curve plot")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -438,7 +439,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
 
     bar = None
     if progress and rank == 0:
-        from tqdm import tqdm
+        tqdm = optional_import("tqdm", "flow", "the progress bar").tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, unit="step", dynamic_ncols=True)
     stream = batches_from(step)
