@@ -153,9 +153,9 @@ def _labelled_images(args, data):
 
 def _cmd_edit(args) -> int:
     from .data import load_data
-    from .train import _eval_noise, load_model, save_grid
+    from .train import _eval_noise, load_model, resolve_device, save_grid
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device, backend=args.backend)
     cfg = ckpt.get("config", {})
     data = load_data(args.data or cfg.get("data", "digits"),
