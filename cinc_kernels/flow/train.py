@@ -486,12 +486,19 @@ def _claim_run_folder(out_dir: str, resume: bool, overwrite: bool) -> tuple[_Run
     except OSError as exc:
         raise RuntimeError(f"cannot create the run folder {out_dir!r}: {exc.strerror}") from None
     lock = _RunLock(out_dir)
+    try:
+        _refuse_existing_run(out_dir, resume, overwrite)  # again, now that no other run can start here
+    except ValueError:
+        lock.release()
+        raise
+    return lock, created
+
+
+def _refuse_existing_run(out_dir: str, resume: bool, overwrite: bool) -> None:
     present = [f for f in RUN_FILES if os.path.isfile(os.path.join(out_dir, f))]
     if present and not (resume or overwrite):
-        lock.release()
         raise ValueError(f"{out_dir!r} already holds a run ({', '.join(present)}); pass --resume to continue it, "
                          f"--overwrite to replace it, or choose another --name/--out-dir")
-    return lock, created
 
 
 def _release_unused_folder(lock: _RunLock, out_dir: str, created: bool) -> None:
@@ -748,7 +755,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         torch.cuda.set_device(device)
     out_dir = cfg.resolved_out_dir()
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
-    lock, created = _claim_run_folder(out_dir, resume, overwrite) if rank == 0 else (None, False)
+    lock, created = None, False
+    if rank == 0:
+        # Refusals that need no lock come first, so that a refused command touches nothing in the folder.
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise ValueError(f"out_dir {out_dir!r} is a file, not a folder")
+        _refuse_existing_run(out_dir, resume, overwrite)
+        if resume and os.path.isfile(ckpt_path):
+            _check_resume(load_checkpoint(ckpt_path), cfg, ckpt_path)
+        lock, created = _claim_run_folder(out_dir, resume, overwrite)
     signals = _StopSignals()
     writer = None
     try:
