@@ -491,7 +491,19 @@ def _claim_run_folder(out_dir: str, resume: bool, overwrite: bool) -> tuple[_Run
     except ValueError:
         lock.release()
         raise
+    _remove_stale_temporaries(out_dir)
     return lock, created
+
+
+def _remove_stale_temporaries(out_dir: str) -> None:
+    """Temporary files of :func:`atomic_write_bytes` that a killed run left behind (under the lock nobody else
+    writes here, so every one of them is stale)."""
+    import glob
+
+    for pattern in (".*.tmp-*", os.path.join("samples", ".*.tmp-*")):
+        for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+            if os.path.isfile(path):
+                os.remove(path)
 
 
 def _refuse_existing_run(out_dir: str, resume: bool, overwrite: bool) -> None:
