@@ -307,16 +307,19 @@ def _state(path) -> dict:
     return load_checkpoint(str(path))["model"]
 
 
-def _wait_for_lock_of(proc, lock_path, timeout=240.0) -> bool:
-    """Until ``proc`` holds the run folder (it is then past imports and argument checks)."""
+def _wait_until_training(proc, out, timeout=240.0) -> bool:
+    """Until ``proc`` holds the run folder and has written its config.json (it then enters the training loop)."""
     deadline = time.monotonic() + timeout
+    locked_at = None
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if f"pid {proc.pid} " in open(lock_path).read():
+            if locked_at is None and f"pid {proc.pid} " in (out / ".lock").read_text():
+                locked_at = time.time()
+            if locked_at is not None and (out / "config.json").stat().st_mtime >= locked_at - 0.05:
                 return True
         except OSError:
             pass
-        time.sleep(0.05)
+        time.sleep(0.02)
     return False
 
 
@@ -332,8 +335,8 @@ def test_sigint_and_sigkill_at_random_moments_then_resume_to_the_same_parameters
     log = []
     for sig in kills + [None]:
         proc = _cli("train", *TINY, *steps, "--out-dir", str(out), "--resume", cwd=tmp_path)
-        if sig is not None and _wait_for_lock_of(proc, out / ".lock"):
-            time.sleep(rng.uniform(0.0, 2.0))
+        if sig is not None and _wait_until_training(proc, out):
+            time.sleep(rng.uniform(0.0, 1.5))
             proc.send_signal(sig)
         _, err = proc.communicate(timeout=300)
         log.append((sig, proc.returncode, err[-300:]))
@@ -342,7 +345,9 @@ def test_sigint_and_sigkill_at_random_moments_then_resume_to_the_same_parameters
         elif sig == signal.SIGKILL:
             assert proc.returncode == -signal.SIGKILL, log
         else:
-            assert proc.returncode == 130, log
+            # 130 from the command; CPython itself ends with SIGINT (-2 here, 130 in a shell) when the signal came
+            # while C code ran Python source (e.g. an extension's import) before the handler was installed.
+            assert proc.returncode in (130, -signal.SIGINT), log
             assert "Traceback" not in err, log
             assert "interrupted" in err, log
     # A SIGKILL may leave a temporary file (never a torn real one); the next run into the folder removes it.
@@ -352,3 +357,33 @@ def test_sigint_and_sigkill_at_random_moments_then_resume_to_the_same_parameters
     for name, value in reference["model"].state_dict().items():
         assert torch.equal(final["model"][name], value), (name, log)
     assert final["history"]["train_bpd"] == reference["history"]["train_bpd"], log
+
+
+def test_sigint_mid_run_saves_that_step_exits_130_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    import cinc_kernels.flow.train as train_module
+
+    args = [*TINY, "--steps", "9", "--checkpoint-every", "100", "--batch-size", "16"]
+    reference = train(TrainConfig(preset="digits-tiny", steps=9, checkpoint_every=100, batch_size=16,
+                                  eval_every=1000, sample_every=1000, n_samples=2, temperatures=(1.0,),
+                                  out_dir=str(tmp_path / "straight")), progress=False)
+    real, calls = train_module.dequantize, []
+
+    def dequantize_then_ctrl_c(*a, **kw):
+        calls.append(1)
+        if len(calls) == 5:  # the ActNorm initialisation, then the 4th training step
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_module, "dequantize", dequantize_then_ctrl_c)
+    out = tmp_path / "ctrl_c"
+    assert main(["train", *args, "--out-dir", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted (SIGINT) at step 4" in err and "--resume" in err and "Traceback" not in err
+    assert load_checkpoint(str(out / "checkpoint.pt"))["step"] == 4  # saved though checkpoint-every is 100
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    monkeypatch.undo()
+    assert main(["train", *args, "--out-dir", str(out), "--resume"]) == 0
+    final = load_checkpoint(str(out / "checkpoint.pt"))
+    for name, value in reference["model"].state_dict().items():
+        assert torch.equal(final["model"][name], value), name
+    assert final["history"]["train_bpd"] == reference["history"]["train_bpd"]
