@@ -387,3 +387,36 @@ def test_sigint_mid_run_saves_that_step_exits_130_and_resumes_exactly(tmp_path, 
     for name, value in reference["model"].state_dict().items():
         assert torch.equal(final["model"][name], value), name
     assert final["history"]["train_bpd"] == reference["history"]["train_bpd"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the benchmark's options
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--layers", "nope"], ["--layers", "'nope'"]),
+    (["--sizes", "abc"], ["--sizes", "'abc'"]),
+    (["--batch", "0"], ["--batch"]),
+    (["--quick", "--batch", "0"], ["--batch"]),
+    (["--min-time", "nan"], ["--min-time"]),
+    (["--kernel-size", "9"], ["--kernel-size"]),
+    (["--min-reps", "5", "--max-reps", "2"], ["--min-reps"]),
+])
+def test_bench_option_mistakes_are_one_line(capsys, argv, needles):
+    from cinc_kernels.__main__ import main as package_main
+
+    with pytest.raises(SystemExit) as exit_:
+        package_main(["bench", *argv])
+    assert exit_.value.code == 2
+    _one_error_line(capsys.readouterr().err, *needles)
+
+
+def test_bench_quick_fills_only_what_was_not_given():
+    from cinc_kernels.bench import parse_args
+
+    quick = parse_args(["--quick", "--device", "cpu"])
+    assert (quick.batch, quick.size_sweep, quick.rounds) == (2, [4, 8], 1)
+    mixed = parse_args(["--quick", "--device", "cpu", "--batch", "3", "--sizes", "5,7"])
+    assert (mixed.batch, mixed.size_sweep, mixed.rounds) == (3, [5, 7], 1)
+    full = parse_args(["--device", "cpu"])
+    assert (full.batch, full.size_sweep, full.min_time) == (8, [8, 16, 32, 64], 0.06)
