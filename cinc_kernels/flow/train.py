@@ -452,9 +452,11 @@ class _RunLock:
     dies, so a killed run never leaves the folder locked. The file names the holder for whoever is refused."""
 
     def __init__(self, folder: str):
-        import fcntl
-
-        self.path = os.path.join(folder, LOCK_FILE)
+        self.path, self.fd = os.path.join(folder, LOCK_FILE), None
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: runs cannot be locked there
+            return
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -467,9 +469,9 @@ class _RunLock:
         os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
 
     def release(self) -> None:
-        import fcntl
-
         if self.fd is not None:
+            import fcntl
+
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
@@ -545,7 +547,8 @@ def resume_differences(saved: dict, cfg: TrainConfig) -> tuple[list[str], list[s
     """``(refused, notes)``: the settings in which ``cfg`` differs from the ``saved`` run's in a way that would not
     continue it exactly, and those that only change the rounding (device, backend)."""
     current, defaults = dataclasses.asdict(cfg), dataclasses.asdict(TrainConfig())
-    refused, notes = [], []
+    refused: list[str] = []
+    notes: list[str] = []
     for key in sorted(set(saved) | set(current)):
         if key not in current:
             refused.append(f"{key} (a setting this version does not know, = {saved[key]!r})")
