@@ -118,6 +118,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         kwargs = {"default": default, "help": f"{helps[f.name]} (default: {default})"}
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name not in kinds and isinstance(default, (int, float)):
+            kwargs["type"] = type(default)  # a setting without a range yet still gets its type
         kwargs.update(kinds.get(f.name, {}))
         p.add_argument(flag, **kwargs)
     mode = p.add_mutually_exclusive_group()
