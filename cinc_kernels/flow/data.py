@@ -287,8 +287,8 @@ def _npz_batches(paths: list[str], side: int, name: str) -> tuple[list, list]:
             raise RuntimeError(f"{name}: {path} cannot be read ({type(exc).__name__}: {exc}); unpack it "
                                f"again") from None
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * side * side:
-            raise ValueError(f"{name}: {path} holds data {data.dtype} {data.shape}; expected uint8 (N, {3 * side * side}) "
-                             f"for {side}×{side} RGB images (is it the other resolution?)")
+            raise ValueError(f"{name}: {path} holds data {data.dtype} {data.shape}; expected uint8 "
+                             f"(N, {3 * side * side}) for {side}×{side} RGB images (is it the other resolution?)")
         label = np.asarray(label).reshape(-1)
         if label.shape[0] != data.shape[0]:
             raise ValueError(f"{name}: {path} has {data.shape[0]} images but {label.shape[0]} labels")
