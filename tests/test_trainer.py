@@ -27,6 +27,7 @@ def _one_thread():
 
 
 def test_tensorboard_logs_the_scalars_and_sample_grids(tmp_path):
+    pytest.importorskip("tensorboard", reason="--tensorboard needs the optional tensorboard package")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tb"
