@@ -523,57 +523,125 @@ def write_results(rows: list, config: BenchConfig, quiet: bool = False) -> dict:
 # the command line
 
 
+class _Parser(argparse.ArgumentParser):
+    """One ``error: ...`` line naming the option, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _int_list(text: str) -> list:
-    return [int(v) for v in text.split(",") if v.strip()] if text else []
+    """A comma list of integers >= 1 (an empty text: no entries)."""
+    values = [v.strip() for v in text.split(",") if v.strip()] if text else []
+    parse = _int_at_least(1)
+    try:
+        return [parse(v) for v in values]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a comma list of integers >= 1, got {text!r}") from None
+
+
+def _layer_list(text: str) -> list:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in LAYERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown layer(s) {', '.join(map(repr, unknown)) or repr(text)}; choose "
+                                         f"from {', '.join(LAYERS)}")
+    return names
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 <= value < math.inf):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+# What --quick sets, for each option the command line did not give.
+QUICK = {"batch": 2, "channels": 4, "size": 8, "sizes": [4, 8], "channel_sweep": [4], "min_reps": 2, "max_reps": 2,
+         "min_time": 0.0, "rounds": 1}
 
 
 def parse_args(argv=None) -> BenchConfig:
-    p = argparse.ArgumentParser(prog="python -m cinc_kernels bench",
-                                description="Invertible layers side by side, and the CInC inverse algorithms.")
+    p = _Parser(prog="python -m cinc_kernels bench",
+                description="Invertible layers side by side, and the CInC inverse algorithms.")
     p.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if present)")
     p.add_argument("--backends", default=None, help="comma list (default: auto, then every available one for the "
                                                      "device except the slow float64 reference)")
-    p.add_argument("--layers", default=None, help=f"comma list of {', '.join(LAYERS)} (default: all)")
+    p.add_argument("--layers", default=None, type=_layer_list,
+                   help=f"comma list of {', '.join(LAYERS)} (default: all)")
     p.add_argument("--dtypes", default="float32", help="comma list: float32, float64")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--kernel-size", type=int, default=3, help="k of cinc, autoregressive and finc (default 3)")
-    p.add_argument("--channels", type=int, default=12, help="C of the image-size sweep")
-    p.add_argument("--size", type=int, default=16, help="H = W of the channel sweep")
-    p.add_argument("--sizes", default="8,16,32,64", help="H = W of the image-size sweep")
-    p.add_argument("--channel-sweep", default="4,12,24,48", help="C of the channel sweep")
-    p.add_argument("--min-time", type=float, default=0.06,
-                   help="seconds of timed calls per measurement, at least (over all rounds)")
-    p.add_argument("--min-reps", type=int, default=6, help="timed calls per measurement, at least (over all rounds)")
-    p.add_argument("--max-reps", type=int, default=24)
-    p.add_argument("--rounds", type=int, default=3, help="passes over all cases, each taking its share of the calls")
+    # Defaults of None: --quick fills only what the command line left out.
+    p.add_argument("--batch", type=_int_at_least(1), default=None, help="images per call (default 8)")
+    p.add_argument("--kernel-size", type=_int_at_least(1), default=3,
+                   help="k of cinc, autoregressive and finc (default 3)")
+    p.add_argument("--channels", type=_int_at_least(1), default=None, help="C of the image-size sweep (default 12)")
+    p.add_argument("--size", type=_int_at_least(1), default=None, help="H = W of the channel sweep (default 16)")
+    p.add_argument("--sizes", type=_int_list, default=None, help="H = W of the image-size sweep (default 8,16,32,64)")
+    p.add_argument("--channel-sweep", type=_int_list, default=None, help="C of the channel sweep (default 4,12,24,48)")
+    p.add_argument("--min-time", type=_seconds, default=None,
+                   help="seconds of timed calls per measurement, at least (over all rounds; default 0.06)")
+    p.add_argument("--min-reps", type=_int_at_least(1), default=None,
+                   help="timed calls per measurement, at least (over all rounds; default 6)")
+    p.add_argument("--max-reps", type=_int_at_least(1), default=None, help="(default 24)")
+    p.add_argument("--rounds", type=_int_at_least(1), default=None,
+                   help="passes over all cases, each taking its share of the calls (default 3)")
     p.add_argument("--no-algorithms", action="store_true", help="skip the inverse-algorithms suite")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--quick", action="store_true", help="a smoke run: C = 4, H = W ∈ {4, 8}, 2 reps")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: C = 4, H = W ∈ {4, 8}, 2 reps (options given explicitly win)")
     p.add_argument("--out", default="runs/bench",
                    help="folder for the CSV, Markdown and plots (default runs/bench; the committed results are "
                         "benchmarks/results)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="torch.set_num_threads (default: torch's)")
     a = p.parse_args(argv)
-    if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU is visible to torch on this machine")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        p.error(f"argument --device: {a.device!r} is not a device name")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("argument --device: no CUDA GPU is visible to torch on this machine")
+    if a.kernel_size > fn.MAX_KERNEL_SIZE:
+        p.error(f"argument --kernel-size: must be in 1…{fn.MAX_KERNEL_SIZE}, got {a.kernel_size}")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"argument --out: {a.out!r} is a file, not a folder")
     dtypes = []
     for name in a.dtypes.split(","):
         if not isinstance(getattr(torch, name.strip(), None), torch.dtype):
-            p.error(f"--dtypes: unknown dtype {name!r}")
+            p.error(f"argument --dtypes: unknown dtype {name!r}")
         dtypes.append(getattr(torch, name.strip()))
+    full = {"batch": 8, "channels": 12, "size": 16, "sizes": [8, 16, 32, 64], "channel_sweep": [4, 12, 24, 48],
+            "min_reps": 6, "max_reps": 24, "min_time": 0.06, "rounds": 3}
+    given = {k: getattr(a, k) for k in full if getattr(a, k) is not None}
+    v = {**full, **(QUICK if a.quick else {}), **given}
+    if v["min_reps"] > v["max_reps"]:
+        p.error(f"argument --min-reps: {v['min_reps']} exceeds --max-reps {v['max_reps']}")
     if a.threads:
         torch.set_num_threads(a.threads)
     config = BenchConfig(
         device=a.device, backends=a.backends.split(",") if a.backends else None,
-        layers=a.layers.split(",") if a.layers else None, dtypes=dtypes, batch=a.batch, kernel_size=a.kernel_size,
-        base_channels=a.channels, base_size=a.size, size_sweep=_int_list(a.sizes),
-        channel_sweep=_int_list(a.channel_sweep), min_reps=a.min_reps, max_reps=a.max_reps, min_time=a.min_time,
-        rounds=a.rounds,
+        layers=a.layers, dtypes=dtypes, batch=v["batch"], kernel_size=a.kernel_size,
+        base_channels=v["channels"], base_size=v["size"], size_sweep=v["sizes"],
+        channel_sweep=v["channel_sweep"], min_reps=v["min_reps"], max_reps=v["max_reps"], min_time=v["min_time"],
+        rounds=v["rounds"],
         algorithms=not a.no_algorithms, out_dir=a.out, plots=not a.no_plots, progress=not a.no_progress)
-    if a.quick:
-        config = dataclasses.replace(config, batch=2, base_channels=4, base_size=8, size_sweep=[4, 8],
-                                     channel_sweep=[4], min_reps=2, max_reps=2, min_time=0.0, rounds=1)
     config.argv = list(sys.argv[2:] if argv is None else argv)
     return config
 

@@ -5,6 +5,7 @@ the masked or fixed ones). :data:`LAYERS` maps the names a benchmark or a flow u
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Optional, Protocol, cast
 
@@ -52,11 +53,17 @@ class CInCConv2d(nn.Module):
             ``"reference"``).
         init_scale: standard deviation of the off-identity initial entries (the layer starts near the identity).
         parametrization: ``"none"`` (``weight`` is free) or ``"contractive"``: ``weight`` is
-            :func:`cinc_kernels.conditioning.contractive_weight` of a free parameter (registered with
-            ``torch.nn.utils.parametrize``; the free one is ``parametrizations.weight.original``), which keeps
-            ``Σ_t ‖L⁻¹W_t‖₂ ≤ max_contraction`` so that ``‖M⁻¹‖₂ ≤ ‖L⁻¹‖₂ / (1 − max_contraction)`` at every image
-            size. Like every parametrised module it is saved through ``state_dict()``, not by pickling the module.
+            :class:`cinc_kernels.conditioning.ContractiveTaps` of a free parameter (registered with
+            ``torch.nn.utils.parametrize``; the free one is ``parametrizations.weight.original``): the centre tap's
+            diagonal magnitudes are clamped to ``[e^{-a}, e^a]`` and its off-diagonal part to
+            ``‖D⁻¹(L − D)‖₂ ≤ β``, then the other taps scaled to ``Σ_t ‖L⁻¹W_t‖₂ ≤ γ``, so that
+            ``‖M⁻¹‖₂ ≤ e^a / ((1 − β)(1 − γ))`` (:meth:`gain_ceiling`; 40 with the defaults) at every image size and
+            for every value of the free parameter. Like every parametrised module it is saved through
+            ``state_dict()``, not by pickling the module.
         max_contraction: ``γ`` in ``(0, 1)`` of the contractive parametrisation.
+        max_log_diagonal: ``a ≥ 0`` of the contractive parametrisation (``None``: the diagonal is free and
+            :meth:`gain_ceiling` is ``inf``).
+        max_centre_coupling: ``β`` in ``(0, 1)`` of the contractive parametrisation (``None``: free, as above).
         check_finite: after each :meth:`inverse`, check the result for inf/NaN and warn once
             (:class:`~cinc_kernels.conditioning.NonFiniteInverseWarning`, naming the layer). The check synchronises
             a GPU stream; switch it off (here or by setting the attribute) on hot paths. Skipped under
@@ -70,10 +77,16 @@ class CInCConv2d(nn.Module):
 
     def __init__(self, channels: int, kernel_size: int = 3, bias: bool = True, unit_diagonal: bool = False,
                  backend: str = "auto", init_scale: float = 1e-2, *, parametrization: str = "none",
-                 max_contraction: float = conditioning.DEFAULT_MAX_CONTRACTION, check_finite: bool = True):
+                 max_contraction: float = conditioning.DEFAULT_MAX_CONTRACTION,
+                 max_log_diagonal: Optional[float] = conditioning.DEFAULT_MAX_LOG_DIAGONAL,
+                 max_centre_coupling: Optional[float] = conditioning.DEFAULT_MAX_CENTRE_COUPLING,
+                 check_finite: bool = True):
         super().__init__()
         if parametrization not in ("none", "contractive"):
             raise ValueError(f"parametrization must be 'none' or 'contractive', got {parametrization!r}")
+        for name, value in (("channels", channels), ("kernel_size", kernel_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
         if not 1 <= kernel_size <= fn.MAX_KERNEL_SIZE:
@@ -88,7 +101,8 @@ class CInCConv2d(nn.Module):
         self.parametrization = parametrization
         if parametrization == "contractive":
             parametrize.register_parametrization(
-                self, "weight", conditioning.ContractiveTaps(unit_diagonal, max_contraction))
+                self, "weight", conditioning.ContractiveTaps(unit_diagonal, max_contraction, max_log_diagonal,
+                                                             max_centre_coupling))
         self.check_finite = check_finite
         self.name: Optional[str] = None
         self._warned_non_finite = False
@@ -169,10 +183,23 @@ class CInCConv2d(nn.Module):
 
     def inverse_gain(self, height: int, width: int, **kwargs: Any) -> float:
         """Estimate of ``‖M⁻¹‖₂`` for one ``height × width`` image (:func:`cinc_kernels.conditioning.inverse_gain`;
-        keyword arguments go there)."""
+        keyword arguments go there).
+
+        With ``parametrization="contractive"`` the true value never exceeds :meth:`gain_ceiling`,
+        ``e^a / ((1 − β)(1 − γ))`` (40 with the defaults ``a = log 2``, ``β = 0.5``, ``γ = 0.9``; ``a = 0`` with
+        ``unit_diagonal``), at any size and for any parameter values, so a float32 inverse keeps about
+        ``7 − log10(40)`` ≈ 5.4 digits. Without it there is no such bound: measure, or see :meth:`contraction_bound`.
+        """
         kwargs.setdefault("backend", self.backend)
         return conditioning.inverse_gain(self.weight.detach(), height, width, unit_diagonal=self.unit_diagonal,
                                          **kwargs)
+
+    def gain_ceiling(self) -> float:
+        """The bound on ``‖M⁻¹‖₂`` fixed at construction by the contractive parametrisation (see
+        :meth:`inverse_gain`); ``inf`` without it."""
+        if self.parametrization != "contractive":
+            return math.inf
+        return self.parametrizations.weight[0].gain_ceiling()
 
     def contraction_bound(self) -> float:
         """``q = Σ_t ‖L⁻¹W_t‖₂``; ``< 1`` certifies the inverse at every image size

@@ -7,6 +7,8 @@ Runs on the CPU, and on CUDA / MPS too when this machine has them.
 import pytest
 import torch
 
+from cinc_kernels.backends import get_backend
+
 import cinc_kernels as ck
 from cinc_kernels import backends, reference, torch_backend
 from tests.cases import RTOL, make_image, make_weight, rel_error, with_layout
@@ -198,11 +200,11 @@ def test_accumulate_float64_solves_in_float64():
 
 
 def test_dtypes_per_device():
-    assert torch_backend.dtypes("inverse", "mps") == (torch.float32,)
-    assert torch.float64 not in torch_backend.dtypes("forward", "mps")
-    assert torch_backend.dtypes("inverse", "cpu") == (torch.float32, torch.float64)
-    assert torch.bfloat16 in torch_backend.dtypes("forward", "cuda")
-    assert torch.float16 not in torch_backend.dtypes("inverse", "cuda")
+    assert get_backend("torch").dtypes("inverse", "mps") == (torch.float32,)
+    assert torch.float64 not in get_backend("torch").dtypes("forward", "mps")
+    assert get_backend("torch").dtypes("inverse", "cpu") == (torch.float32, torch.float64)
+    assert torch.bfloat16 in get_backend("torch").dtypes("forward", "cuda")
+    assert torch.float16 not in get_backend("torch").dtypes("inverse", "cuda")
 
 
 def test_auto_order_puts_torch_after_the_compiled_backends():

@@ -8,13 +8,22 @@ Every data set yields ``(image, label)`` with ``image`` a ``uint8`` tensor ``(C,
 - ``mnist``, ``fashion-mnist``, ``cifar10``: torchvision's readers with ``download=False`` on a local folder;
   MNIST-like images are zero-padded from 28×28 to 32×32 so that up to 5 levels of squeezing fit.
 - ``imagefolder``: any folder of ``<class>/<image>`` files (``<root>/train`` and ``<root>/test`` if both exist,
-  otherwise a fixed 90/10 split), centre-cropped and resized to ``image_size``.
+  otherwise a fixed 90/10 split), centre-cropped and resized to ``image_size``. Every file is opened once at
+  start-up; unreadable ones are skipped with a warning that names them.
+- ``imagenet32``, ``imagenet64``: the downsampled ImageNet of Chrabaszcz, Loshchilov and Hutter (2017) as it is
+  distributed, ``.npz`` batches ``train_data_batch_<n>.npz`` and ``val_data.npz`` anywhere under the root, each
+  with ``data`` ``(N, 3·S·S)`` uint8 (channel-planar: all red, then green, then blue, rows of ``S``) and
+  ``labels`` ``(N,)`` in ``1 … 1000``; the validation batch is the test split.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import glob
 import math
 import os
+import re
+import warnings
 from typing import Optional
 
 import torch
@@ -22,9 +31,9 @@ from torch.utils.data import Dataset
 
 from .._optional import optional_import
 
-__all__ = ["DATASETS", "ImageData", "LevelDataset", "dequantize", "load_data"]
+__all__ = ["DATASETS", "ImageData", "LevelDataset", "dequantize", "load_data", "random_horizontal_flip"]
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder", "imagenet32", "imagenet64")
 
 
 class LevelDataset(Dataset):
@@ -67,6 +76,13 @@ def dequantize(levels: torch.Tensor, num_levels: int, generator: Optional[torch.
     x = levels.float()
     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return (x + u) / num_levels
+
+
+def random_horizontal_flip(images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Each image of ``(B, C, H, W)`` mirrored left-right with probability ½, drawn from ``generator`` (on the
+    tensor's device; the trainer passes its saved noise generator, so a resumed run flips the same images)."""
+    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
 def _reduce_bits(images: torch.Tensor, n_bits: Optional[int]) -> tuple[torch.Tensor, int]:
@@ -166,6 +182,36 @@ def _to_rgb(image):
     return image.convert("RGB")
 
 
+def _unreadable(path: str) -> Optional[str]:
+    """Why PIL cannot read the image file ``path`` (``None`` when it can): its header and structure are checked,
+    the pixels are not decoded (that would double the start-up time of a large folder)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, … for damaged files
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _drop_unreadable(folder, path: str) -> None:
+    """Remove the files PIL cannot read from an ImageFolder, warning once with their names and number, so that a
+    damaged file fails nobody mid-run (and always the same files are skipped on resume)."""
+    bad = [(p, why) for p, _ in folder.samples if (why := _unreadable(p)) is not None]
+    if not bad:
+        return
+    bad_paths = {p for p, _ in bad}
+    folder.samples = [s for s in folder.samples if s[0] not in bad_paths]
+    folder.imgs = folder.samples
+    folder.targets = [t for _, t in folder.samples]
+    listed = "; ".join(f"{p} ({why})" for p, why in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+    warnings.warn(f"imagefolder: skipping {len(bad)} unreadable image file(s) under {path!r}: {listed}",
+                  stacklevel=3)
+    if not folder.samples:
+        raise FileNotFoundError(f"imagefolder: none of the image files under {path!r} can be read")
+
+
 def _image_folder(root: str, image_size: Optional[int], n_bits: Optional[int]) -> ImageData:
     torchvision = optional_import("torchvision", "flow", "imagefolder data")
     datasets, transforms = torchvision.datasets, torchvision.transforms
@@ -184,10 +230,12 @@ def _image_folder(root: str, image_size: Optional[int], n_bits: Optional[int]) -
 
     def folder(path):
         try:
-            return datasets.ImageFolder(path, transform=transform)
+            found = datasets.ImageFolder(path, transform=transform)
         except (FileNotFoundError, RuntimeError) as exc:
             raise FileNotFoundError(f"imagefolder: no images under {path!r} (expected {path}/<class>/<image> with "
                                     f"a known image extension): {exc}") from None
+        _drop_unreadable(found, path)
+        return found
 
     train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
     if os.path.isdir(train_dir) and os.path.isdir(test_dir):
@@ -206,13 +254,79 @@ def _image_folder(root: str, image_size: Optional[int], n_bits: Optional[int]) -
     return ImageData("imagefolder", train_set, test_set, levels, (3, image_size, image_size), classes)
 
 
+class _NpzImages(Dataset):
+    """Images held as the distributed ``.npz`` arrays, one per file, never concatenated (ImageNet 64×64 is 15 GB
+    of uint8: a copy would double the peak memory): item ``i`` is a ``(3, S, S)`` view into its file's array."""
+
+    def __init__(self, arrays: list, labels: list, side: int, n_bits: Optional[int]):
+        self.arrays, self.labels, self.side, self.n_bits = arrays, labels, side, n_bits
+        self.starts = [0]
+        for a in arrays:
+            self.starts.append(self.starts[-1] + a.shape[0])
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        f = bisect.bisect_right(self.starts, i) - 1
+        row = self.arrays[f][i - self.starts[f]]
+        image = torch.from_numpy(row.reshape(3, self.side, self.side).copy())
+        return _reduce_bits(image, self.n_bits)[0], int(self.labels[f][i - self.starts[f]])
+
+
+def _npz_batches(paths: list[str], side: int, name: str) -> tuple[list, list]:
+    import numpy as np
+
+    arrays, labels = [], []
+    for path in paths:
+        try:
+            with np.load(path) as archive:
+                data, label = archive["data"], archive["labels"]
+        except KeyError as exc:
+            raise ValueError(f"{name}: {path} lacks the array {exc} (expected 'data' and 'labels')") from None
+        except Exception as exc:  # zip and pickle errors of a damaged file
+            raise RuntimeError(f"{name}: {path} cannot be read ({type(exc).__name__}: {exc}); unpack it "
+                               f"again") from None
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * side * side:
+            raise ValueError(f"{name}: {path} holds data {data.dtype} {data.shape}; expected uint8 "
+                             f"(N, {3 * side * side}) for {side}×{side} RGB images (is it the other resolution?)")
+        label = np.asarray(label).reshape(-1)
+        if label.shape[0] != data.shape[0]:
+            raise ValueError(f"{name}: {path} has {data.shape[0]} images but {label.shape[0]} labels")
+        arrays.append(data)
+        labels.append(label.astype(np.int64) - 1)  # the archives count classes from 1
+    return arrays, labels
+
+
+def _imagenet(name: str, root: str, n_bits: Optional[int]) -> ImageData:
+    side = 32 if name == "imagenet32" else 64
+    _reduce_bits(torch.zeros(1, dtype=torch.uint8), n_bits)  # n_bits in range, before reading gigabytes
+
+    def number(path):
+        return int(re.search(r"(\d+)\.npz$", path).group(1))
+
+    train = sorted(glob.glob(os.path.join(root, "**", "train_data_batch_*.npz"), recursive=True), key=number)
+    test = sorted(glob.glob(os.path.join(root, "**", "val_data.npz"), recursive=True))
+    if not train or len(test) != 1:
+        raise FileNotFoundError(
+            f"{name} not found under data root {root!r}: expected train_data_batch_<n>.npz files and one "
+            f"val_data.npz (found {len(train)} and {len(test)})\nUnpack the downsampled ImageNet archives "
+            f"(Imagenet{side}_train_npz and Imagenet{side}_val_npz) there.")
+    train_set = _NpzImages(*_npz_batches(train, side, name), side, n_bits)
+    test_set = _NpzImages(*_npz_batches(test, side, name), side, n_bits)
+    levels = 256 if n_bits is None else 2 ** n_bits
+    return ImageData(name, train_set, test_set, levels, (3, side, side))
+
+
 def load_data(name: str = "digits", root: Optional[str] = None, *, n_bits: Optional[int] = None,
               image_size: Optional[int] = None) -> ImageData:
     """Load a data set by name (:data:`DATASETS`).
 
     Args:
         name: ``"digits"`` (bundled, the default), ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``,
-            ``"imagefolder"``.
+            ``"imagefolder"``, ``"imagenet32"``, ``"imagenet64"``.
         root: the local folder holding the files (ignored for ``digits``); nothing is ever downloaded.
         n_bits: reduce 8-bit data to this many bits (e.g. 5 for faces); not for ``digits`` (17 levels).
         image_size: the side length for ``imagefolder``.
@@ -233,4 +347,6 @@ def load_data(name: str = "digits", root: Optional[str] = None, *, n_bits: Optio
         return _mnist_like(name, root, n_bits)
     if name == "cifar10":
         return _cifar10(root, n_bits)
+    if name in ("imagenet32", "imagenet64"):
+        return _imagenet(name, root, n_bits)
     return _image_folder(root, image_size, n_bits)
