@@ -1,7 +1,7 @@
 """How far the inverse of a CInC convolution can be trusted: measure it, bound it, and keep it bounded.
 
 The inverse ``x = M⁻¹ y`` is exact in exact arithmetic, but ``M⁻¹`` can amplify rounding errors exponentially in
-the image size (shared/SPEC.md §1, "Conditioning"). This module gives
+the image size (docs/spec.md §1, "Conditioning"). This module gives
 
 * :func:`inverse_gain`: an estimate of ``‖M⁻¹‖₂`` for one ``H × W`` image by power iteration with the backend's own
   ``inverse`` and ``inverse_transpose`` (a diagnostic: it runs ``2 · iterations`` solves and synchronises);

@@ -42,7 +42,7 @@ def _with_bias_mask(layer: nn.Module, masks: Masks) -> Masks:
 
 
 class CInCConv2d(nn.Module):
-    """The CInC convolution as a layer (shared/SPEC.md §1).
+    """The CInC convolution as a layer (docs/spec.md §1).
 
     Args:
         channels: ``C``; input and output have ``C`` channels.
@@ -223,7 +223,7 @@ class CInCConv2d(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The layers CInC is compared against (shared/SPEC.md §3). Same interface as CInCConv2d, plus ``free_masks()``
+# The layers CInC is compared against (docs/spec.md §3). Same interface as CInCConv2d, plus ``free_masks()``
 # (which entries of each parameter are free) and ``logdet(height, width)``.
 
 

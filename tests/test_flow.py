@@ -1,4 +1,4 @@
-"""The CInC Flow model (shared/SPEC.md §4), its training loop and its command line.
+"""The CInC Flow model (docs/spec.md §4), its training loop and its command line.
 
 Models here are tiny (a few hundred to a few thousand parameters, 4×4 to 8×8 images) so the whole file runs in
 about a minute or two on a loaded 2-core machine. Every conv of ``cinc_kernels.nn.LAYERS`` is covered by name.

@@ -1,4 +1,4 @@
-"""Latent attribute editing (issue 7): directions against independent computations, α = 0 gives the input back,
+"""Latent attribute editing: directions against independent computations, α = 0 gives the input back,
 and the ``edit`` command on the digits and on an image folder with a CSV of attributes."""
 from __future__ import annotations
 
