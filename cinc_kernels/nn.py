@@ -64,6 +64,7 @@ class CInCConv2d(nn.Module):
             raise ValueError(f"channels must be >= 1, got {channels}")
         if not 1 <= kernel_size <= fn.MAX_KERNEL_SIZE:
             raise ValueError(f"kernel_size must be in 1…{fn.MAX_KERNEL_SIZE}, got {kernel_size}")
+        fn.check_unit_diagonal(unit_diagonal)
         self.channels, self.kernel_size = channels, kernel_size
         self.unit_diagonal, self.backend = unit_diagonal, backend
         k = kernel_size
@@ -257,6 +258,7 @@ class EmergingConv2d(nn.Module):
                  backend: str = "auto", init_scale: float = 1e-2):
         super().__init__()
         _check_channels(channels)
+        fn.check_unit_diagonal(unit_diagonal)
         self.channels, self.kernel_size = channels, kernel_size
         self.unit_diagonal, self.backend = unit_diagonal, backend
         self.mix = InvConv1x1(channels, bias=False, backend=backend)
