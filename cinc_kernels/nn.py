@@ -20,6 +20,15 @@ from .reference import free_parameters, weight_mask
 __all__ = ["CInCConv2d", "EmergingConv2d", "AutoregressiveConv2d", "InvConv1x1", "FInCConv2d", "LAYERS"]
 
 
+def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias=None, padding: int = 0) -> torch.Tensor:
+    """``F.conv2d`` that also takes an image without pixels or channels (ATen refuses those) and returns the
+    equally empty result, still attached to the weight's graph (docs/spec.md §2: empty in, empty out)."""
+    if x.numel() == 0:
+        out = x.new_zeros(x.shape[0], weight.shape[0], x.shape[2], x.shape[3]) + 0 * weight.sum()
+        return out if bias is None else out + 0 * bias.sum()
+    return F.conv2d(x, weight, bias, padding=padding)
+
+
 def _with_bias_mask(layer: nn.Module, masks: dict) -> dict:
     """``masks`` plus an all-free mask for the layer's bias, when it has one."""
     if layer.bias is not None:
@@ -215,14 +224,14 @@ class InvConv1x1(nn.Module):
 
     def forward(self, x: torch.Tensor):
         _check_input(x, self.channels, "x")
-        y = F.conv2d(x, self.weight()[:, :, None, None], self.bias)
+        y = _conv2d(x, self.weight()[:, :, None, None], self.bias)
         return y, self.logdet(x.shape[2], x.shape[3]).expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         _check_input(y, self.channels, "y")
         if self.bias is not None:
             y = y - self.bias.view(1, -1, 1, 1)
-        return F.conv2d(y, self.inverse_weight()[:, :, None, None])
+        return _conv2d(y, self.inverse_weight()[:, :, None, None])
 
     def num_parameters(self) -> int:
         return self.channels**2 + (self.channels if self.bias is not None else 0)
@@ -355,7 +364,7 @@ class AutoregressiveConv2d(nn.Module):
     def forward(self, x: torch.Tensor):
         _check_input(x, self.channels, "x")
         p = self.kernel_size // 2
-        y = F.conv2d(x, self.weight * self.mask, self.bias, padding=p)
+        y = _conv2d(x, self.weight * self.mask, self.bias, padding=p)
         return y, self.logdet(x.shape[2], x.shape[3]).expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
@@ -363,6 +372,8 @@ class AutoregressiveConv2d(nn.Module):
         B, C, H, W = y.shape
         p = self.kernel_size // 2
         wm = self.weight * self.mask
+        if y.numel() == 0:
+            return _conv2d(y, wm[:, :, :1, :1])
         row_weight, above_weight = self._row_weight(wm), wm[:, :, :p, :]
         # Solved rows are kept in a list (no in-place writes), so autograd sees an ordinary graph.
         rows = [y.new_zeros(B, C, 1, W)] * p

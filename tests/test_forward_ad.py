@@ -161,3 +161,18 @@ def test_vmap_over_images_and_weights_matches_a_loop(op):
         by_weight = torch.func.vmap(lambda ww: f(x, ww, *rest))(weights)
     torch.testing.assert_close(by_image, torch.stack([f(images[:, i], w, *rest) for i in range(4)]), rtol=0, atol=0)
     torch.testing.assert_close(by_weight, torch.stack([f(x, weights[i], *rest) for i in range(4)]), rtol=0, atol=0)
+
+
+def test_check_command_catches_a_backend_that_drops_tangents(monkeypatch, capsys):
+    from cinc_kernels import backends, selfcheck
+
+    def detached(fn):
+        return lambda *args: fn(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+
+    ref = backends.get_backend("reference").ops
+    dropping = backends.Backend(name="dropping", ops={**ref, "inverse": detached(ref["inverse"])})
+    monkeypatch.setitem(backends._REGISTRY, "dropping", dropping)
+    assert not selfcheck.run(verbose=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if " dropping " in line and "jvp" in line]
+    assert any(line.split()[0] == "FAIL" and "inverse " in line for line in lines), lines
+    assert any(line.split()[0] == "ok" and "forward" in line for line in lines), lines
