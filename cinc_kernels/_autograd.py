@@ -1,4 +1,4 @@
-"""Gradients of the CInC ops (shared/SPEC.md §1), written once and attached to every backend's custom ops.
+"""Gradients of the CInC ops (docs/spec.md §1), written once and attached to every backend's custom ops.
 
 Each formula calls other ops of the same backend (the inverse's backward is its adjoint solve, and back), so a
 backend gets autograd by handing its four ops to :func:`register_autograd_formulas`.

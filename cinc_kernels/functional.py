@@ -1,4 +1,4 @@
-"""The public functions of shared/SPEC.md §2: forward, inverse, adjoint inverse and log-determinant.
+"""The public functions of docs/spec.md §2: forward, inverse, adjoint inverse and log-determinant.
 
 Each checks its arguments (errors name the argument), picks a backend (:mod:`cinc_kernels.backends`) and calls it.
 All are differentiable in every tensor argument and traceable by ``torch.compile(fullgraph=True)``.

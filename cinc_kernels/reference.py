@@ -1,4 +1,4 @@
-"""The float64 reference: the spec (``shared/SPEC.md`` §1) written as plainly as possible.
+"""The float64 reference: the spec (docs/spec.md §1) written as plainly as possible.
 
 Every fast path in the package is tested against these functions. They upcast to float64, loop in the
 most obvious order and cast back, so they are slow; they are also the one place to read what an op means.
