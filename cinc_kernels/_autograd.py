@@ -1,7 +1,9 @@
-"""Gradients of the CInC ops (docs/spec.md §1), written once and attached to every backend's custom ops.
+"""Derivatives of the CInC ops (docs/spec.md §1), reverse and forward mode, written once and attached to every
+backend's custom ops.
 
-Each formula calls other ops of the same backend (the inverse's backward is its adjoint solve, and back), so a
-backend gets autograd by handing its four ops to :func:`register_autograd_formulas`.
+Each formula calls other ops of the same backend (the inverse's backward is its adjoint solve, and back; the
+inverse's tangent is another inverse), so a backend gets both modes by handing its four ops to
+:func:`register_autograd_formulas`, which installs them as each op's ``Autograd`` dispatch kernel.
 """
 from __future__ import annotations
 
@@ -170,7 +172,13 @@ _LIBRARIES: list = []
 
 def _register_autograd_kernel(op, kernel, image_index: int) -> None:
     lib = torch.library.Library(op._namespace, "IMPL")
-    lib.impl(op._opname, kernel, "Autograd", with_keyset=True)
+    try:
+        lib.impl(op._opname, kernel, "Autograd", with_keyset=True)
+    except RuntimeError:
+        # A torch.library.custom_op registers an Autograd kernel of its own (backward only), and torch releases
+        # without Library.impl(allow_override=) refuse to replace a kernel registered from Python: forget it first.
+        torch.library._impls.discard(f"{op._namespace}/{op._opname}/Autograd")
+        lib.impl(op._opname, kernel, "Autograd", with_keyset=True)
     _LIBRARIES.append(lib)
     # A batching rule, so vmap (and jacfwd / jacrev / hessian, built on it) need not fall back to a slow loop.
     torch.library.register_vmap(
