@@ -39,7 +39,7 @@ def test_registered_ops_refuse_a_bad_weight_before_reading_it(why):
         lambda: torch.ops.cinc.inverse(x, w, None, False),
         lambda: torch.ops.cinc.inverse_transpose(x, w, False),
     ]
-    for i, op in enumerate(calls):
+    for op in calls:
         with pytest.raises(RuntimeError, match="weight"):
             op()
 
@@ -136,7 +136,8 @@ def test_empty_images_give_empty_results_and_zero_gradients(backend, shape):
     ]
     for out in outs:
         assert out.shape == shape and out.dtype == torch.float64
-    assert ck.cinc_logdet(wl, shape[2], shape[3], backend=backend).item() == 0.0 or C > 0 and 0 not in shape[2:]
+    if C == 0 or 0 in shape[2:]:
+        assert ck.cinc_logdet(wl, shape[2], shape[3], backend=backend).item() == 0.0
     grads = torch.autograd.grad(sum(o.sum() for o in outs), leaves, allow_unused=True)
     for g, leaf in zip(grads, leaves):
         assert g is None or (g.shape == leaf.shape and torch.all(g == 0))
