@@ -1,4 +1,4 @@
-"""The public functions of shared/SPEC.md §2: forward, inverse, adjoint inverse and log-determinant.
+"""The public functions of docs/spec.md §2: forward, inverse, adjoint inverse and log-determinant.
 
 Each checks its arguments (errors name the argument), picks a backend (:mod:`cinc_kernels.backends`) and calls it.
 All are differentiable in every tensor argument and traceable by ``torch.compile(fullgraph=True)``.
@@ -63,6 +63,12 @@ def check_image(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return k
 
 
+def check_unit_diagonal(unit_diagonal) -> None:
+    """``unit_diagonal`` must be a real ``bool``: a truthy string or number would pick a mask silently."""
+    if not isinstance(unit_diagonal, bool):
+        raise TypeError(f"unit_diagonal must be a bool, got {type(unit_diagonal).__name__} {unit_diagonal!r}")
+
+
 def cinc_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                 unit_diagonal: bool = False, backend: str = "auto") -> torch.Tensor:
     """The CInC convolution ``y = M x + bias``: a k×k correlation padded ``k-1`` on the top and left only, whose
@@ -80,6 +86,7 @@ def cinc_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         ``y``: ``(B, C, H, W)``, same dtype and device as ``x``.
     """
     check_image(x, weight, bias, "x")
+    check_unit_diagonal(unit_diagonal)
     impl = select(backend, "forward", x.device, x.dtype, "x")
     return impl.ops["forward"](x, weight, bias, unit_diagonal)
 
@@ -122,6 +129,7 @@ def cinc_conv2d_inverse(y: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         (computed on the device) if the weight may be singular.
     """
     check_image(y, weight, bias, "y")
+    check_unit_diagonal(unit_diagonal)
     _check_accumulate(accumulate, y, "y")
     if accumulate is not None and accumulate != y.dtype:
         impl = select(backend, "inverse", y.device, accumulate, "accumulate")
@@ -145,6 +153,7 @@ def cinc_conv2d_inverse_transpose(g: torch.Tensor, weight: torch.Tensor, *, unit
         ``u``: ``(B, C, H, W)``, ``g``'s dtype.
     """
     check_image(g, weight, None, "g")
+    check_unit_diagonal(unit_diagonal)
     _check_accumulate(accumulate, g, "g")
     if accumulate is not None and accumulate != g.dtype:
         impl = select(backend, "inverse_transpose", g.device, accumulate, "accumulate")
@@ -165,6 +174,7 @@ def cinc_logdet(weight: torch.Tensor, height: int, width: int, *, unit_diagonal:
         A 0-dim tensor of ``weight``'s dtype; ``-inf`` when the centre tap has a zero on its diagonal.
     """
     check_weight(weight)
+    check_unit_diagonal(unit_diagonal)
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")

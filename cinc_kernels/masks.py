@@ -24,14 +24,16 @@ def weight_mask(channels, kernel_size, unit_diagonal=False, *, dtype=torch.float
 def masked_weight(weight: torch.Tensor, unit_diagonal: bool = False) -> torch.Tensor:
     """``Wm``: ``weight`` with the centre tap ``[:, :, k-1, k-1]`` lower triangular (unit diagonal if asked).
 
+    The mask selects (``torch.where``) rather than multiplies, so a NaN or Inf in a masked entry has no effect.
     Differentiable: masked entries get exactly zero gradient. Shape ``(C, C, k, k)``, ``weight``'s dtype.
     """
     C, k = weight.shape[0], weight.shape[-1]
-    wm = weight * weight_mask(C, k, unit_diagonal, dtype=weight.dtype, device=weight.device)
+    keep = weight_mask(C, k, unit_diagonal, dtype=torch.bool, device=weight.device)
+    fixed = torch.zeros((), dtype=weight.dtype, device=weight.device)
     if unit_diagonal:
         eye = torch.eye(C, dtype=weight.dtype, device=weight.device)[:, :, None, None]
-        wm = wm + F.pad(eye, (k - 1, 0, k - 1, 0))
-    return wm
+        fixed = F.pad(eye, (k - 1, 0, k - 1, 0))
+    return torch.where(keep, weight, fixed)
 
 
 def centre_tap(weight: torch.Tensor, unit_diagonal: bool = False) -> torch.Tensor:

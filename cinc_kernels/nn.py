@@ -33,6 +33,16 @@ class _Layer(Protocol):
     def free_masks(self) -> Masks: ...
 
 
+
+def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias=None, padding: int = 0) -> torch.Tensor:
+    """``F.conv2d`` that also takes an image without pixels or channels (ATen refuses those) and returns the
+    equally empty result, still attached to the weight's graph (docs/spec.md §2: empty in, empty out)."""
+    if x.numel() == 0:
+        out = x.new_zeros(x.shape[0], weight.shape[0], x.shape[2], x.shape[3]) + 0 * weight.sum()
+        return out if bias is None else out + 0 * bias.sum()
+    return F.conv2d(x, weight, bias, padding=padding)
+
+
 def _with_bias_mask(layer: nn.Module, masks: Masks) -> Masks:
     """``masks`` plus an all-free mask for the layer's bias, when it has one."""
     bias = getattr(layer, "bias", None)
@@ -91,6 +101,7 @@ class CInCConv2d(nn.Module):
             raise ValueError(f"channels must be >= 1, got {channels}")
         if not 1 <= kernel_size <= fn.MAX_KERNEL_SIZE:
             raise ValueError(f"kernel_size must be in 1…{fn.MAX_KERNEL_SIZE}, got {kernel_size}")
+        fn.check_unit_diagonal(unit_diagonal)
         self.channels, self.kernel_size = channels, kernel_size
         self.unit_diagonal, self.backend = unit_diagonal, backend
         k = kernel_size
@@ -302,14 +313,14 @@ class InvConv1x1(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_input(x, self.channels, "x")
-        y = F.conv2d(x, self.weight()[:, :, None, None], self.bias)
+        y = _conv2d(x, self.weight()[:, :, None, None], self.bias)
         return y, self.logdet(x.shape[2], x.shape[3]).expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         _check_input(y, self.channels, "y")
         if self.bias is not None:
             y = y - self.bias.view(1, -1, 1, 1)
-        return F.conv2d(y, self.inverse_weight()[:, :, None, None])
+        return _conv2d(y, self.inverse_weight()[:, :, None, None])
 
     def num_parameters(self) -> int:
         return self.channels**2 + (self.channels if self.bias is not None else 0)
@@ -345,6 +356,7 @@ class EmergingConv2d(nn.Module):
                  backend: str = "auto", init_scale: float = 1e-2):
         super().__init__()
         _check_channels(channels)
+        fn.check_unit_diagonal(unit_diagonal)
         self.channels, self.kernel_size = channels, kernel_size
         self.unit_diagonal, self.backend = unit_diagonal, backend
         self.mix = InvConv1x1(channels, bias=False, backend=backend)
@@ -444,7 +456,7 @@ class AutoregressiveConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_input(x, self.channels, "x")
         p = self.kernel_size // 2
-        y = F.conv2d(x, self.weight * self.mask, self.bias, padding=p)
+        y = _conv2d(x, self.weight * self.mask, self.bias, padding=p)
         return y, self.logdet(x.shape[2], x.shape[3]).expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
@@ -452,6 +464,8 @@ class AutoregressiveConv2d(nn.Module):
         B, C, H, W = y.shape
         p = self.kernel_size // 2
         wm = self.weight * self.mask
+        if y.numel() == 0:
+            return _conv2d(y, wm[:, :, :1, :1])
         row_weight, above_weight = self._row_weight(wm), wm[:, :, :p, :]
         # Solved rows are kept in a list (no in-place writes), so autograd sees an ordinary graph.
         rows = [y.new_zeros(B, C, 1, W)] * p

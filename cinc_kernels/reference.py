@@ -40,15 +40,15 @@ def weight_mask(channels, kernel_size, unit_diagonal=False, *, dtype=torch.float
 def masked_weight(weight: torch.Tensor, unit_diagonal: bool = False) -> torch.Tensor:
     """``Wm``: ``weight`` with the centre tap ``[:, :, k-1, k-1]`` lower triangular (unit diagonal if asked).
 
+    The mask selects (``torch.where``) rather than multiplies, so a NaN or Inf in a masked entry has no effect.
     Differentiable: masked entries get exactly zero gradient. Shape ``(C, C, k, k)``.
     """
     C, k = weight.shape[0], weight.shape[-1]
-    wm = weight * weight_mask(C, k, unit_diagonal, dtype=weight.dtype, device=weight.device)
+    keep = weight_mask(C, k, unit_diagonal, dtype=torch.bool, device=weight.device)
+    fixed = torch.zeros(C, C, k, k, dtype=weight.dtype, device=weight.device)
     if unit_diagonal:
-        ones = torch.zeros_like(wm)
-        ones[range(C), range(C), k - 1, k - 1] = 1
-        wm = wm + ones
-    return wm
+        fixed[:, :, k - 1, k - 1] = torch.eye(C, dtype=weight.dtype, device=weight.device)
+    return torch.where(keep, weight, fixed)
 
 
 def centre_tap(weight: torch.Tensor, unit_diagonal: bool = False) -> torch.Tensor:
@@ -56,10 +56,22 @@ def centre_tap(weight: torch.Tensor, unit_diagonal: bool = False) -> torch.Tenso
     return masked_weight(weight, unit_diagonal)[:, :, -1, -1]
 
 
+def _empty_like_image(t, dtype, *connected):
+    """The (empty) result for an image with no pixels or channels, still attached to the autograd graph of
+    ``connected`` so that gradients come back as zeros rather than as an error."""
+    out = torch.zeros(t.shape, dtype=torch.float64, device=t.device) + t.double()
+    for c in connected:
+        if c is not None:
+            out = out + 0 * c.double().sum()
+    return out.to(dtype)
+
+
 def forward(x, weight, bias=None, unit_diagonal=False):
     """``y = M x + bias``: top-left padded k×k convolution with the masked weight. ``(B, C, H, W) -> same``."""
     k = weight.shape[-1]
     wm = masked_weight(weight.double(), unit_diagonal)
+    if x.numel() == 0:
+        return _empty_like_image(x, x.dtype, wm, bias)
     xp = torch.nn.functional.pad(x.double(), (k - 1, 0, k - 1, 0))
     y = torch.nn.functional.conv2d(xp, wm, None if bias is None else bias.double())
     return y.to(x.dtype)
@@ -86,6 +98,8 @@ def inverse(y, weight, bias=None, unit_diagonal=False):
     wm = masked_weight(weight.double(), unit_diagonal)
     L = wm[:, :, k - 1, k - 1]
     _check_nonsingular(L)
+    if y.numel() == 0:
+        return _empty_like_image(y, y.dtype, wm, bias)
     r = y.double()
     if bias is not None:
         r = r - bias.double().view(1, C, 1, 1)
@@ -106,8 +120,6 @@ def inverse(y, weight, bias=None, unit_diagonal=False):
                     s = s - L[c, c2] * xc[c2]
                 xc.append(s / L[c, c])
             x[i, j] = torch.stack(xc, 1)
-    if H * W == 0 or B == 0:
-        return torch.zeros_like(r).to(y.dtype)
     return _stack_pixels(x, H, W).to(y.dtype)
 
 
@@ -121,6 +133,8 @@ def inverse_transpose(g, weight, unit_diagonal=False):
     wm = masked_weight(weight.double(), unit_diagonal)
     L = wm[:, :, k - 1, k - 1]
     _check_nonsingular(L)
+    if g.numel() == 0:
+        return _empty_like_image(g, g.dtype, wm)
     gd = g.double()
     u = {}
     for i in reversed(range(H)):
@@ -139,15 +153,16 @@ def inverse_transpose(g, weight, unit_diagonal=False):
                     s = s - L[c2, c] * uc[c2]
                 uc[c] = s / L[c, c]
             u[i, j] = torch.stack([uc[c] for c in range(C)], 1)
-    if H * W == 0 or B == 0:
-        return torch.zeros_like(gd).to(g.dtype)
     return _stack_pixels(u, H, W).to(g.dtype)
 
 
 def logdet(weight, height, width, unit_diagonal=False):
-    """``log|det M| = H·W·Σ_c log|L[c, c]|`` as a 0-dim float64 tensor (``-inf`` when singular)."""
+    """``log|det M| = H·W·Σ_c log|L[c, c]|`` as a 0-dim float64 tensor (``-inf`` when singular; 0 for an image
+    without pixels, whose map is the empty one). ``H·W`` is taken as a float, so huge sizes cannot overflow."""
     L = centre_tap(weight.double(), unit_diagonal)
-    return height * width * torch.log(L.diagonal().abs()).sum()
+    if height == 0 or width == 0:
+        return 0 * L.diagonal().sum()
+    return torch.sym_float(height) * torch.sym_float(width) * torch.log(L.diagonal().abs()).sum()
 
 
 def dense_matrix(weight, height, width, unit_diagonal=False):

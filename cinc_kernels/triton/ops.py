@@ -169,15 +169,16 @@ def inverse_transpose(g: torch.Tensor, weight: torch.Tensor, unit_diagonal: bool
 def logdet(weight: torch.Tensor, height: int, width: int, unit_diagonal: bool) -> torch.Tensor:
     """``H·W·Σ_c log|L[c, c]|``, a 0-dim tensor of ``weight``'s dtype (0 with ``unit_diagonal``)."""
     out = torch.zeros((), dtype=weight.dtype, device=weight.device)
-    if unit_diagonal:
+    if unit_diagonal or height == 0 or width == 0:
         return out
     C, k = weight.shape[0], weight.shape[-1]
     with _device_of(weight, "weight"):
         kernels._cinc_logdet_reduce_kernel[(1,)](
-            weight.contiguous(), out, C, height * width,
+            weight.contiguous(), out, C, 1,
             KSIZE=k, ACC_DTYPE=_acc_dtype(weight.dtype), BLOCK_C=min(_channel_block(C), 1024),
         )
-    return out
+    # Scaled by H·W as a float afterwards: the int64 product of two huge sizes would wrap (2^32 × 2^32 = 0).
+    return out * (float(height) * float(width))
 
 
 OPS = {

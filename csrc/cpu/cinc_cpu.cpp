@@ -751,16 +751,14 @@ at::Tensor inverse_transpose_cpu(const at::Tensor& g, const at::Tensor& weight, 
 // log-determinant
 
 at::Tensor logdet_cpu(const at::Tensor& weight, int64_t height, int64_t width, bool unit_diagonal) {
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == weight.size(1) && weight.size(2) == weight.size(3),
-              "weight must be (C, C, k, k), got ", weight.sizes());
-  TORCH_CHECK(height >= 0 && width >= 0, "height and width must be >= 0, got ", height, " and ", width);
+  const int k = check_logdet_args(weight, height, width);
   at::Tensor out = at::empty({}, weight.options());
   const at::Tensor w = weight.contiguous();
   const int64_t C = w.size(0);
-  const int k = static_cast<int>(w.size(3));
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "cinc_logdet_cpu", [&] {
     double sum = 0.0;
-    if (!unit_diagonal && height * width > 0) {
+    // Not height * width > 0: that int64 product wraps to 0 at 2^32 × 2^32.
+    if (!unit_diagonal && height > 0 && width > 0) {
       const scalar_t* wp = w.data_ptr<scalar_t>();
       for (int64_t c = 0; c < C; ++c) {
         sum += std::log(std::abs(static_cast<double>(wp[weight_offset(c, c, k - 1, k - 1, C, k)])));

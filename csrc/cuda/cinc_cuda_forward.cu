@@ -82,14 +82,13 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& weight, const std
 }
 
 at::Tensor logdet_cuda(const at::Tensor& weight, int64_t height, int64_t width, bool unit_diagonal) {
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == weight.size(1) && weight.size(2) == weight.size(3),
-              "weight must be (C, C, k, k), got ", weight.sizes());
-  TORCH_CHECK(height >= 0 && width >= 0, "height and width must be >= 0, got ", height, " and ", width);
+  check_logdet_args(weight, height, width);
   TORCH_CHECK(weight.is_cuda(), "weight must be a CUDA tensor for the CUDA kernels, got ", weight.device());
   TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
               "the CUDA logdet supports float32 and float64, got weight of dtype ", weight.scalar_type());
   const c10::cuda::CUDAGuard guard(weight.device());
-  if (unit_diagonal || height * width == 0 || weight.size(0) == 0) return at::zeros({}, weight.options());
+  // Not height * width == 0: that int64 product wraps to 0 at 2^32 × 2^32.
+  if (unit_diagonal || height == 0 || width == 0 || weight.size(0) == 0) return at::zeros({}, weight.options());
   at::Tensor out = at::empty({}, weight.options());
   const at::Tensor w = weight.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.get_device()).stream();
