@@ -124,7 +124,7 @@ OP_DTYPES.update({("mps", "forward"): (torch.float32,) + HALF, ("cuda", "forward
 
 
 OP_DEFS = {"forward": forward, "inverse": inverse, "inverse_transpose": inverse_transpose, "logdet": logdet}
-registration.register(OP_DEFS)
+registration.register({op: getattr(torch.ops.cinc_torch, op).default for op in OPS})
 
 register_backend(Backend(name="torch", ops=dict(OP_DEFS), op_dtypes=OP_DTYPES))
 

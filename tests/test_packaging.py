@@ -209,7 +209,7 @@ def test_auto_uses_cuda_on_a_covered_gpu(monkeypatch):
 
 
 def test_auto_falls_back_with_one_warning_carrying_the_load_error(monkeypatch):
-    monkeypatch.setattr(backends, "_EXTENSION_ERROR", "undefined symbol: _ZN3c104cuda9SetDevice")
+    monkeypatch.setattr(_extension, "ERROR", "undefined symbol: _ZN3c104cuda9SetDevice")
     monkeypatch.setattr(_extension, "_warned", set())
     x = torch.randn(2, 3, 4, 5)
     w = torch.randn(3, 3, 2, 2)
