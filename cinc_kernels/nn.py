@@ -135,22 +135,22 @@ class CInCConv2d(nn.Module):
     def _forward_runs_on_aten(self, x) -> bool:
         # When the backend the functional op would pick is ATen's convolution (backend="auto" on CPU and CUDA), the
         # layer runs it itself, so that the training step is the convolution plus two small ops: the mask is one
-        # multiply by a cached tensor, and the log-determinant (docs/spec.md §1: H·W·Σ log|L[c,c]|) is read off the
+        # selection by a cached mask (so NaN in a masked entry is inert), and the log-determinant (docs/spec.md §1: H·W·Σ log|L[c,c]|) is read off the
         # masked weight by autograd-native ops instead of a custom op with a Python backward.
         return (self.backend == "auto" and isinstance(x, torch.Tensor) and x.dtype == self.weight.dtype
                 and select("auto", "forward", x.device, x.dtype).name == "_aten")
 
     def _masks(self, like: torch.Tensor):
-        """(mask, added, centre): ``masked = weight · mask (+ added with a unit diagonal)`` and the flat indices of
-        the centre tap's diagonal, built once per dtype and device."""
+        """(keep, fixed, centre): ``masked = where(keep, weight, fixed)`` (``fixed``: the unit diagonal, else 0) and
+        the flat indices of the centre tap's diagonal, built once per dtype and device."""
         key = (like.dtype, like.device)
         cached = self._mask_cache.get(key)
         if cached is None:
             C, k = self.channels, self.kernel_size
-            mask = weight_mask(C, k, self.unit_diagonal, dtype=like.dtype, device=like.device)
-            added = None
+            mask = weight_mask(C, k, self.unit_diagonal, dtype=torch.bool, device=like.device)
+            added = torch.zeros((), dtype=like.dtype, device=like.device)
             if self.unit_diagonal:
-                added = torch.zeros_like(mask)
+                added = torch.zeros(C, C, k, k, dtype=like.dtype, device=like.device)
                 added[:, :, k - 1, k - 1] = torch.eye(C, dtype=like.dtype, device=like.device)
             centre = torch.arange(C, device=like.device) * (C + 1) * k * k + k * k - 1
             cached = self._mask_cache[key] = (mask, added, centre)
@@ -160,13 +160,15 @@ class CInCConv2d(nn.Module):
         fn.check_image(x, weight, self.bias, "x")
         k, (B, _, H, W) = self.kernel_size, x.shape
         mask, added, centre = self._masks(weight)
-        if added is None:
-            masked = weight * mask
-            logdet = torch.take(weight, centre).abs().log().sum() * (H * W)
-        else:
-            masked = torch.addcmul(added, weight, mask)
+        masked = torch.where(mask, weight, added)
+        if self.unit_diagonal:
             logdet = weight.new_zeros(())
-        y = F.conv2d(F.pad(x, (k - 1, 0, k - 1, 0)), masked, self.bias)
+        else:
+            logdet = torch.take(weight, centre).abs().log().sum() * (float(H) * float(W))
+        if x.numel() == 0:
+            y = _conv2d(x, masked, self.bias)
+        else:
+            y = F.conv2d(F.pad(x, (k - 1, 0, k - 1, 0)), masked, self.bias)
         return y, logdet.expand(B)
 
     def inverse(self, y: torch.Tensor, *, accumulate: Optional[torch.dtype] = None) -> torch.Tensor:
