@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .data import ImageData, dequantize, load_data
+from .data import ImageData, dequantize, describe, load_data
 from .model import CInCFlow, build_model
 
 __all__ = [
@@ -61,7 +61,7 @@ class TrainConfig:
     coupling: str = "quad"
     backend: str = "auto"
     conv_kwargs: dict = dataclasses.field(default_factory=dict)
-    permutation: str = "none"
+    permutation: str = "reverse"
     steps: int = 2500
     batch_size: int = 64
     optimizer: str = "adam"
@@ -129,7 +129,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 def load_model(path: str, device="cpu", backend: Optional[str] = None) -> tuple[CInCFlow, dict]:
     """The model saved in a checkpoint, in eval mode on ``device``, and the checkpoint itself."""
     ckpt = load_checkpoint(path)
-    config = dict(ckpt["model_config"])
+    config = CInCFlow.upgrade_config(ckpt["model_config"])
     if backend is not None:
         config["backend"] = backend
     model = CInCFlow(**config)
@@ -349,7 +349,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
 
     if resume and os.path.isfile(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, map_location=device)
-        if ckpt["model_config"] != model.config:
+        if CInCFlow.upgrade_config(ckpt["model_config"]) != model.config:
             raise ValueError(f"cannot resume: {ckpt_path} holds a model with {ckpt['model_config']}, these settings "
                              f"build {model.config}; use the run's own settings (its config.json) or another out_dir")
         model.load_state_dict(ckpt["model"])
@@ -368,7 +368,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
 
     if rank == 0:
         os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-        _atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n", os.path.join(out_dir, "config.json"))
+        saved = dataclasses.asdict(cfg)
+        if data.info:
+            saved["data_info"] = data.info
+            print(describe(data), file=sys.stderr)
+        _atomic_write_text(json.dumps(saved, indent=2) + "\n", os.path.join(out_dir, "config.json"))
 
     batches_per_epoch = len(data.train) // (cfg.batch_size * world)
     if batches_per_epoch < 1:
@@ -416,7 +420,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
                 "history": history,
                 "rng": states,
                 "data": {"name": data.name, "num_levels": data.num_levels, "shape": list(data.shape),
-                         "classes": data.classes},
+                         "classes": data.classes, "info": data.info},
             }, ckpt_path)
             _atomic_write_text(json.dumps(history) + "\n", os.path.join(out_dir, "metrics.json"))
             _plot_history(history, os.path.join(out_dir, "loss.png"),
