@@ -124,7 +124,7 @@ def run_comparison(args) -> None:
     done = {(r["conv"], r["coupling"], r["permutation"], r["seed"]) for r in rows}
     data = load_data(args.data, image_size=args.image_size)
     _log(args, describe(data))
-    todo, skipped = [], []
+    configs, skipped = [], []
     for conv, coupling, permutation in CONFIGS:
         if args.only and _label(conv, coupling, permutation) not in args.only:
             continue
@@ -132,8 +132,9 @@ def run_comparison(args) -> None:
             skipped.append(conv)
             _log(args, f"skip {conv}: not in cinc_kernels.nn.LAYERS ({sorted(LAYERS)})")
             continue
-        todo += [(conv, coupling, permutation, seed) for seed in args.seeds
-                 if (conv, coupling, permutation, seed) not in done]
+        configs.append((conv, coupling, permutation))
+    # Seed by seed, so that a comparison stopped early still has every configuration at the seeds it finished.
+    todo = [(*c, seed) for seed in args.seeds for c in configs if (*c, seed) not in done]
     _log(args, f"{len(rows)} runs already in {runs_path}; {len(todo)} to go")
     meta = {"machine": _machine(), "budget": budget,
             "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]), "skipped_convs": skipped,
