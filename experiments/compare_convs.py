@@ -82,9 +82,11 @@ def _best_time(fn, device, repeats: int = 3) -> float:
 
 
 def _conv_parameters(model) -> int:
-    return sum(step.conv.num_parameters() if hasattr(step.conv, "num_parameters") else
-               sum(p.numel() for p in step.conv.parameters())
-               for level in model.levels for step in level.steps)
+    """Free parameters of the steps' invertible linear layers: the convolution and, with ``permutation="1x1"``,
+    the step's LU 1×1 (so that every row counts the 1×1 its step carries, inside the layer or beside it)."""
+    layers = [m for level in model.levels for step in level.steps for m in (step.conv, step.mix) if m is not None]
+    return sum(m.num_parameters() if hasattr(m, "num_parameters") else sum(p.numel() for p in m.parameters())
+               for m in layers)
 
 
 @torch.no_grad()
@@ -110,6 +112,30 @@ def _load_rows(path: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def rewrite_report(args) -> None:
+    """Rebuild the tables of ``args.out`` from its ``runs.jsonl`` (parameter counts recomputed from the models the
+    rows describe, so that a counting rule changed after the runs applies to all of them)."""
+    from cinc_kernels.flow.data import load_data
+
+    rows = _load_rows(os.path.join(args.out, "runs.jsonl"))
+    if not rows:
+        raise SystemExit(f"error: --report: no runs in {os.path.join(args.out, 'runs.jsonl')}")
+    with open(os.path.join(args.out, "results.json")) as f:
+        meta = json.load(f)["meta"]
+    shapes = {}
+    for r in rows:
+        b = r["budget"]
+        if (b["data"], b["image_size"]) not in shapes:
+            shapes[b["data"], b["image_size"]] = load_data(b["data"], image_size=b["image_size"]).shape
+        c, h, _ = shapes[b["data"], b["image_size"]]
+        model = build_model(b["preset"], in_channels=c, image_size=h, levels=b["levels"],
+                            steps_per_level=b["steps_per_level"], hidden_channels=b["hidden_channels"],
+                            conv=r["conv"], coupling=r["coupling"], permutation=r["permutation"])
+        r["parameters"], r["conv_parameters"] = model.num_parameters(), _conv_parameters(model)
+    _write_all(rows, meta, args.out)
+    print(open(os.path.join(args.out, "results.md")).read())
 
 
 def run_comparison(args) -> None:
@@ -224,7 +250,7 @@ def _write_markdown(summary, meta, path) -> None:
         f"Machine: {m['cuda_device'] or m['processor']}, {m['cpus']} CPUs, {m['threads']} threads, torch "
         f"{m['torch']}, {m['date']}. Command: `{meta['command']}`.",
         "",
-        "| conv | coupling | step permutation | n | test bits/dim | parameters | conv parameters | train img/s | "
+        "| conv | coupling | step permutation | n | test bits/dim | parameters | conv + 1×1 parameters | train img/s | "
         "sample 100 (s) | forward 100 (s) | sample / forward |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -255,7 +281,7 @@ def _plot(summary, path) -> None:
     axes[0].set_ylim(lo - 0.1 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
     axes[0].set_ylabel("test bits / dim (lower is better)")
     axes[1].bar(labels, [s["conv_parameters"] for s in summary], color="tab:green")
-    axes[1].set_ylabel("free parameters of the convolutions")
+    axes[1].set_ylabel("free parameters of conv (+ the step's 1×1)")
     positions = list(range(len(summary)))
     axes[2].bar([p - 0.2 for p in positions], [s["sample_s"] for s in summary], width=0.4,
                 yerr=[s["sample_s_sd"] for s in summary], capsize=3, color="tab:red", label="sample")
@@ -319,6 +345,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="smoke run: digits-tiny, 20 steps, seed 0")
     p.add_argument("--paper-timing", action="store_true", help="time the paper-sized model instead")
+    p.add_argument("--report", action="store_true", help="only rewrite the tables of --out from its runs.jsonl")
     p.add_argument("--timing-preset", default="cifar10")
     args = p.parse_args(argv)
     if args.quick:
@@ -332,7 +359,9 @@ def main(argv=None) -> None:
         args.run_dir = os.path.join(args.out, "runs")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if args.paper_timing:
+    if args.report:
+        rewrite_report(args)
+    elif args.paper_timing:
         run_paper_timing(args)
     else:
         run_comparison(args)
