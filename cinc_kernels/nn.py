@@ -74,6 +74,8 @@ class CInCConv2d(nn.Module):
         max_log_diagonal: ``a ≥ 0`` of the contractive parametrisation (``None``: the diagonal is free and
             :meth:`gain_ceiling` is ``inf``).
         max_centre_coupling: ``β`` in ``(0, 1)`` of the contractive parametrisation (``None``: free, as above).
+        dilation: tap spacing ``d`` (see :func:`cinc_kernels.cinc_conv2d`); the log-determinant does not depend on
+            it, and the inverse solves ``d²`` interleaved sub-images of about ``H/d × W/d``.
         check_finite: after each :meth:`inverse`, check the result for inf/NaN and warn once
             (:class:`~cinc_kernels.conditioning.NonFiniteInverseWarning`, naming the layer). The check synchronises
             a GPU stream; switch it off (here or by setting the attribute) on hot paths. Skipped under
@@ -90,7 +92,7 @@ class CInCConv2d(nn.Module):
                  max_contraction: float = conditioning.DEFAULT_MAX_CONTRACTION,
                  max_log_diagonal: Optional[float] = conditioning.DEFAULT_MAX_LOG_DIAGONAL,
                  max_centre_coupling: Optional[float] = conditioning.DEFAULT_MAX_CENTRE_COUPLING,
-                 check_finite: bool = True):
+                 check_finite: bool = True, dilation: int = 1):
         super().__init__()
         if parametrization not in ("none", "contractive"):
             raise ValueError(f"parametrization must be 'none' or 'contractive', got {parametrization!r}")
@@ -102,7 +104,9 @@ class CInCConv2d(nn.Module):
         if not 1 <= kernel_size <= fn.MAX_KERNEL_SIZE:
             raise ValueError(f"kernel_size must be in 1…{fn.MAX_KERNEL_SIZE}, got {kernel_size}")
         fn.check_unit_diagonal(unit_diagonal)
-        self.channels, self.kernel_size = channels, kernel_size
+        if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+            raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
+        self.channels, self.kernel_size, self.dilation = channels, kernel_size, dilation
         self.unit_diagonal, self.backend = unit_diagonal, backend
         k = kernel_size
         w = init_scale * torch.randn(channels, channels, k, k)
@@ -125,9 +129,10 @@ class CInCConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.weight  # read once: with a parametrisation every read recomputes it
-        if self._forward_runs_on_aten(x):
+        if self.dilation == 1 and self._forward_runs_on_aten(x):
             return self._aten_forward(x, weight)
-        y = fn.cinc_conv2d(x, weight, self.bias, unit_diagonal=self.unit_diagonal, backend=self.backend)
+        y = fn.cinc_conv2d(x, weight, self.bias, unit_diagonal=self.unit_diagonal, backend=self.backend,
+                           dilation=self.dilation)
         logdet = fn.cinc_logdet(weight, x.shape[2], x.shape[3], unit_diagonal=self.unit_diagonal,
                                 backend=self.backend)
         return y, logdet.expand(x.shape[0])
@@ -175,7 +180,7 @@ class CInCConv2d(nn.Module):
         """``x = M⁻¹(y − bias)``; ``accumulate=torch.float64`` solves in float64 (see
         :func:`cinc_kernels.cinc_conv2d_inverse`)."""
         x = fn.cinc_conv2d_inverse(y, self.weight, self.bias, unit_diagonal=self.unit_diagonal,
-                                   backend=self.backend, accumulate=accumulate)
+                                   backend=self.backend, accumulate=accumulate, dilation=self.dilation)
         if self.check_finite and not self._warned_non_finite and not torch.compiler.is_compiling():
             self._check_finite(x, y)
         return x
@@ -232,6 +237,7 @@ class CInCConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}, "
                 f"unit_diagonal={self.unit_diagonal}, backend={self.backend!r}, free_parameters={self.num_parameters()}"
+                + (f", dilation={self.dilation}" if self.dilation != 1 else "")
                 + (f", parametrization={self.parametrization!r}" if self.parametrization != "none" else ""))
 
 

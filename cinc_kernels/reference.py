@@ -6,7 +6,8 @@ float64, loop in the most obvious order and cast back, so they are slow; they ar
 op means.
 
 Shapes: ``x``/``y``/``g`` are ``(B, C, H, W)``, ``weight`` is ``(C, C, k, k)`` with ``weight[o, c, a, b]``,
-``bias`` is ``(C,)`` or ``None``.
+``bias`` is ``(C,)`` or ``None``. ``dilation`` ``d``: tap ``(a, b)`` reads the pixel ``((k-1-a)·d, (k-1-b)·d)``
+above and left (docs/spec.md §4), written out directly here; the fast paths rearrange into sub-images instead.
 """
 from __future__ import annotations
 
@@ -66,14 +67,14 @@ def _empty_like_image(t, dtype, *connected):
     return out.to(dtype)
 
 
-def forward(x, weight, bias=None, unit_diagonal=False):
+def forward(x, weight, bias=None, unit_diagonal=False, dilation=1):
     """``y = M x + bias``: top-left padded k×k convolution with the masked weight. ``(B, C, H, W) -> same``."""
-    k = weight.shape[-1]
+    k, d = weight.shape[-1], dilation
     wm = masked_weight(weight.double(), unit_diagonal)
     if x.numel() == 0:
         return _empty_like_image(x, x.dtype, wm, bias)
-    xp = torch.nn.functional.pad(x.double(), (k - 1, 0, k - 1, 0))
-    y = torch.nn.functional.conv2d(xp, wm, None if bias is None else bias.double())
+    xp = torch.nn.functional.pad(x.double(), ((k - 1) * d, 0, (k - 1) * d, 0))
+    y = torch.nn.functional.conv2d(xp, wm, None if bias is None else bias.double(), dilation=d)
     return y.to(x.dtype)
 
 
@@ -87,7 +88,7 @@ def _stack_pixels(pixels, H, W):
     return torch.stack([torch.stack([pixels[i, j] for j in range(W)], -1) for i in range(H)], -2)
 
 
-def inverse(y, weight, bias=None, unit_diagonal=False):
+def inverse(y, weight, bias=None, unit_diagonal=False, dilation=1):
     """``x = M⁻¹ (y - bias)`` by raster-order back-substitution, one pixel and one channel at a time.
 
     ``(B, C, H, W) -> same``. Raises ``ValueError`` if ``L`` has a zero on its diagonal. Differentiable (no
@@ -109,7 +110,7 @@ def inverse(y, weight, bias=None, unit_diagonal=False):
             acc = r[:, :, i, j]  # (B, C)
             for a in range(k):
                 for b in range(k):
-                    ii, jj = i + a - (k - 1), j + b - (k - 1)
+                    ii, jj = i + (a - (k - 1)) * dilation, j + (b - (k - 1)) * dilation
                     if (a, b) == (k - 1, k - 1) or ii < 0 or jj < 0:
                         continue
                     acc = acc - x[ii, jj] @ wm[:, :, a, b].T
@@ -123,7 +124,7 @@ def inverse(y, weight, bias=None, unit_diagonal=False):
     return _stack_pixels(x, H, W).to(y.dtype)
 
 
-def inverse_transpose(g, weight, unit_diagonal=False):
+def inverse_transpose(g, weight, unit_diagonal=False, dilation=1):
     """``u = M⁻ᵀ g``: reverse raster order, neighbours below/right, backward substitution with ``Lᵀ``.
 
     ``(B, C, H, W) -> same``.
@@ -142,7 +143,7 @@ def inverse_transpose(g, weight, unit_diagonal=False):
             acc = gd[:, :, i, j]
             for a in range(k):
                 for b in range(k):
-                    ii, jj = i + (k - 1 - a), j + (k - 1 - b)
+                    ii, jj = i + (k - 1 - a) * dilation, j + (k - 1 - b) * dilation
                     if (a, b) == (k - 1, k - 1) or ii >= H or jj >= W:
                         continue
                     acc = acc - u[ii, jj] @ wm[:, :, a, b]
@@ -156,16 +157,17 @@ def inverse_transpose(g, weight, unit_diagonal=False):
     return _stack_pixels(u, H, W).to(g.dtype)
 
 
-def logdet(weight, height, width, unit_diagonal=False):
+def logdet(weight, height, width, unit_diagonal=False, dilation=1):
     """``log|det M| = H·W·Σ_c log|L[c, c]|`` as a 0-dim float64 tensor (``-inf`` when singular; 0 for an image
-    without pixels, whose map is the empty one). ``H·W`` is taken as a float, so huge sizes cannot overflow."""
+    without pixels, whose map is the empty one), the same for every ``dilation`` (in raster order ``M`` stays block
+    lower triangular with ``L`` on the diagonal). ``H·W`` is taken as a float, so huge sizes cannot overflow."""
     L = centre_tap(weight.double(), unit_diagonal)
     if height == 0 or width == 0:
         return 0 * L.diagonal().sum()
     return torch.sym_float(height) * torch.sym_float(width) * torch.log(L.diagonal().abs()).sum()
 
 
-def dense_matrix(weight, height, width, unit_diagonal=False):
+def dense_matrix(weight, height, width, unit_diagonal=False, dilation=1):
     """The dense ``(C·H·W, C·H·W)`` matrix ``M`` in NCHW flattening order (``x.reshape(-1)`` of one image).
 
     Built column by column from :func:`forward`, so only for tiny shapes.
@@ -173,5 +175,5 @@ def dense_matrix(weight, height, width, unit_diagonal=False):
     C = weight.shape[0]
     n = C * height * width
     basis = torch.eye(n, dtype=torch.float64, device=weight.device).view(n, C, height, width)
-    cols = forward(basis, weight.double(), None, unit_diagonal).reshape(n, n)
+    cols = forward(basis, weight.double(), None, unit_diagonal, dilation).reshape(n, n)
     return cols.T

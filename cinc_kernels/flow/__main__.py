@@ -65,10 +65,10 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     helps = {
         "name": "run name; the output folder defaults to runs/<name>",
         "out_dir": "output folder (checkpoint.pt, config.json, metrics.json, loss.png, samples/)",
-        "data": "digits (bundled, no download), mnist, fashion-mnist, cifar10, imagefolder, imagenet32, imagenet64",
+        "data": "digits or photos (bundled, no download), mnist, fashion-mnist, cifar10, imagefolder, imagenet32, imagenet64",
         "data_root": "local folder with the data set's files (never downloaded)",
         "n_bits": "reduce 8-bit data to this many bits (e.g. 5)",
-        "image_size": "side length for imagefolder data (a multiple of 2**levels)",
+        "image_size": "side length for imagefolder and photos data (a multiple of 2**levels; photos: 32 by default)",
         "preset": "model preset (digits-tiny, digits-small, mnist-small, cifar10-small, cifar10, imagenet32, "
                   "imagenet64); --levels/--steps-per-level/--hidden-channels override it",
         "levels": "override the preset's number of levels",
@@ -78,7 +78,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "coupling": "quad or affine",
         "backend": "kernel backend of the convolutions",
         "conv_kwargs": "JSON object of extra conv constructor arguments, e.g. '{\"parametrization\": \"contractive\"}'",
-        "permutation": "none (the spec's flow step) or reverse (reverse the channels before each coupling)",
+        "permutation": "reverse (the paper's step: reverse the channels before each coupling), none (ablation) or 1x1 (LU 1x1 conv before the conv)",
         "steps": "total optimisation steps",
         "batch_size": "images per step per process",
         "optimizer": "adam or adamax",

@@ -7,6 +7,10 @@ Every data set yields ``(image, label)`` with ``image`` a ``uint8`` tensor ``(C,
   once and for all into 1500 training and 297 test images by a fixed permutation.
 - ``mnist``, ``fashion-mnist``, ``cifar10``: torchvision's readers with ``download=False`` on a local folder;
   MNIST-like images are zero-padded from 28×28 to 32×32 so that up to 5 levels of squeezing fit.
+- ``photos``: ``image_size``×``image_size`` RGB patches (32 by default) cut from the colour photographs that
+  installed packages carry (scikit-learn's two sample images; scikit-image's bundled ones when it is installed),
+  no download. Each photo's right-hand quarter is the test region, the rest the training region, so no training patch
+  overlaps a test patch; training patches are taken at half-patch stride and flipped left-right at random.
 - ``imagefolder``: any folder of ``<class>/<image>`` files (``<root>/train`` and ``<root>/test`` if both exist,
   otherwise a fixed 90/10 split), centre-cropped and resized to ``image_size``. Every file is opened once at
   start-up; unreadable ones are skipped with a warning that names them.
@@ -31,9 +35,10 @@ from torch.utils.data import Dataset
 
 from .._optional import optional_import
 
-__all__ = ["DATASETS", "ImageData", "LevelDataset", "dequantize", "load_data", "random_horizontal_flip"]
+__all__ = ["DATASETS", "FlippedDataset", "ImageData", "LevelDataset", "dequantize", "describe", "load_data",
+           "random_horizontal_flip"]
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder", "imagenet32", "imagenet64")
+DATASETS = ("digits", "photos", "mnist", "fashion-mnist", "cifar10", "imagefolder", "imagenet32", "imagenet64")
 
 
 class LevelDataset(Dataset):
@@ -63,6 +68,7 @@ class ImageData:
     num_levels: int
     shape: tuple  # (C, H, W)
     classes: Optional[list] = None
+    info: Optional[dict] = None  # how the data were made (sources, split), stored with a run's configuration
 
     @property
     def n_bits(self) -> float:
@@ -116,6 +122,101 @@ def _digits() -> ImageData:
     train, test = perm[:1500], perm[1500:]
     return ImageData("digits", LevelDataset(images[train], labels[train]), LevelDataset(images[test], labels[test]),
                      17, (1, 8, 8), [str(i) for i in range(10)])
+
+
+class FlippedDataset(Dataset):
+    """A data set whose images are mirrored left-right with probability 1/2 each time they are read (the draw uses
+    the global torch generator, which a checkpoint saves, so a resumed run replays it)."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        image, label = self.base[i]
+        if bool(torch.randint(2, ())):
+            image = image.flip(-1)
+        return image, label
+
+
+# scikit-image's colour photographs that its wheel carries (the others need pooch and a network); natural scenes
+# only, no synthetic images (colorwheel, logo) and no mostly-black ones (hubble_deep_field, retina).
+_SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "stereo_motorcycle")
+PHOTOS_TEST_FRACTION = 0.25
+
+
+def _photo_sources() -> list[tuple[str, "object"]]:
+    """``[(name, uint8 array (H, W, 3))]`` of every bundled colour photograph that loads without a network."""
+    import numpy as np
+    from sklearn.datasets import load_sample_images
+
+    bunch = load_sample_images()
+    photos = [(f"sklearn:{os.path.basename(path)}", image) for path, image in zip(bunch.filenames, bunch.images)]
+    try:
+        import skimage.data
+    except ImportError:
+        return photos
+    for name in _SKIMAGE_PHOTOS:
+        try:
+            image = getattr(skimage.data, name)()
+        except Exception:  # absent in this version, or it would need pooch and a download
+            continue
+        if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disparity); the left view
+            image = image[0]
+        image = np.asarray(image)
+        if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+            photos.append((f"skimage:{name}", image))
+    return photos
+
+
+def _patches(image: torch.Tensor, size: int, stride: int) -> torch.Tensor:
+    """Every ``size``×``size`` window of ``(C, H, W)`` at ``stride``: ``(N, C, size, size)``."""
+    windows = image.unfold(1, size, stride).unfold(2, size, stride)  # (C, nh, nw, size, size)
+    return windows.permute(1, 2, 0, 3, 4).reshape(-1, image.shape[0], size, size)
+
+
+def _photos(image_size: Optional[int], n_bits: Optional[int]) -> ImageData:
+    size = 32 if image_size is None else image_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+        raise ValueError(f"image_size must be an int >= 2 for photos, got {image_size!r}")
+    train, test, sources = [], [], []
+    for name, array in _photo_sources():
+        image = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
+        width = image.shape[2]
+        # The test strip holds whole patches only; the training region ends where it begins.
+        cut = width - max(size, int(round(width * PHOTOS_TEST_FRACTION)) // size * size)
+        if cut < size or image.shape[1] < size:
+            continue
+        train.append(_patches(image[:, :, :cut], size, max(1, size // 2)))
+        test.append(_patches(image[:, :, cut:], size, size))
+        sources.append({"name": name, "height": image.shape[1], "width": width, "train_columns": [0, cut],
+                        "test_columns": [cut, width], "train_patches": train[-1].shape[0],
+                        "test_patches": test[-1].shape[0]})
+    if not sources:
+        raise ValueError(f"photos: no bundled photograph is at least {size} pixels high and wide enough for a "
+                         f"{size}-pixel patch in each region")
+    train_images, _ = _reduce_bits(torch.cat(train), n_bits)
+    test_images, levels = _reduce_bits(torch.cat(test), n_bits)
+    info = {"sources": sources, "patch_size": size, "train_stride": max(1, size // 2), "test_stride": size,
+            "test_fraction": PHOTOS_TEST_FRACTION, "train_patches": train_images.shape[0],
+            "test_patches": test_images.shape[0], "train_flip": "left-right, p = 1/2"}
+    labels = [torch.full((p.shape[0],), i, dtype=torch.long) for i, p in enumerate(train)]
+    test_labels = [torch.full((p.shape[0],), i, dtype=torch.long) for i, p in enumerate(test)]
+    return ImageData("photos", FlippedDataset(LevelDataset(train_images, torch.cat(labels))),
+                     LevelDataset(test_images, torch.cat(test_labels)), levels, (3, size, size),
+                     [s["name"] for s in sources], info)
+
+
+def describe(data: ImageData) -> str:
+    """One line: the data set, its split and, when known, its sources."""
+    line = f"data {data.name}: {len(data.train)} training / {len(data.test)} test images of {tuple(data.shape)}"
+    if data.info and "sources" in data.info:
+        line += " from " + ", ".join(f"{s['name']} ({s['train_patches']}/{s['test_patches']})"
+                                     for s in data.info["sources"])
+        line += (f"; test = the right {data.info['test_fraction']:.0%} of each photo, no patch crosses the split")
+    return line
 
 
 def _open(cls, root: str, train: bool, name: str):
@@ -325,11 +426,12 @@ def load_data(name: str = "digits", root: Optional[str] = None, *, n_bits: Optio
     """Load a data set by name (:data:`DATASETS`).
 
     Args:
-        name: ``"digits"`` (bundled, the default), ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``,
+        name: ``"digits"`` (bundled, the default), ``"photos"`` (bundled), ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``,
             ``"imagefolder"``, ``"imagenet32"``, ``"imagenet64"``.
-        root: the local folder holding the files (ignored for ``digits``); nothing is ever downloaded.
+        root: the local folder holding the files (ignored for ``digits`` and ``photos``); nothing is ever
+            downloaded.
         n_bits: reduce 8-bit data to this many bits (e.g. 5 for faces); not for ``digits`` (17 levels).
-        image_size: the side length for ``imagefolder``.
+        image_size: the side length for ``imagefolder`` and ``photos`` (default 32).
 
     Raises:
         FileNotFoundError: naming every expected file when the folder lacks them.
@@ -340,6 +442,8 @@ def load_data(name: str = "digits", root: Optional[str] = None, *, n_bits: Optio
         if n_bits is not None:
             raise ValueError("n_bits does not apply to the digits (they have 17 levels)")
         return _digits()
+    if name == "photos":
+        return _photos(image_size, n_bits)
     if root is None:
         raise ValueError(f"data {name!r} needs a data root folder (--data-root)")
     root = os.path.expanduser(root)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .._optional import optional_import
-from .data import ImageData, dequantize, load_data, random_horizontal_flip
+from .data import ImageData, dequantize, describe, load_data, random_horizontal_flip
 from .model import CInCFlow, build_model
 
 __all__ = [
@@ -73,7 +73,7 @@ class TrainConfig:
     coupling: str = "quad"
     backend: str = "auto"
     conv_kwargs: dict = dataclasses.field(default_factory=dict)
-    permutation: str = "none"
+    permutation: str = "reverse"
     steps: int = 2500
     batch_size: int = 64
     optimizer: str = "adam"
@@ -361,7 +361,7 @@ def load_model(path: str, device="cpu", backend: Optional[str] = None) -> tuple[
     config = ckpt["model_config"]
     if not isinstance(config, dict):
         raise RuntimeError(f"checkpoint {path!r} has a damaged model configuration")
-    config = dict(config)
+    config = CInCFlow.upgrade_config(dict(config))
     accepted = set(inspect.signature(CInCFlow).parameters)
     unknown = sorted(set(config) - accepted)
     if unknown:
@@ -794,8 +794,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             if overwrite:
                 _remove_previous_run(out_dir)
             os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-            _atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n",
-                               os.path.join(out_dir, "config.json"))
+            saved = dataclasses.asdict(cfg)
+            if data.info:
+                saved["data_info"] = data.info
+                print(describe(data), file=sys.stderr)
+            _atomic_write_text(json.dumps(saved, indent=2) + "\n", os.path.join(out_dir, "config.json"))
             if cfg.tensorboard:
                 writer = _tensorboard_writer(out_dir, state["step"])
         signals.install()
@@ -855,7 +858,7 @@ def _start(cfg: TrainConfig, data: ImageData, device, rank: int, world: int, res
     if resume and os.path.isfile(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, map_location=device)
         notes = _check_resume(ckpt, cfg, ckpt_path)
-        if ckpt["model_config"] != model.config:
+        if CInCFlow.upgrade_config(ckpt["model_config"]) != model.config:
             raise ValueError(f"cannot resume: {ckpt_path} holds a model with {ckpt['model_config']}, these settings "
                              f"build {model.config}; use the run's own settings (its config.json) or another out_dir")
         try:
@@ -935,7 +938,7 @@ def _run(cfg: TrainConfig, data: ImageData, device, rank: int, world: int, state
                 "history": history,
                 "rng": states,
                 "data": {"name": data.name, "num_levels": data.num_levels, "shape": list(data.shape),
-                         "classes": data.classes},
+                         "classes": data.classes, "info": data.info},
             }, ckpt_path)
             _atomic_write_text(json.dumps(history) + "\n", os.path.join(out_dir, "metrics.json"))
             _plot_history(history, os.path.join(out_dir, "loss.png"),
