@@ -18,6 +18,7 @@ import csv
 import importlib.util
 import multiprocessing
 import os
+import resource
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -112,8 +113,8 @@ def compile_one(job):
                constexprs=" ".join(f"{n}={_short(v)}" for n, v in launch.constexprs),
                num_warps=launch.num_warps, num_stages=launch.num_stages, shared_bytes="",
                model_bytes=model_bytes(launch, dtype), limit_bytes=kernels.SHARED_LIMIT[target],
-               triton=triton.__version__, seconds="", error="")
-    start = time.perf_counter()
+               triton=triton.__version__, seconds="", cpu_seconds="", error="")
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     try:
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=dict(meta), attrs=attrs),
                                   target=GPUTarget("cuda", target, 32),
@@ -122,7 +123,14 @@ def compile_one(job):
     except Exception as exc:  # any compiler failure is a finding, reported per launch
         row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
     row["seconds"] = round(time.perf_counter() - start, 2)
+    row["cpu_seconds"] = round(_cpu_seconds() - cpu_start, 2)
     return row
+
+
+def _cpu_seconds():
+    """CPU time of this process and its finished children (ptxas): on a shared machine the wall time says little."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 _JOBS: list = []
@@ -190,8 +198,9 @@ def main(argv=None) -> int:
             worst[key] = max(worst.get(key, 0), row["shared_bytes"])
     for (kernel, target), shared in sorted(worst.items()):
         print(f"{kernel} {target}: at most {shared} B of shared memory (limit {kernels.SHARED_LIMIT[int(target[3:])]})")
+    cpu = sum(row["cpu_seconds"] for row in rows)
     print(f"triton {triton.__version__}: {len(rows)} launches compiled for {', '.join(f'sm_{t}' for t in TARGETS)} "
-          f"in {elapsed:.0f} s with {args.jobs} processes, {failed} problems")
+          f"in {elapsed:.0f} s with {args.jobs} processes ({cpu:.0f} s of CPU), {failed} problems")
     return 1 if failed else 0
 
 

@@ -342,12 +342,16 @@ def wavefront_launch(C: int, H: int, W: int, dtype: str, adjoint: bool) -> Launc
 
 
 def wavefront_shared_bytes(block_p: int, block_c: int, block_k: int, dtype: str) -> int:
-    """An upper bound on the wavefront's shared memory: the operands of its larger dot, the tap GEMM
-    (``BLOCK_P × BLOCK_K`` neighbours, ``BLOCK_K × BLOCK_C`` weights) or the solve (``BLOCK_P × BLOCK_C`` residuals,
-    ``BLOCK_C × BLOCK_C`` for L⁻¹), in the accumulation dtype; one at a time (no pipelining, one dot live at once).
+    """An upper bound on the wavefront's shared memory, in the accumulation dtype: the operands of its two dots, the
+    tap GEMM (``BLOCK_P × BLOCK_K`` neighbours, ``BLOCK_K × BLOCK_C`` weights) and the solve (``BLOCK_P × BLOCK_C``
+    residuals, ``BLOCK_C × BLOCK_C`` for L⁻¹). Up to 64 channels L⁻¹ is loaded once before the diagonal loop and
+    the compiler keeps both dots' buffers live (sum); wider, it is loaded after the tap loop and the buffers are
+    shared (max): 163,840 B at 128 channels of float64, as compiled. No pipelining (``num_stages=1``).
     The ahead-of-time check asserts it is ≥ what the compiler allocates."""
     acc = 8 if dtype == "float64" else 4
-    return max(block_p * block_k + block_k * block_c, block_p * block_c + block_c * block_c) * acc
+    taps = block_p * block_k + block_k * block_c
+    solve = block_p * block_c + block_c * block_c
+    return (taps + solve if block_c <= 64 else max(taps, solve)) * acc
 
 
 def wavefront_max_channels(dtype: str, shared_limit: int) -> int:
@@ -367,9 +371,13 @@ def logdet_shared_bytes(block_c: int, dtype: str) -> int:
     return block_c * (8 if dtype == "float64" else 4)
 
 
+# The log-determinant reads C numbers once: one tile width for every C (its loop takes the rest) keeps it to one
+# compiled kernel per dtype.
+LOGDET_BLOCK_C = 256
+
+
 def logdet_launch(C: int, dtype: str) -> Launch:
-    return _launch(_cinc_logdet_reduce_kernel,
-                   dict(ACC_DTYPE=_acc_dtype(dtype), BLOCK_C=min(channel_block(C), 1024)),
+    return _launch(_cinc_logdet_reduce_kernel, dict(ACC_DTYPE=_acc_dtype(dtype), BLOCK_C=LOGDET_BLOCK_C),
                    num_warps=4, num_stages=1)
 
 

@@ -48,8 +48,10 @@ CASES = [
     (1, 40, 3, 4, 2, True, False),
     (1, 70, 2, 3, 3, False, True),
 ]
-if ON_GPU:
-    CASES += [(4, 48, 32, 32, 3, True, False), (2, 12, 31, 17, 5, False, True), (3, 96, 16, 16, 3, True, False)]
+# Full-size cases, compiled kernels only.
+GPU_CASES = [pytest.param(case, marks=pytest.mark.gpu_smoke) for case in
+             [(4, 48, 32, 32, 3, True, False), (2, 12, 31, 17, 5, False, True), (3, 96, 16, 16, 3, True, False),
+              (2, 128, 9, 40, 7, True, False)]] if ON_GPU else []
 
 
 def _ids(case):
@@ -74,7 +76,7 @@ def _adjoint_apply(u, w, unit):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("case", CASES + GPU_CASES, ids=_ids)
 def test_ops_match_reference(case, dtype):
     """Forward against the reference; the inverse solves the reference's output (x is then known exactly); the
     adjoint's result, multiplied by Mᵀ, gives back its input; the log-determinant against the reference."""
@@ -103,6 +105,7 @@ def test_ops_match_reference(case, dtype):
                                rtol=tol, atol=tol * H * W)
 
 
+@pytest.mark.gpu_smoke
 def test_diagonals_longer_than_one_pixel_block():
     """min(H, W) = 65 > 64 pixels per block: each diagonal is solved in two chunks, one after the other."""
     w, b, x = _inputs((1, 1, 66, 65, 2, True, False), torch.float32, seed=5)
@@ -131,6 +134,7 @@ def test_strided_inputs(case, layout):
     assert rel_error(_adjoint_apply(u, w, unit), x) <= 20 * tol
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5]], ids=_ids)
 def test_forward_half_precision(case, dtype):
@@ -143,6 +147,7 @@ def test_forward_half_precision(case, dtype):
     assert rel_error(y, y_ref) <= RTOL[dtype]
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_every_forward_config_matches_reference(dtype):
     """Each launch the forward may pick for this C and dtype on an A100 or H100/H200 (the autotuner's candidates
@@ -233,6 +238,7 @@ def test_inverse_of_forward_is_identity(C, k):
         assert rel_error(x_hat, x) <= 20 * RTOL[torch.float32]
 
 
+@pytest.mark.gpu_smoke
 def test_float64_accumulation():
     """``accumulate=torch.float64`` runs the float64 kernels on float32 tensors and returns float32."""
     w, b, x = _inputs(CASES[0], torch.float32, seed=9)
