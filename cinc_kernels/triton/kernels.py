@@ -381,12 +381,18 @@ def logdet_launch(C: int, dtype: str) -> Launch:
                    num_warps=4, num_stages=1)
 
 
+def device_shared_limit(device) -> Optional[int]:
+    """A CUDA device's per-block shared memory (the opt-in maximum, which triton checks a launch against); ``None``
+    for the interpreter's CPU tensors, which have no such limit."""
+    if device.type != "cuda":
+        return None
+    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+
+
 def _prune_forward_configs(configs, named_args, **kwargs):
     """The autotuner's candidates: exactly :func:`forward_block_configs` for this C, dtype and GPU."""
     dtype = str(named_args["x_ptr"].dtype).replace("torch.", "")
-    device = named_args["x_ptr"].device.index
-    limit = triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
-    wanted = set(forward_block_configs(int(named_args["C"]), dtype, limit))
+    wanted = set(forward_block_configs(int(named_args["C"]), dtype, device_shared_limit(named_args["x_ptr"].device)))
     return [c for c in configs if (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_O"], c.kwargs["BLOCK_C"], c.num_warps,
                                    c.num_stages) in wanted]
 

@@ -35,11 +35,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _shared_limit(t: torch.Tensor) -> Optional[int]:
-    """The tensor's GPU's per-block shared memory (the opt-in maximum, as triton checks it); the interpreter has
-    none."""
-    if not t.is_cuda:
-        return None
-    return triton.runtime.driver.active.utils.get_device_properties(t.device.index)["max_shared_mem"]
+    return kernels.device_shared_limit(t.device)
 
 
 def _device_of(t: torch.Tensor, arg: str):

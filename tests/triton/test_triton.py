@@ -194,6 +194,26 @@ def test_forward_keeps_only_configs_that_fit(dtype):
                <= limit for limit in LIMITS)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_autotuner_prunes_to_the_launchers_configs(dtype, monkeypatch):
+    """The GPU autotuner's pruning hook keeps exactly the configurations forward_launches lists (which the
+    ahead-of-time check compiles), here for an A100's limit, where float64 loses the widest ones."""
+    import triton
+    from cinc_kernels.triton import kernels
+
+    monkeypatch.setattr(kernels, "device_shared_limit", lambda device: kernels.SHARED_LIMIT[80])
+    configs = [triton.Config({"BLOCK_P": p, "BLOCK_O": o, "BLOCK_C": c}, num_warps=nw, num_stages=ns)
+               for p, o, c, nw, ns in kernels.FORWARD_CONFIGS]
+    for C in (1, 20, 48, 300):
+        kept = kernels._prune_forward_configs(configs, {"x_ptr": torch.empty(0, dtype=dtype), "C": C})
+        name = str(dtype).replace("torch.", "")
+        want = kernels.forward_launches(C, name, False, kernels.SHARED_LIMIT[80], autotune=True)
+        assert [(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_O"], c.kwargs["BLOCK_C"], c.num_warps, c.num_stages)
+                for c in kept] == [(m.meta["BLOCK_P"], m.meta["BLOCK_O"], m.meta["BLOCK_C"], m.num_warps,
+                                    m.num_stages) for m in want]
+    assert len(kept) < len(configs) if dtype == torch.float64 else len(kept) == len(configs)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_wavefront_launches_fit_up_to_the_channel_limit(dtype):
     from cinc_kernels.triton import kernels
