@@ -75,7 +75,8 @@ def logdet_launches():
 
 def all_launches():
     return sorted(forward_launches() | wavefront_launches() | logdet_launches(),
-                  key=lambda t: (t[2].kernel.__name__, t[0], t[1], repr(t[2].constexprs), t[2].num_warps, t[2].num_stages))
+                  key=lambda t: (t[2].kernel.__name__, t[0], t[1], repr(t[2].constexprs), t[2].num_warps,
+                                 t[2].num_stages))
 
 
 def _pointer_dtype(launch, name, dtype):

@@ -222,7 +222,6 @@ DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 _TL_DTYPE = {"float16": tl.float16, "bfloat16": tl.bfloat16, "float32": tl.float32, "float64": tl.float64}
 FORWARD_DTYPES = ("float32", "float64", "float16", "bfloat16")
 WAVEFRONT_DTYPES = ("float32", "float64")
-MAX_KERNEL_SIZE = 7
 
 # Per-block shared memory (opt-in maximum, bytes) of the compute capabilities the ahead-of-time check targets.
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
@@ -297,10 +296,12 @@ def forward_block_configs(C: int, dtype: str, shared_limit: Optional[int]) -> li
 
 
 def forward_constexprs(dtype: str, allow_tf32: bool) -> dict:
-    """The forward's compile-time arguments other than the block sizes (k, bias and mask are run-time ones). Under the interpreter bfloat16 operands are
-    widened to float32: its numpy matmul has no bfloat16 (it would multiply the raw bits)."""
+    """The forward's compile-time arguments other than the block sizes (k, bias and mask are run-time ones).
+    Under the interpreter bfloat16 operands are widened to float32: its numpy matmul has no bfloat16 (it would
+    multiply the raw bits)."""
     dot_dtype = "float32" if (INTERPRETED and dtype == "bfloat16") else dtype
-    return dict(DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_acc_dtype(dtype), DOT_PRECISION=_dot_precision(dot_dtype, allow_tf32))
+    return dict(DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_acc_dtype(dtype),
+                DOT_PRECISION=_dot_precision(dot_dtype, allow_tf32))
 
 
 def forward_launches(C: int, dtype: str, allow_tf32: bool, shared_limit: Optional[int],
@@ -330,8 +331,8 @@ def wavefront_pixel_block(H: int, W: int, block_c: int) -> int:
 
 
 def wavefront_launch(C: int, H: int, W: int, dtype: str, adjoint: bool) -> Launch:
-    """The inverse's (``adjoint=False``) or the adjoint's launch, for any k and bias. No software pipelining (``num_stages=1``): a load
-    prefetched from the next diagonal would cross the barrier between diagonals."""
+    """The inverse's (``adjoint=False``) or the adjoint's launch, for any k and bias. No software pipelining
+    (``num_stages=1``): a load prefetched from the next diagonal would cross the barrier between diagonals."""
     block_c = channel_block(C)
     return _launch(
         _cinc_inverse_wavefront_kernel,
