@@ -3,7 +3,7 @@
 PYTHON ?= python3
 export CINC_CUDA ?= auto
 
-.PHONY: deps build demo test test-triton test-install typecheck bench clean
+.PHONY: deps build demo test test-triton test-install typecheck bench clean triton-aot triton36-env
 
 deps:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -28,6 +28,7 @@ demo: build
 test: build
 	$(PYTHON) -m pytest -q tests --ignore=tests/triton
 	$(MAKE) --no-print-directory test-triton
+	$(MAKE) --no-print-directory triton-aot
 	$(MAKE) --no-print-directory typecheck
 	$(MAKE) --no-print-directory test-install
 
@@ -48,6 +49,27 @@ test-install:
 # The public modules, strictly typed (the package ships py.typed).
 typecheck:
 	$(PYTHON) -m mypy
+
+# Every Triton launch the launchers can choose, compiled ahead of time for sm_80 and sm_90 (no GPU needed) and checked
+# against the per-block shared-memory limits: with the installed triton and with 3.6, the oldest supported, from a
+# side environment that holds triton alone. Compiled kernels are cached in .cache/triton-aot, so a rerun only reads
+# the cache. One row per launch and version goes to $(TRITON_AOT_CSV): under .cache/ when `make test` runs it; the
+# committed table changes only when asked: `make triton-aot TRITON_AOT_CSV=benchmarks/results/triton_aot.csv`.
+TRITON36_ENV := .cache/triton36
+TRITON_AOT_CSV ?= .cache/triton_aot.csv
+TRITON_AOT := env -u TRITON_INTERPRET TRITON_CACHE_DIR=$(CURDIR)/.cache/triton-aot
+
+triton36-env: $(TRITON36_ENV)/.installed
+
+$(TRITON36_ENV)/.installed:
+	$(PYTHON) -m venv $(TRITON36_ENV)
+	$(TRITON36_ENV)/bin/python -m pip install -q 'triton==3.6.*'
+	touch $@
+
+triton-aot: triton36-env
+	mkdir -p $(dir $(TRITON_AOT_CSV))
+	$(TRITON_AOT) $(PYTHON) cinc_kernels/triton/aot.py --csv $(TRITON_AOT_CSV)
+	$(TRITON_AOT) $(TRITON36_ENV)/bin/python cinc_kernels/triton/aot.py --csv $(TRITON_AOT_CSV) --append
 
 clean:
 	rm -rf build dist *.egg-info cinc_kernels/*.so cinc_kernels/_build_info.json
