@@ -1,4 +1,4 @@
-"""The Triton backend beside cuDNN (and the CUDA backend when it is built), on the CUDA issue's shapes.
+"""The Triton backend beside cuDNN (and the CUDA backend when it is built), at the shapes of the GPU targets.
 
     python benchmarks/bench_triton.py                          # B=64, k=3, C ∈ {12, 48, 96}, H=W ∈ {8, 16, 32, 64}
     python benchmarks/bench_triton.py --out "$OUT/triton"      # what benchmarks/gpu_check.sh runs
@@ -7,7 +7,7 @@
 For every shape: correctness first (forward against the float64 reference, ``inverse(forward(x))`` against ``x``,
 the adjoint through ``Mᵀ``), then each provider is timed with ``triton.testing.do_bench`` (median and 20th/80th
 percentiles, ms; a wall-clock loop without a GPU). Ratios are to cuDNN's forward (``F.conv2d`` on the padded input,
-masked weight) on the same tensors; targets from the CUDA issue: inverse ≤ 3×, forward ≤ 1.1×. Also the batch-1
+masked weight) on the same tensors; targets: inverse ≤ 3×, forward ≤ 1.1×. Also the batch-1
 inverse at 64×64, C=48, and its time per image against the batch-64 run.
 Writes long-format CSV rows (appended) to ``<out>/triton_ops.csv`` and the latest table to ``<out>/triton_ops.md``.
 """
@@ -26,7 +26,7 @@ import cinc_kernels as ck  # noqa: E402
 from cinc_kernels import harness, reference  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-TARGETS = {"inverse": 3.0, "forward": 1.1}  # time / cuDNN forward, from the CUDA issue
+TARGETS = {"inverse": 3.0, "forward": 1.1}  # time / cuDNN forward, the GPU targets in the README
 
 
 def timer(fn, device: torch.device, rounds: int):

@@ -34,6 +34,8 @@ MAIN_PROCESS_BACKENDS = [
     BackendCase("cpu", "cpu"),
     BackendCase("cuda", "cuda", refuses_singular=False),
     BackendCase("triton", "cuda"),
+    BackendCase("torch", "cpu"),
+    BackendCase("torch", "cuda"),
 ]
 INTERPRETER_PROCESS_BACKENDS = [
     BackendCase("triton", "cpu", interpreted=True),
