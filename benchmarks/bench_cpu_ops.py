@@ -23,7 +23,6 @@ committed ``benchmarks/results``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import pathlib
 import sys
@@ -84,16 +83,6 @@ def check_ops(x, w, b) -> None:
     for name, e in errors.items():
         if not e < 1e-4:
             raise SystemExit(f"correctness check failed before timing: {name} relative error {e:.2e}")
-
-
-@contextlib.contextmanager
-def threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def ops_part(shapes, rounds, rows, lines):
@@ -174,7 +163,7 @@ def step_part(shapes, thread_counts, rounds, rows, lines):
               "Medians in ms.", "",
               "| threads | B×C×H×W | nn.Conv2d | CInCConv2d | ratio | target met |", "|---|---|---:|---:|---:|---|"]
     for n in thread_counts:
-        with threads(n):
+        with harness.num_threads(n):
             for shape in shapes:
                 B, C, H, W = shape
                 torch.manual_seed(0)
@@ -268,7 +257,7 @@ def main(argv=None) -> int:
     start = harness.machine("cpu")
     if "ops" in args.parts:
         for n in args.threads:
-            with threads(n):
+            with harness.num_threads(n):
                 ops_part(op_shapes, rounds, rows, lines)
     torch.set_num_threads(args.threads[-1])
     if "schedules" in args.parts:

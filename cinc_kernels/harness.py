@@ -12,6 +12,7 @@ Benchmarks only time public functions; correctness is checked before anything is
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import importlib.metadata
@@ -24,7 +25,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-__all__ = ["COLUMNS", "machine", "load_average", "measure", "measure_interleaved", "quantiles", "record",
+__all__ = ["COLUMNS", "num_threads", "machine", "load_average", "measure", "measure_interleaved", "quantiles", "record",
            "append_csv", "write_markdown", "describe_machine"]
 
 # One row per measurement. ``provider`` is what was timed (a backend, ATen, a baseline algorithm, a layer's
@@ -38,6 +39,17 @@ COLUMNS = [
 
 MACHINE_FIELDS = ("device", "machine", "threads", "load_avg", "torch", "cuda", "triton", "python", "cinc_kernels",
                   "date")
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """``torch.set_num_threads(n)`` for the block, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_average() -> str:

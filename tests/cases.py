@@ -49,6 +49,10 @@ def backend_case(name: str, device: str) -> BackendCase:
             return case
     raise KeyError(f"no backend case {name!r} on {device!r}")
 
+# The smallest training run of the flow command line (tests of the CLI and the trainer).
+TINY_TRAIN_ARGS = ["--preset", "digits-tiny", "--no-progress", "--n-samples", "2", "--temperatures", "1.0",
+                   "--eval-every", "1000", "--sample-every", "1000"]
+
 # Relative tolerances (on the norm of the difference) per dtype, for well-conditioned weights.
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 

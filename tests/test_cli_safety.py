@@ -31,17 +31,13 @@ from cinc_kernels.flow.train import (
     train,
 )
 
+from .cases import TINY_TRAIN_ARGS as TINY
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--preset", "digits-tiny", "--no-progress", "--n-samples", "2", "--temperatures", "1.0",
-        "--eval-every", "1000", "--sample-every", "1000"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny problems: extra OpenMP threads only spin on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _snapshot(folder) -> dict:

@@ -11,13 +11,8 @@ import cinc_kernels as ck
 from cinc_kernels import conditioning as cond
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny problems: extra OpenMP threads only spin on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny problems: extra OpenMP threads only spin on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pushed_layer(seed: int, channels: int = 8, k: int = 3, unit_diagonal: bool = False, scale: float = 3.0,

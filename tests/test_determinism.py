@@ -6,12 +6,12 @@ invites races: pixels of one anti-diagonal are solved in parallel and read their
 """
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 
 import cinc_kernels as ck
+from cinc_kernels.harness import num_threads
 from cinc_kernels.backends import get_backend
 
 from .cases import make_image, make_weight
@@ -29,16 +29,6 @@ def backend_params():
     gpu = fast_backends("cuda") if HAS_GPU else ["cuda"]
     params += [pytest.param("cuda", b, id=f"cuda-{b}", marks=NO_GPU) for b in gpu]
     return params
-
-
-@contextlib.contextmanager
-def num_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def inputs(C, dtype, device, seed=0):

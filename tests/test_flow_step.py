@@ -20,12 +20,8 @@ from cinc_kernels.nn import LAYERS
 CONVS = sorted(LAYERS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny problems: extra OpenMP threads only spin on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flow(conv, permutation, coupling="quad", seed=0) -> CInCFlow:

@@ -14,16 +14,12 @@ from cinc_kernels.flow.__main__ import main
 from cinc_kernels.flow.data import load_data, random_horizontal_flip
 from cinc_kernels.flow.train import TrainConfig, save_grid, train
 
-TINY = ["--preset", "digits-tiny", "--no-progress", "--n-samples", "2", "--temperatures", "1.0",
-        "--eval-every", "1000", "--sample-every", "1000"]
+from .cases import TINY_TRAIN_ARGS as TINY
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+# Tiny problems: extra OpenMP threads only spin on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tensorboard_logs_the_scalars_and_sample_grids(tmp_path):
