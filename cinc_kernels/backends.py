@@ -60,8 +60,9 @@ _REGISTRY: dict[str, Backend] = {}
 _LAZY: dict[str, str] = {"triton": "cinc_kernels.triton"}
 
 # Preference order of backend="auto", per device type and op; the first available one that takes the tensors wins.
-# CPU forward: ATen's own convolution (oneDNN) on the masked weight beats our gathered GEMM at every shape of
-# benchmarks/bench_cpu_ops.py (results/cpu_ops.md), so auto uses it; the inverse has no ATen counterpart.
+# CPU forward: ATen's own convolution (oneDNN) on the masked weight is as fast as our tiled forward at C ≤ 24 and
+# faster above (up to 1.7× at C = 48; benchmarks/results/cpu_ops.md), so auto uses it; the inverse has no ATen
+# counterpart.
 AUTO_ORDER: dict[tuple[str, str], list[str]] = {
     ("cpu", "forward"): ["_aten", "cpu", "reference"],
     ("cpu", "inverse"): ["cpu", "reference"],

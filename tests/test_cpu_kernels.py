@@ -50,7 +50,7 @@ def _inputs(case, seed):
 
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
 def test_cpu_kernels_match_reference(case):
-    """Every (C, k, size) of the grid, so each CPU schedule (per-pixel taps below 6 channels, gathered GEMM above;
+    """Every (C, k, size) of the grid, so each CPU schedule (the tiled schedule, every vector width it picks;
     one thread or many) meets odd and degenerate sizes."""
     B, C, H, W, k, dtype, layout, bias, unit = case
     w, b, x = _inputs(case, seed=zlib.crc32(_ids(case).encode()))
