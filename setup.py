@@ -4,9 +4,14 @@ Knobs (environment variables):
   CINC_CUDA=auto|0|1       auto (default): build the CUDA kernels when torch has CUDA and a toolkit is found;
                            1: require them (fail if impossible); 0: CPU only.
   CUDA_HOME                the toolkit root; found by itself otherwise (see find_cuda_home).
-  TORCH_CUDA_ARCH_LIST     the GPU architectures; "8.0;9.0" when no GPU is visible, the visible GPU's otherwise.
+  TORCH_CUDA_ARCH_LIST     the GPU architectures; by default 8.0;8.6;8.9;9.0+PTX plus those of the visible GPUs,
+                           less what this nvcc cannot compile. The +PTX lets newer GPUs JIT-compile the kernels.
   CINC_DEBUG=1             -O0 -g builds.
-The build writes cinc_kernels/_build_info.json (torch, CUDA, archs, compiler), printed by ``python -m cinc_kernels info``.
+The build writes cinc_kernels/_build_info.json (torch, CUDA, archs, compiler, OpenMP), printed by
+``python -m cinc_kernels info`` and checked at import against the running torch.
+
+The extension uses only the stable Python C API (it registers its ops through TORCH_LIBRARY, not pybind11), so the
+wheel is tagged ``cp310-abi3``: one wheel per platform and torch version serves every Python from 3.10 on.
 """
 import datetime
 import glob
@@ -15,11 +20,15 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
+import tempfile
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;9.0"
+DEFAULT_ARCHS = ("8.0", "8.6", "8.9", "9.0+PTX")
+# Oldest CPython whose stable ABI the extension is compiled against (0x030A0000 = 3.10).
+LIMITED_API = ("cp310", "0x030A0000")
 
 
 def _is_toolkit(root):
@@ -66,9 +75,43 @@ if cuda_home and not os.environ.get("CUDA_HOME"):
 
 import torch  # noqa: E402
 
+
+
+def nvcc_archs(home):
+    """The ``compute_XY`` targets this nvcc accepts, as ``"X.Y"``; ``None`` when it cannot say."""
+    try:
+        out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--list-gpu-arch"], capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    found = {f"{int(m[:-1])}.{m[-1]}" for m in (line.strip()[len("compute_"):] for line in out.splitlines()
+                                                 if line.strip().startswith("compute_")) if m.isdigit()}
+    return found or None
+
+
+def default_arch_list(home):
+    """``DEFAULT_ARCHS`` plus the visible GPUs' archs, less those this nvcc cannot compile (``"8.0;...;9.0+PTX"``)."""
+    wanted = list(DEFAULT_ARCHS)
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            arch = f"{major}.{minor}"
+            if not any(a.split("+")[0] == arch for a in wanted):
+                wanted.append(arch)
+    supported = nvcc_archs(home)
+    if supported is not None:
+        kept = [a for a in wanted if a.split("+")[0] in supported]
+        if kept and not any(a.endswith("+PTX") for a in kept):
+            # An older nvcc without 9.0: PTX of the newest arch it has still reaches the GPUs after it.
+            newest = max(kept, key=lambda a: tuple(int(v) for v in a.split(".")))
+            kept[kept.index(newest)] = newest + "+PTX"
+        wanted = kept or wanted
+    return ";".join(wanted)
+
+
 with_cuda = want_cuda(cuda_home)
-if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(cuda_home)
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
@@ -95,7 +138,52 @@ def compiler_version(cmd):
     return (release or lines or [None])[0]
 
 
-def write_build_info():
+def cxx_command():
+    """The C++ compiler setuptools will call on this platform (``CXX`` overrides, as for distutils)."""
+    return (os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++").split()[0]
+
+
+def compiler_accepts(flags, source="int main() { return 0; }\n"):
+    """Whether ``cxx_command()`` compiles and links ``source`` with ``flags`` (how flags are chosen per compiler)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write(source)
+        try:
+            done = subprocess.run([cxx_command(), *flags, src, "-o", os.path.join(tmp, "probe")],
+                                  capture_output=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return done.returncode == 0
+
+
+OPENMP_PROBE = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+
+
+def cpu_flags():
+    """(compile flags, link flags, OpenMP on?) for this compiler.
+
+    ``at::parallel_for`` in ATen's headers runs serially unless the extension is compiled with OpenMP; compilers
+    that lack it (Apple clang without libomp) build a correct, single-threaded extension. FMA contraction is switched
+    off so that the vectorised and scalar paths of the CPU kernels round identically (bitwise-equal results whichever
+    CPU features are present); MSVC's /fp:strict is its way of saying the same.
+    """
+    if sys.platform == "win32":
+        return ["/openmp", "/fp:strict"], [], True
+    compile_flags, link_flags = [], []
+    if compiler_accepts(["-ffp-contract=off"]):
+        compile_flags.append("-ffp-contract=off")
+    openmp = compiler_accepts(["-fopenmp"], OPENMP_PROBE)
+    if openmp:
+        compile_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    return compile_flags, link_flags, openmp
+
+
+CPU_COMPILE_FLAGS, CPU_LINK_FLAGS, WITH_OPENMP = cpu_flags()
+
+
+def write_build_info(package_dirs):
     info = {
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
@@ -103,39 +191,57 @@ def write_build_info():
         "cuda_home": cuda_home if with_cuda else None,
         "nvcc": compiler_version(os.path.join(cuda_home, "bin", "nvcc")) if with_cuda else None,
         "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
-        "cxx": compiler_version(os.environ.get("CXX", "c++")),
+        "cxx": compiler_version(cxx_command()),
+        "cxx_flags": CPU_COMPILE_FLAGS,
+        "openmp": WITH_OPENMP,
+        "python_abi": f"{LIMITED_API[0]}-abi3",
         "python": sys.version.split()[0],
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    with open(os.path.join(ROOT, "cinc_kernels", "_build_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
-        f.write("\n")
+    for package_dir in package_dirs:
+        os.makedirs(package_dir, exist_ok=True)
+        with open(os.path.join(package_dir, "_build_info.json"), "w") as f:
+            json.dump(info, f, indent=2)
+            f.write("\n")
+
+
+class BuildExtensionWithInfo(BuildExtension):
+    """Writes _build_info.json beside the extension it builds (and only then: an sdist must not rewrite it)."""
+
+    def run(self):
+        super().run()
+        # In place (and editable installs, which import from the source tree) beside the source; otherwise into the
+        # build tree the wheel is packed from, leaving the checkout's own build record alone.
+        in_source = self.inplace or getattr(self, "editable_mode", False)
+        write_build_info([os.path.join(ROOT if in_source else self.build_lib, "cinc_kernels")])
 
 
 def extension():
     debug = os.environ.get("CINC_DEBUG") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    if sys.platform == "win32":
+        opt = ["/Od", "/Zi"] if debug else ["/O2"]
+    else:
+        opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = [os.path.join("csrc", "cinc_ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
-    # No FMA contraction: the CPU kernels' vectorised and scalar paths then round identically (bitwise-equal results
-    # whichever CPU features are present).
-    extra = {"cxx": opt + ["-fopenmp", "-ffp-contract=off"]}
+    extra = {"cxx": opt + CPU_COMPILE_FLAGS}
+    common = dict(include_dirs=include_dirs, extra_compile_args=extra, extra_link_args=CPU_LINK_FLAGS,
+                  py_limited_api=True)
+    macros = [("Py_LIMITED_API", LIMITED_API[1])]
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         include_dirs += nvidia_pip_includes()
         extra["nvcc"] = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
-        return CUDAExtension("cinc_kernels._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
-                             extra_link_args=["-fopenmp"], define_macros=[("CINC_WITH_CUDA", "1")])
-    return CppExtension("cinc_kernels._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
-                        extra_link_args=["-fopenmp"])
+        return CUDAExtension("cinc_kernels._C", sources, define_macros=macros + [("CINC_WITH_CUDA", "1")], **common)
+    return CppExtension("cinc_kernels._C", sources, define_macros=macros, **common)
 
 
-write_build_info()
 setup(
     name="cinc_kernels",
     packages=find_packages(include=["cinc_kernels", "cinc_kernels.*"]),
-    package_data={"cinc_kernels": ["_build_info.json"]},
+    package_data={"cinc_kernels": ["_build_info.json", "py.typed"]},
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionWithInfo.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": LIMITED_API[0]}},
 )

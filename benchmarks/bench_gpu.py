@@ -1,4 +1,4 @@
-"""The CUDA kernels against cuDNN, nn.Conv2d and a FInC-style inverse, side by side in one run (issue 3's targets).
+"""The CUDA kernels against cuDNN, nn.Conv2d and a FInC-style inverse, side by side in one run.
 
     python benchmarks/bench_gpu.py --out DIR          # on a GPU: float32, k = 3, the issue's shapes (~2-4 min)
     python benchmarks/bench_gpu.py --dry-run          # on the CPU: tiny shapes, the CPU backend and Triton's
@@ -26,7 +26,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRY_RUN = "--dry-run" in sys.argv
@@ -40,8 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import cinc_kernels as ck  # noqa: E402
-from cinc_kernels import reference  # noqa: E402
-from tests.cases import make_weight  # noqa: E402
+from cinc_kernels import harness, reference  # noqa: E402
 
 try:
     import finc_baseline  # noqa: E402
@@ -56,38 +54,27 @@ FINC_MAX_LAUNCHES = 13000
 
 
 def quantile_times(fn, device, grad_to_none=None):
-    """(median, p20, p80) in ms of ``fn()``."""
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-
-            med, p20, p80 = do_bench(fn, warmup=10, rep=60, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
-            return float(med), float(p20), float(p80)
-        except ImportError:
-            pass
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(20):
-            if grad_to_none:
-                for t in grad_to_none:
-                    t.grad = None
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
+    """(median, p20, p80) in ms of ``fn()`` by the harness's timer (CUDA events on a GPU); the ``.grad`` of the
+    tensors in ``grad_to_none`` is cleared before every call so backward does not accumulate."""
+    def call():
+        for t in grad_to_none or ():
+            t.grad = None
         fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
-    return q(0.5), q(0.2), q(0.8)
+
+    if device.type == "cuda":
+        times = harness.measure(call, device, warmup=10, min_reps=20, max_reps=200, min_time=0.06)
+    else:
+        times = harness.measure(call, device, warmup=1, min_reps=3, max_reps=3, min_time=0.0)
+    return harness.quantiles(times)
+
+
+def make_weight(C, k, generator):
+    """A well-conditioned ``(C, C, k, k)`` float64 weight: centre diagonal ±(1.5…2.5), other entries
+    ``0.3 / (k·√C)``-scaled normals."""
+    w = torch.randn(C, C, k, k, generator=generator, dtype=torch.float64) * 0.3 / (k * C**0.5)
+    sign = torch.randint(0, 2, (C,), generator=generator).double() * 2 - 1
+    w[:, :, k - 1, k - 1] += torch.diag(sign * (1.5 + torch.rand(C, generator=generator, dtype=torch.float64)))
+    return w
 
 
 def rel_err(got, want):
@@ -152,7 +139,7 @@ def main(argv=None):
     except ImportError:
         triton_version = "none"
     versions = (f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton_version}, "
-                f"python {platform.python_version()}, cinc build {json.dumps(ck.backends.build_info())}")
+                f"python {platform.python_version()}, cinc build {json.dumps(ck.build_info())}")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rec = Recorder(device_name, versions, stamp)
     has_triton_backend = "triton" in ck.available_backends() and device.type == "cuda"

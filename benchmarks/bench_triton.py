@@ -1,4 +1,4 @@
-"""The Triton backend beside cuDNN (and the CUDA backend when it is built), on the CUDA issue's shapes.
+"""The Triton backend beside cuDNN (and the CUDA backend when it is built), at the shapes of the GPU targets.
 
     python benchmarks/bench_triton.py                          # B=64, k=3, C ∈ {12, 48, 96}, H=W ∈ {8, 16, 32, 64}
     python benchmarks/bench_triton.py --out "$OUT/triton"      # what benchmarks/gpu_check.sh runs
@@ -7,49 +7,40 @@
 For every shape: correctness first (forward against the float64 reference, ``inverse(forward(x))`` against ``x``,
 the adjoint through ``Mᵀ``), then each provider is timed with ``triton.testing.do_bench`` (median and 20th/80th
 percentiles, ms; a wall-clock loop without a GPU). Ratios are to cuDNN's forward (``F.conv2d`` on the padded input,
-masked weight) on the same tensors; targets from the CUDA issue: inverse ≤ 3×, forward ≤ 1.1×. Also the batch-1
+masked weight) on the same tensors; targets: inverse ≤ 3×, forward ≤ 1.1×. Also the batch-1
 inverse at 64×64, C=48, and its time per image against the batch-64 run.
 Writes long-format CSV rows (appended) to ``<out>/triton_ops.csv`` and the latest table to ``<out>/triton_ops.md``.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import statistics
+import pathlib
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cinc_kernels as ck  # noqa: E402
-from cinc_kernels import reference  # noqa: E402
-from _results import write_results  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
-from cinc_kernels._autograd import conv_input_grad  # noqa: E402
+from cinc_kernels import harness, reference  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-TARGETS = {"inverse": 3.0, "forward": 1.1}  # time / cuDNN forward, from the CUDA issue
+TARGETS = {"inverse": 3.0, "forward": 1.1}  # time / cuDNN forward, the GPU targets in the README
 
 
 def timer(fn, device: torch.device, rounds: int):
-    """(median, p20, p80) in ms."""
-    if device.type == "cuda":
-        import triton.testing
+    """(median, p20, p80) in ms: the harness's timer (CUDA events on a GPU), ``rounds`` calls at least."""
+    return harness.quantiles(harness.measure(fn, device, warmup=2, min_reps=rounds, max_reps=4 * rounds,
+                                             min_time=0.1 if device.type == "cuda" else 0.0))
 
-        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=max(25, 4 * rounds))
-        return med, p20, p80
-    for _ in range(2):
-        fn()
-    ts = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    ts.sort()
-    return statistics.median(ts), ts[int(0.2 * (len(ts) - 1))], ts[int(0.8 * (len(ts) - 1))]
+
+def adjoint_apply(u, w):
+    """``Mᵀ u`` in float64 (docs/spec.md §1): the bottom-right padded correlation with the masked taps flipped and
+    their channel axes swapped."""
+    k = w.shape[-1]
+    wm = reference.masked_weight(w.double())
+    return F.conv2d(F.pad(u.double(), (0, k - 1, 0, k - 1)), wm.transpose(0, 1).flip(2, 3))
 
 
 def make_problem(B, C, H, W, k, dtype, device, seed=0):
@@ -74,7 +65,7 @@ def check(x, w, b) -> dict:
     errs = {
         "forward": rel(y, y_ref),
         "inverse(forward(x))": rel(x_hat, x),
-        "M^T inverse_transpose(g)": rel(conv_input_grad(u.double(), w.double(), False), x),
+        "M^T inverse_transpose(g)": rel(adjoint_apply(u, w), x),
     }
     tol = 1e-4 if x.dtype == torch.float32 else 3e-2
     for name, e in errs.items():
@@ -130,7 +121,7 @@ def providers(x, w, b, with_cuda: bool, inverses: bool = True) -> dict:
 
 def forward_config(C) -> str:
     """The block sizes the GPU autotuner picked for the last forward call (empty under the interpreter)."""
-    kern = ck.triton.kernels.cinc_forward_gemm_kernel
+    kern = getattr(getattr(ck.triton, "kernels", None), "cinc_forward_gemm_kernel", None)
     best = getattr(kern, "best_config", None)
     return "" if best is None else f"{best}".replace(",", ";")
 
@@ -147,17 +138,13 @@ def main(argv=None):
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
 
-    why = ck.backends.get_backend("triton").unavailable()
-    if why is not None:
-        raise SystemExit(f"the Triton backend is unavailable: {why}")
+    if "triton" not in ck.available_backends():
+        raise SystemExit("the Triton backend is unavailable on this install (`python -m cinc_kernels info` says why)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with_cuda = "cuda" in ck.available_backends() and device.type == "cuda"
-    import triton
-
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
-    versions = (f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
-                f"python {platform.python_version()}")
+    machine = harness.machine(device)
+    if device.type == "cpu":
+        machine["device"] += " (Triton interpreter)"
     k, B = args.kernel_size, args.batch
     rows, table = [], []
 
@@ -169,10 +156,11 @@ def main(argv=None):
             provider = "aten"
         if dtype == torch.float32:
             mode = mode or "ieee"  # the precision of float32 products
-        rows.append(dict(op=op, provider=provider, mode=mode, shape=shape, k=k, dtype=str(dtype)[6:],
-                         median_ms=f"{med:.5f}", p20_ms=f"{p20:.5f}", p80_ms=f"{p80:.5f}",
-                         ratio_to_cudnn=f"{med / base:.3f}", config=extra, device=machine, versions=versions,
-                         date=stamp))
+        row = harness.record("triton_ops", None, machine, shape=tuple(map(int, shape.split("x"))), op=op,
+                             provider=provider, mode=f"{mode} {extra}".strip(), k=k, dtype=str(dtype)[6:],
+                             ratio=med / base)
+        row.update(median_ms=f"{med:.5g}", p20_ms=f"{p20:.5g}", p80_ms=f"{p80:.5g}", load_avg=harness.load_average())
+        rows.append(row)
 
     per_image_b = {}
     for C in args.channels:
@@ -216,7 +204,7 @@ def main(argv=None):
     def ms(res, name):
         return f"{res[name][0]:.4f}" if name in res else "—"
 
-    lines = [f"Triton backend vs cuDNN — B={B}, k={k}, float32; {machine}; {versions}; {stamp}",
+    lines = [f"Triton backend vs cuDNN — B={B}, k={k}, float32; {harness.describe_machine(machine)}",
              "cuDNN and triton forward with full float32 products (TF32 off); the TF32 columns allow TF32 in both.", "",
              "| C | H=W | cuDNN fwd ms | triton fwd ms | cuda fwd ms | cuDNN TF32 ms | triton TF32 ms |"
              " triton inv ms | cuda inv ms | triton inv_T ms | cuda inv_T ms | triton fwd / cuDNN |"
@@ -241,7 +229,8 @@ def main(argv=None):
     report = "\n".join(lines)
     print(report)
     if not args.no_write:
-        write_results(args.out, "triton_ops", rows, report)
+        harness.append_csv(pathlib.Path(args.out) / "triton_ops.csv", rows)
+        harness.write_markdown(pathlib.Path(args.out) / "triton_ops.md", report)
 
 if __name__ == "__main__":
     main()

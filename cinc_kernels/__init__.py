@@ -5,13 +5,15 @@
     x = ck.cinc_conv2d_inverse(y, weight, bias)      # wavefront solve
     ld = ck.cinc_logdet(weight, H, W)                # 0-dim tensor
 
-See shared/SPEC.md for the math and README.md for the tour.
+See docs/spec.md for the math and README.md for the tour. ``import cinc_kernels`` does not import Triton: the
+``triton`` backend loads the first time it is asked for.
 """
-from . import reference
-from .backends import available_backends, build_info, register_backend
+from . import reference, registration  # noqa: F401  (registration: fake + autograd for torch.ops.cinc.*)
+from ._extension import build_info
+from .backends import available_backends, register_backend
 from .conditioning import inverse_gain
 from .functional import cinc_conv2d, cinc_conv2d_inverse, cinc_conv2d_inverse_transpose, cinc_logdet
-from . import triton as _triton  # noqa: F401  (registers backend="triton"; it imports without triton installed)
+from . import torch_backend as _torch_backend  # noqa: F401  (registers backend="torch", after the compiled ones)
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,8 @@ import torch
 
 def info() -> None:
     from . import __version__
-    from .backends import _REGISTRY, build_info
+    from ._extension import build_info
+    from .backends import all_backends
 
     print(f"cinc_kernels {__version__}")
     print(f"  python {platform.python_version()}, torch {torch.__version__}, machine {platform.machine()}")
@@ -22,11 +23,11 @@ def info() -> None:
     else:
         print("  the C++ extension is not built (pip install --no-build-isolation -e .)")
     print("  backends:")
-    for name, backend in _REGISTRY.items():
+    for backend in all_backends():
         if not backend.public:
             continue
         why = backend.unavailable()
-        print(f"    {name:<10} {'available' if why is None else 'unavailable: ' + why}")
+        print(f"    {backend.name:<10} {'available' if why is None else 'unavailable: ' + why}")
 
 
 def main(argv=None) -> int:

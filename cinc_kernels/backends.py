@@ -1,33 +1,26 @@
-"""The backends behind the public functions, and how ``backend="auto"`` chooses among them.
+"""The registry of backends behind the public functions, and how ``backend="auto"`` chooses among them.
 
-A backend is four callables with the signatures of the ``cinc`` ops plus what it runs on. The C++ extension
-provides ``cpu`` (and ``cuda`` when built with CUDA); ``reference`` is the float64 oracle; other backends (Triton)
-register themselves with :func:`register_backend`.
+A backend is four callables with the signatures of the ``cinc`` ops plus what it runs on and which dtypes each op
+takes, declared once next to it. The C++ extension provides ``cpu`` (and ``cuda`` when built with CUDA);
+``reference`` is the float64 oracle; ``triton`` is registered the first time it is asked for (importing Triton costs
+seconds and is never needed on a CPU-only path); other backends add themselves with :func:`register_backend`.
+Fake and autograd implementations of the custom ops live in :mod:`cinc_kernels.registration`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Callable, Optional
+import importlib
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import reference
-from ._autograd import register_autograd_formulas, register_fake_impls
+from . import _extension, reference
+from ._extension import OP_NAMES as OPS
+from .masks import masked_weight
 
-OPS = ("forward", "inverse", "inverse_transpose", "logdet")
 FLOATS = (torch.float32, torch.float64)
-
-try:
-    from . import _C  # noqa: F401  (loading the library registers torch.ops.cinc.*)
-
-    _EXTENSION_ERROR: Optional[str] = None
-except ImportError as exc:  # pragma: no cover - exercised only on an unbuilt checkout
-    _EXTENSION_ERROR = str(exc)
-
-_BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (or `make build`) in the repository root"
+HALVES = (torch.float16, torch.bfloat16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,26 +29,40 @@ class Backend:
 
     ``ops`` maps an op name of :data:`OPS` to a callable with the ``cinc`` op's signature, e.g.
     ``forward(x, weight, bias, unit_diagonal)``; an op it lacks is absent. ``device_types`` lists the tensor device
-    types it accepts (empty: any). ``dtypes(op, device_type)`` gives the dtypes it accepts for an op.
-    ``unavailable()`` returns ``None`` when the backend works on this install, else why not and how to fix it.
+    types it accepts (empty: any). ``op_dtypes`` declares the dtypes of the ops that take more than :data:`FLOATS`,
+    keyed by op name or by ``(device_type, op)``. ``unavailable()`` returns ``None`` when the backend works on this
+    install, else why not and how to fix it. ``device_unsupported(device)`` returns ``None`` when it can run on that
+    device, else why not (``auto`` then skips it with a one-time warning). ``skip_warning()`` returns what ``auto``
+    warns once when it passes over an unavailable backend that should have been there (a compiled extension that did
+    not load), else ``None``.
     """
 
     name: str
-    ops: dict
+    ops: Mapping[str, Callable]
     device_types: tuple = ()
-    dtypes: Callable[[str, str], tuple] = lambda op, device_type: FLOATS
+    op_dtypes: Mapping = dataclasses.field(default_factory=dict)
     unavailable: Callable[[], Optional[str]] = lambda: None
     public: bool = True
+    device_unsupported: Callable[[torch.device], Optional[str]] = lambda device: None
+    skip_warning: Callable[[], Optional[str]] = lambda: None
 
     def runs_on(self, device_type: str) -> bool:
         return not self.device_types or device_type in self.device_types
 
+    def dtypes(self, op: str, device_type: str) -> tuple:
+        """The dtypes ``op`` takes on tensors of ``device_type``."""
+        return self.op_dtypes.get((device_type, op), self.op_dtypes.get(op, FLOATS))
+
 
 _REGISTRY: dict[str, Backend] = {}
 
+# Backends whose module registers them on import, loaded the first time they are asked for.
+_LAZY: dict[str, str] = {"triton": "cinc_kernels.triton"}
+
 # Preference order of backend="auto", per device type and op; the first available one that takes the tensors wins.
-# CPU forward: ATen's own convolution (oneDNN) on the masked weight beats our gathered GEMM at every shape of
-# benchmarks/bench_cpu_ops.py (results/cpu_ops.md), so auto uses it; the inverse has no ATen counterpart.
+# CPU forward: ATen's own convolution (oneDNN) on the masked weight is as fast as our tiled forward at C ≤ 24 and
+# faster above (up to 1.7× at C = 48; benchmarks/results/cpu_ops.md), so auto uses it; the inverse has no ATen
+# counterpart.
 AUTO_ORDER: dict[tuple[str, str], list[str]] = {
     ("cpu", "forward"): ["_aten", "cpu", "reference"],
     ("cpu", "inverse"): ["cpu", "reference"],
@@ -77,17 +84,32 @@ def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
+def _lookup(name: str) -> Optional[Backend]:
+    module = _LAZY.pop(name, None)
+    if module is not None:
+        importlib.import_module(module)
+    return _REGISTRY.get(name)
+
+
 def get_backend(name: str) -> Backend:
     """The backend called ``name``; ``ValueError`` listing the known ones otherwise."""
-    if name not in _REGISTRY:
-        known = ", ".join(["auto"] + sorted(n for n, b in _REGISTRY.items() if b.public))
+    b = _lookup(name)
+    if b is None:
+        known = ", ".join(["auto"] + sorted({n for n, b in _REGISTRY.items() if b.public} | set(_LAZY)))
         raise ValueError(f"backend must be one of {known}; got {name!r}")
-    return _REGISTRY[name]
+    return b
+
+
+def all_backends() -> list[Backend]:
+    """Every registered backend, available or not, private ones included (loads the lazy ones)."""
+    for name in list(_LAZY):
+        _lookup(name)
+    return list(_REGISTRY.values())
 
 
 def available_backends() -> list[str]:
-    """The public backends that work on this install, e.g. ``["reference", "cpu", "triton", "cuda"]``."""
-    return [n for n, b in _REGISTRY.items() if b.public and b.unavailable() is None]
+    """The public backends that work on this install, e.g. ``["reference", "cpu", "cuda", "triton"]``."""
+    return [b.name for b in all_backends() if b.public and b.unavailable() is None]
 
 
 def select(name: str, op: str, device: torch.device, dtype: torch.dtype, arg: str = "x") -> Backend:
@@ -98,10 +120,21 @@ def select(name: str, op: str, device: torch.device, dtype: torch.dtype, arg: st
     """
     if name == "auto":
         for candidate in AUTO_ORDER.get((device.type, op), ["reference"]):
-            b = _REGISTRY.get(candidate)
-            if (b is not None and op in b.ops and b.runs_on(device.type) and b.unavailable() is None
-                    and dtype in b.dtypes(op, device.type)):
-                return b
+            b = _lookup(candidate)
+            if b is None or op not in b.ops or not b.runs_on(device.type):
+                continue
+            if b.unavailable() is not None:
+                warning = b.skip_warning()
+                if warning is not None:
+                    _extension.warn_once(warning)
+                continue
+            if dtype not in b.dtypes(op, device.type):
+                continue
+            why = b.device_unsupported(device)
+            if why is not None:
+                _extension.warn_once(f"backend='auto' does not use {candidate!r} on {device}: {why}")
+                continue
+            return b
         raise ValueError(f"{arg}: no backend runs {op} for dtype {dtype} on {device.type}")
     b = get_backend(name)
     why = b.unavailable()
@@ -113,6 +146,9 @@ def select(name: str, op: str, device: torch.device, dtype: torch.dtype, arg: st
         raise ValueError(
             f"backend {name!r} runs on {'/'.join(b.device_types)} tensors, but {arg} is on {device.type}"
         )
+    why = b.device_unsupported(device)
+    if why is not None:
+        raise RuntimeError(f"backend {name!r} cannot run on {device}: {why}")
     accepted = b.dtypes(op, device.type)
     if dtype not in accepted:
         names = ", ".join(str(d).replace("torch.", "") for d in accepted)
@@ -144,43 +180,33 @@ register_backend(
 def _aten_forward(x, weight, bias, unit_diagonal):
     """The forward through ATen's convolution (oneDNN / cuDNN) on the masked weight; differentiable by ATen."""
     k = weight.shape[-1]
-    return F.conv2d(F.pad(x, (k - 1, 0, k - 1, 0)), reference.masked_weight(weight, unit_diagonal), bias)
+    wm = masked_weight(weight, unit_diagonal)
+    if x.numel() == 0:
+        # ATen's convolution refuses an image without pixels or channels; the result is just as empty.
+        return x + 0 * wm.sum() + (0 if bias is None else 0 * bias.sum())
+    return F.conv2d(F.pad(x, (k - 1, 0, k - 1, 0)), wm, bias)
 
 
 register_backend(
     Backend(
         name="_aten",
         ops={"forward": _aten_forward},
-        dtypes=lambda op, dev: FLOATS + ((torch.float16, torch.bfloat16) if dev == "cuda" else ()),
+        op_dtypes={("cuda", "forward"): FLOATS + HALVES},
         public=False,
     )
 )
 
 
-def build_info() -> dict:
-    """What the extension was built with (written by setup.py), or ``{}`` for an unbuilt checkout."""
-    path = os.path.join(os.path.dirname(__file__), "_build_info.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def _has_kernel(op: str, key: str) -> bool:
-    return _EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"cinc::{op}", key)
-
-
 def _cpu_unavailable():
-    if _EXTENSION_ERROR is not None:
-        return f"the C++ extension cinc_kernels._C did not load ({_EXTENSION_ERROR}); {_BUILD_HINT}"
+    if _extension.ERROR is not None:
+        return f"the C++ extension cinc_kernels._C did not load ({_extension.ERROR}); {_extension.BUILD_HINT}"
     return None
 
 
 def _cuda_unavailable():
-    if _EXTENSION_ERROR is not None:
-        return f"the C++ extension cinc_kernels._C did not load ({_EXTENSION_ERROR}); {_BUILD_HINT}"
-    if not _has_kernel("inverse", "CUDA"):
+    if _extension.ERROR is not None:
+        return f"the C++ extension cinc_kernels._C did not load ({_extension.ERROR}); {_extension.BUILD_HINT}"
+    if not _extension.has_kernel("inverse", "CUDA"):
         if torch.version.cuda is None:
             return "this torch has no CUDA; install a CUDA build of torch, then rebuild with CINC_CUDA=1"
         return "the extension was built without its CUDA kernels; rebuild with CINC_CUDA=1 and a CUDA toolkit"
@@ -189,20 +215,24 @@ def _cuda_unavailable():
     return None
 
 
-if _EXTENSION_ERROR is None:
-    _EXTENSION_OPS = {op: getattr(torch.ops.cinc, op).default for op in OPS}
-    register_fake_impls(*(_EXTENSION_OPS[op] for op in OPS))
-    register_autograd_formulas(*(_EXTENSION_OPS[op] for op in OPS))
-else:  # pragma: no cover
-    _EXTENSION_OPS = {}
+def _extension_skip_warning() -> Optional[str]:
+    if _extension.ERROR is None:
+        return None
+    return (f"backend='auto' falls back to slower backends: the C++ extension cinc_kernels._C did not load "
+            f"({_extension.ERROR}); {_extension.BUILD_HINT}")
 
-register_backend(Backend(name="cpu", ops=_EXTENSION_OPS, device_types=("cpu",), unavailable=_cpu_unavailable))
+
+# The dtypes mirror the AT_DISPATCH lists of csrc/cpu/ and csrc/cuda/.
+register_backend(Backend(name="cpu", ops=_extension.OPS, device_types=("cpu",), unavailable=_cpu_unavailable,
+                         skip_warning=_extension_skip_warning))
 register_backend(
     Backend(
         name="cuda",
-        ops=_EXTENSION_OPS,
+        ops=_extension.OPS,
         device_types=("cuda",),
-        dtypes=lambda op, dev: FLOATS + ((torch.float16, torch.bfloat16) if op == "forward" else ()),
+        op_dtypes={"forward": FLOATS + HALVES},
         unavailable=_cuda_unavailable,
+        device_unsupported=_extension.cuda_device_unsupported,
+        skip_warning=_extension_skip_warning,
     )
 )

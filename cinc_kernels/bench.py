@@ -6,31 +6,26 @@ Two suites, on one device:
   inverse, log-determinant and forward+backward time, memory, and the reconstruction error
   ``‖inverse(forward(x)) − x‖ / ‖x‖``;
 * **inverse_algorithms**: the same CInC weight inverted by our backends, a pure-PyTorch wavefront (one set of ops
-  per anti-diagonal), the paper's sequential raster solve (one pixel at a time, eager PyTorch) and, on CUDA, a
-  FInC-style launch per diagonal and channel when ``benchmarks/finc_baseline.py`` provides ``finc_inverse``.
+  per anti-diagonal) and the paper's sequential raster solve (one pixel at a time, eager PyTorch). (The FInC-style
+  launch per diagonal and channel is a GPU baseline of ``benchmarks/bench_gpu.py``.)
 
 Every case is checked for correctness (round trip, log-determinant shape, agreement between inverse algorithms)
 before anything is timed; a mismatch raises :class:`CorrectnessError`. Times are medians with the 20th and 80th
-percentiles over repeated calls (CUDA events on the GPU, ``perf_counter`` on the CPU), taken in ``rounds`` passes
-over all cases so that load from elsewhere on a shared machine does not land on one case only. Results are appended as
-long-format CSV rows (:data:`CSV_COLUMNS`) under ``--out``, with a Markdown table and PNG plots beside them.
+percentiles over repeated calls (:mod:`cinc_kernels.harness`: CUDA events on the GPU, ``perf_counter`` on the
+CPU), taken in ``rounds`` passes over all cases so that load from elsewhere on a shared machine does not land on one
+case only. Results are appended as long-format CSV rows (the harness's schema, :data:`CSV_COLUMNS`) under ``--out``
+(default ``runs/bench``; ``benchmarks/results`` only when asked), with a Markdown table and PNG plots beside them.
 
 Weights are the layers' own initialisation moved by ``N(0, (0.1/√fan_in)²)`` noise on every parameter, so every tap
-matters and the inverse stays well conditioned (shared/SPEC.md §1, "Conditioning").
+matters and the inverse stays well conditioned (docs/spec.md §1, conditioning).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import datetime
-import importlib.metadata
-import importlib.util
 import math
 import os
 import pathlib
-import platform
-import statistics
 import sys
 import time
 from functools import lru_cache
@@ -38,20 +33,17 @@ from typing import Callable, Optional
 
 import torch
 
-from . import __version__
+from ._optional import optional_import
 from . import functional as fn
+from . import harness
 from .backends import available_backends, get_backend
 from .nn import LAYERS
-from .reference import masked_weight
+from .masks import masked_weight
 
 __all__ = ["BenchConfig", "CorrectnessError", "CSV_COLUMNS", "run", "write_results", "main",
            "torch_wavefront_inverse", "sequential_raster_inverse"]
 
-CSV_COLUMNS = [
-    "suite", "layer", "backend", "op", "B", "C", "H", "W", "k", "shape", "dtype", "median_ms", "p20_ms", "p80_ms",
-    "reps", "free_params", "rel_error", "memory_mb", "memory_kind", "device", "threads", "load_avg", "torch",
-    "cinc_kernels", "triton", "python", "date",
-]
+CSV_COLUMNS = harness.COLUMNS
 
 # Round-trip tolerance of the correctness check (relative, on well-conditioned weights); generous next to the
 # tests' because composite layers (Emerging, the row-by-row autoregressive solve) chain several solves.
@@ -101,7 +93,7 @@ class BenchConfig:
     min_time: float = 0.06
     rounds: int = 3
     algorithms: bool = True
-    out_dir: str = "benchmarks/results"
+    out_dir: str = "runs/bench"
     plots: bool = True
     progress: bool = True
     seed: int = 0
@@ -191,30 +183,11 @@ def sequential_raster_inverse(y, weight, bias=None, unit_diagonal=False):
     return xp[:, :, k - 1:, k - 1:]
 
 
-def _finc_style_inverse():
-    """``finc_inverse(y, weight, bias, unit_diagonal)`` from ``benchmarks/finc_baseline.py`` (one launch per
-    anti-diagonal and channel, the published FInC Flow GPU scheme) when that file is there, else ``None``."""
-    for root in (pathlib.Path.cwd(), pathlib.Path(__file__).resolve().parent.parent):
-        path = root / "benchmarks" / "finc_baseline.py"
-        if path.exists():
-            spec = importlib.util.spec_from_file_location("_cinc_finc_baseline", path)
-            module = importlib.util.module_from_spec(spec)
-            try:
-                spec.loader.exec_module(module)
-            except Exception as exc:  # a broken baseline must not stop the benchmark; say so
-                print(f"note: {path} did not import ({exc}); the FInC-style baseline is left out", file=sys.stderr)
-                return None
-            return getattr(module, "finc_inverse", None)
-    return None
-
-
-def _inverse_algorithms(w, b, backends, finc_inverse) -> dict:
+def _inverse_algorithms(w, b, backends) -> dict:
     """``{label: y -> x}`` for one CInC weight and bias: ours per backend, then the baselines."""
     impls = {be: (lambda y, be=be: fn.cinc_conv2d_inverse(y, w, b, backend=be)) for be in backends}
     impls["torch_wavefront"] = lambda y: torch_wavefront_inverse(y, w, b)
     impls["sequential_raster_eager"] = lambda y: sequential_raster_inverse(y, w, b)
-    if finc_inverse is not None:
-        impls["finc_style"] = lambda y: finc_inverse(y, w, b, False)
     return impls
 
 
@@ -222,52 +195,16 @@ def _inverse_algorithms(w, b, backends, finc_inverse) -> dict:
 # timing and memory
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn_, device, *, warmup=1, min_reps=5, max_reps=30, min_time=0.1) -> list:
-    """Milliseconds per call of ``fn_()``: at least ``min_reps`` calls and ``min_time`` seconds, at most
-    ``max_reps`` calls, after ``warmup`` untimed ones."""
-    device = torch.device(device)
-    for _ in range(warmup):
-        fn_()
-    _sync(device)
-    times = []
-    started = time.perf_counter()
-    while len(times) < max(1, min_reps) or (time.perf_counter() - started < min_time and len(times) < max_reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn_()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn_()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def _quantiles(times: list) -> tuple:
-    if len(times) == 1:
-        return times[0], times[0], times[0]
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return statistics.median(times), q[1], q[7]
-
-
 def _memory_mb(fn_, device) -> tuple:
     """Memory of one call: the CUDA allocator's peak above what was allocated before (``cuda_peak``), or on the
     CPU, which has no allocator statistics, the bytes autograd saves for backward (``saved_for_backward``)."""
     device = torch.device(device)
     if device.type == "cuda":
-        _sync(device)
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         fn_()
-        _sync(device)
+        torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20, "cuda_peak"
     storages = {}
 
@@ -298,34 +235,6 @@ def _perturb_(layer: torch.nn.Module, generator: torch.Generator) -> None:
 # the run
 
 
-def _load_average() -> str:
-    """The 1-minute load average when the OS has one (a busy machine makes CPU timings noisy), else ''."""
-    try:
-        return f"{os.getloadavg()[0]:.1f}"
-    except (AttributeError, OSError):
-        return ""
-
-
-def _machine() -> dict:
-    if torch.cuda.is_available():
-        device_name = torch.cuda.get_device_name(0)
-    else:
-        device_name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                device_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    try:
-        triton = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        triton = ""
-    return {"torch": torch.__version__, "cinc_kernels": __version__, "triton": triton, "load_avg": _load_average(),
-            "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "cpu_or_gpu": device_name}
-
-
 def _make_layer(name, cls, channels, backend, k, dtype, device, seed):
     torch.manual_seed(seed)
     layer = cls(channels, backend=backend, **LAYER_KWARGS.get(name, lambda k: {})(k))
@@ -339,7 +248,7 @@ def run(config: BenchConfig, layer_classes: Optional[dict] = None) -> list:
     Raises :class:`CorrectnessError` before timing anything if a layer does not invert (or an inverse algorithm
     disagrees with ours) within :data:`CHECK_TOLERANCE`.
     """
-    from tqdm.auto import tqdm
+    tqdm = optional_import("tqdm.auto", "bench", "the benchmark's progress bar").tqdm
 
     layer_classes = dict(LAYERS if layer_classes is None else layer_classes)
     device = torch.device(config.device)
@@ -350,27 +259,18 @@ def run(config: BenchConfig, layer_classes: Optional[dict] = None) -> list:
     unknown = [n for n in names if n not in layer_classes]
     if unknown:
         raise ValueError(f"layers: unknown {unknown}; known: {sorted(layer_classes)}")
-    machine = _machine()
-    machine["device"] = (torch.cuda.get_device_name(device) if device.type == "cuda" else machine["cpu_or_gpu"])
+    machine = harness.machine(device)
     k = config.kernel_size
     shapes = config.shapes()
     cases = [(n, b, d, s) for n in names for b in backends for d in config.dtypes for s in shapes]
-    finc_inverse = _finc_style_inverse() if device.type == "cuda" else None
     algo_cases = [(d, s) for d in config.dtypes for s in shapes] if config.algorithms else []
 
-    def row(suite, layer, backend, op, shape, dtype, times, **extra):
-        B, C, H, W = shape
-        median, p20, p80 = _quantiles(times)
-        r = {"suite": suite, "layer": layer, "backend": backend, "op": op, "B": B, "C": C, "H": H, "W": W, "k": k,
-             "shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
-             "median_ms": f"{median:.6g}", "p20_ms": f"{p20:.6g}", "p80_ms": f"{p80:.6g}", "reps": len(times),
-             "free_params": "", "rel_error": "", "memory_mb": "", "memory_kind": ""}
-        r.update({key: extra[key] for key in extra})
-        r.update({key: machine[key] for key in ("device", "threads", "load_avg", "torch", "cinc_kernels", "triton",
-                                                "python", "date")})
-        return r
+    def row(suite, layer, provider, op, shape, dtype, times, **extra):
+        return harness.record("layers", times, machine, shape=shape, suite=suite, layer=layer, provider=provider,
+                              op=op, mode="fwd+bwd" if op == "fwd+bwd" else "no_grad", k=k,
+                              dtype=str(dtype).replace("torch.", ""), **extra)
 
-    n_algorithms = len(backends) + 2 + (finc_inverse is not None)
+    n_algorithms = len(backends) + 2
     total = len(cases) + len(algo_cases) + config.rounds * (4 * len(cases) + len(algo_cases) * n_algorithms)
     bar = tqdm(total=total, desc="bench", disable=not config.progress, file=sys.stderr, leave=False)
     try:
@@ -401,7 +301,7 @@ def run(config: BenchConfig, layer_classes: Optional[dict] = None) -> list:
             x = torch.randn(shape, generator=torch.Generator().manual_seed(config.seed + 3),
                             dtype=torch.float64).to(device=device, dtype=dtype)
             y = fn.cinc_conv2d(x, w, b, backend=backends[0])
-            impls = _inverse_algorithms(w, b, backends, finc_inverse)
+            impls = _inverse_algorithms(w, b, backends)
             with torch.no_grad():
                 for label, impl in impls.items():
                     err = _rel_error(impl(y), x)
@@ -447,7 +347,8 @@ def run(config: BenchConfig, layer_classes: Optional[dict] = None) -> list:
             for n, ((fields, _), call, no_grad) in enumerate(jobs):
                 bar.set_postfix_str(f"time {fields[1]}/{fields[2]} {fields[3]} {'x'.join(map(str, fields[4]))}")
                 with torch.set_grad_enabled(not no_grad):
-                    times[n] += measure(call, device, **dict(per_round, warmup=per_round["warmup"] if r == 0 else 0))
+                    times[n] += harness.measure(call, device,
+                                                **dict(per_round, warmup=per_round["warmup"] if r == 0 else 0))
                 bar.update()
         rows = [row(*fields, t, **extra) for ((fields, extra), _, _), t in zip(jobs, times)]
     finally:
@@ -476,9 +377,9 @@ def markdown_tables(rows: list) -> str:
         lines += ["| layer | backend | B×C×H×W | dtype | free params | forward ms | inverse ms | logdet ms | "
                   "fwd+bwd ms | inverse / forward | memory MB | rel. error |",
                   "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        keys = list(dict.fromkeys((r["layer"], r["backend"], r["shape"], r["dtype"]) for r in layer_rows))
+        keys = list(dict.fromkeys((r["layer"], r["provider"], r["shape"], r["dtype"]) for r in layer_rows))
         for key in keys:
-            by_op = {r["op"]: r for r in layer_rows if (r["layer"], r["backend"], r["shape"], r["dtype"]) == key}
+            by_op = {r["op"]: r for r in layer_rows if (r["layer"], r["provider"], r["shape"], r["dtype"]) == key}
             ratio = float(by_op["inverse"]["median_ms"]) / max(float(by_op["forward"]["median_ms"]), 1e-12)
             mem = by_op["fwd+bwd"]["memory_mb"]
             lines.append("| " + " | ".join([
@@ -487,13 +388,13 @@ def markdown_tables(rows: list) -> str:
                 f"{float(mem):.3g}" if mem != "" else "", by_op["inverse"]["rel_error"]]) + " |")
     algo_rows = [r for r in rows if r["suite"] == "inverse_algorithms"]
     if algo_rows:
-        labels = list(dict.fromkeys(r["backend"] for r in algo_rows))
+        labels = list(dict.fromkeys(r["provider"] for r in algo_rows))
         ours = labels[0]
         lines += ["", f"Inverse algorithms on the same CInC weight (ms, median; × = time / time of ours, {ours}):", "",
                   "| B×C×H×W | dtype | " + " | ".join(labels) + " |",
                   "|---|---|" + "---:|" * len(labels)]
         for key in dict.fromkeys((r["shape"], r["dtype"]) for r in algo_rows):
-            by = {r["backend"]: float(r["median_ms"]) for r in algo_rows if (r["shape"], r["dtype"]) == key}
+            by = {r["provider"]: float(r["median_ms"]) for r in algo_rows if (r["shape"], r["dtype"]) == key}
             cells = []
             for label in labels:
                 if label not in by:
@@ -519,7 +420,7 @@ def _log_axes(ax, xticks) -> None:
 
 
 def _plot(rows, config: BenchConfig, path, sweep: str) -> None:
-    import matplotlib
+    matplotlib = optional_import("matplotlib", "bench", "the benchmark plots")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -527,7 +428,7 @@ def _plot(rows, config: BenchConfig, path, sweep: str) -> None:
     layer_rows = [r for r in rows if r["suite"] == "layers"]
     if not layer_rows:
         return
-    backend, dtype = layer_rows[0]["backend"], layer_rows[0]["dtype"]
+    backend, dtype = layer_rows[0]["provider"], layer_rows[0]["dtype"]
     if sweep == "size":
         pick = lambda r: int(r["C"]) == config.base_channels and int(r["H"]) == int(r["W"])  # noqa: E731
         xkey, xlabel = "H", f"image size H = W (C = {config.base_channels})"
@@ -539,7 +440,7 @@ def _plot(rows, config: BenchConfig, path, sweep: str) -> None:
     for ax, op in zip(axes[0], ops):
         for layer in dict.fromkeys(r["layer"] for r in layer_rows):
             pts = sorted((int(r[xkey]), float(r["median_ms"]), float(r["p20_ms"]), float(r["p80_ms"]))
-                         for r in layer_rows if r["layer"] == layer and r["op"] == op and r["backend"] == backend
+                         for r in layer_rows if r["layer"] == layer and r["op"] == op and r["provider"] == backend
                          and r["dtype"] == dtype and pick(r))
             if pts:
                 xs, med, lo, hi = zip(*pts)
@@ -557,7 +458,7 @@ def _plot(rows, config: BenchConfig, path, sweep: str) -> None:
 
 
 def _plot_algorithms(rows, config: BenchConfig, path) -> None:
-    import matplotlib
+    matplotlib = optional_import("matplotlib", "bench", "the benchmark plots")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -570,9 +471,9 @@ def _plot_algorithms(rows, config: BenchConfig, path) -> None:
     sweeps = (("H", lambda r: int(r["C"]) == config.base_channels, f"image size H = W (C = {config.base_channels})"),
               ("C", lambda r: int(r["H"]) == config.base_size, f"channels C (H = W = {config.base_size})"))
     for ax, (xkey, pick, xlabel) in zip(axes[0], sweeps):
-        for label in dict.fromkeys(r["backend"] for r in algo_rows):
+        for label in dict.fromkeys(r["provider"] for r in algo_rows):
             pts = sorted((int(r[xkey]), float(r["median_ms"]), float(r["p20_ms"]), float(r["p80_ms"]))
-                         for r in algo_rows if r["backend"] == label and r["dtype"] == dtype and pick(r))
+                         for r in algo_rows if r["provider"] == label and r["dtype"] == dtype and pick(r))
             if pts:
                 xs, med, lo, hi = zip(*pts)
                 ax.plot(xs, med, marker="o", label=label if label.startswith(("torch_", "seq", "finc")) else
@@ -593,33 +494,18 @@ def write_results(rows: list, config: BenchConfig, quiet: bool = False) -> dict:
     """Append the rows to ``<out>/layers.csv`` (a new dated file if that one's columns differ), write this run's
     Markdown (``layers.md``) and plots; print the table unless ``quiet``. Returns the paths by kind."""
     out = pathlib.Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / "layers.csv"
-    if csv_path.exists():
-        with open(csv_path, newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != CSV_COLUMNS:
-            csv_path = out / f"layers-{rows[0]['date'].replace(':', '') if rows else 'empty'}.csv"
-    new = not csv_path.exists()
-    with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows({key: r.get(key, "") for key in CSV_COLUMNS} for r in rows)
+    csv_path = harness.append_csv(out / "layers.csv", rows)
     paths = {"csv": csv_path}
     table = markdown_tables(rows)
     first = rows[0] if rows else {}
     mem_kind = "CUDA allocator peak" if any(r.get("memory_kind") == "cuda_peak" for r in rows) else \
         "bytes saved for backward (the CPU has no allocator statistics)"
     header = (f"# Invertible layers: {first.get('device', '?')}\n\n"
-              f"{first.get('date', '')}; torch {first.get('torch', '')}, cinc_kernels {first.get('cinc_kernels', '')}, "
-              f"python {first.get('python', '')}, {first.get('threads', '')} CPU threads, "
-              f"load average {first.get('load_avg', '?')} at the start on {os.cpu_count()} cores.\n"
-              f"Times: median over repeated calls (p20/p80 in `{csv_path.name}`). Memory: fwd+bwd, {mem_kind}. "
+              + (harness.describe_machine(first) + " (load average at the start).\n" if first else "")
+              + f"Times: median over repeated calls (p20/p80 in `{csv_path.name}`). Memory: fwd+bwd, {mem_kind}. "
               f"rel. error: ‖inverse(forward(x)) − x‖/‖x‖.\n"
               f"Command: `python -m cinc_kernels bench {' '.join(getattr(config, 'argv', []))}`.\n\n")
-    md_path = out / "layers.md"
-    md_path.write_text(header + table + "\n")
+    md_path = harness.write_markdown(out / "layers.md", header + table)
     paths["markdown"] = md_path
     if config.plots and rows:
         for key, sweep in (("plot_size", "size"), ("plot_channels", "channels")):
@@ -637,62 +523,132 @@ def write_results(rows: list, config: BenchConfig, quiet: bool = False) -> dict:
 # the command line
 
 
+class _Parser(argparse.ArgumentParser):
+    """One ``error: ...`` line naming the option, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _int_list(text: str) -> list:
-    return [int(v) for v in text.split(",") if v.strip()] if text else []
+    """A comma list of integers >= 1 (an empty text: no entries)."""
+    values = [v.strip() for v in text.split(",") if v.strip()] if text else []
+    parse = _int_at_least(1)
+    try:
+        return [parse(v) for v in values]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a comma list of integers >= 1, got {text!r}") from None
+
+
+def _layer_list(text: str) -> list:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in LAYERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown layer(s) {', '.join(map(repr, unknown)) or repr(text)}; choose "
+                                         f"from {', '.join(LAYERS)}")
+    return names
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 <= value < math.inf):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+# What --quick sets, for each option the command line did not give.
+QUICK = {"batch": 2, "channels": 4, "size": 8, "sizes": [4, 8], "channel_sweep": [4], "min_reps": 2, "max_reps": 2,
+         "min_time": 0.0, "rounds": 1}
 
 
 def parse_args(argv=None) -> BenchConfig:
-    p = argparse.ArgumentParser(prog="python -m cinc_kernels bench",
-                                description="Invertible layers side by side, and the CInC inverse algorithms.")
+    p = _Parser(prog="python -m cinc_kernels bench",
+                description="Invertible layers side by side, and the CInC inverse algorithms.")
     p.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if present)")
     p.add_argument("--backends", default=None, help="comma list (default: auto, then every available one for the "
                                                      "device except the slow float64 reference)")
-    p.add_argument("--layers", default=None, help=f"comma list of {', '.join(LAYERS)} (default: all)")
+    p.add_argument("--layers", default=None, type=_layer_list,
+                   help=f"comma list of {', '.join(LAYERS)} (default: all)")
     p.add_argument("--dtypes", default="float32", help="comma list: float32, float64")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--kernel-size", type=int, default=3, help="k of cinc, autoregressive and finc (default 3)")
-    p.add_argument("--channels", type=int, default=12, help="C of the image-size sweep")
-    p.add_argument("--size", type=int, default=16, help="H = W of the channel sweep")
-    p.add_argument("--sizes", default="8,16,32,64", help="H = W of the image-size sweep")
-    p.add_argument("--channel-sweep", default="4,12,24,48", help="C of the channel sweep")
-    p.add_argument("--min-time", type=float, default=0.06,
-                   help="seconds of timed calls per measurement, at least (over all rounds)")
-    p.add_argument("--min-reps", type=int, default=6, help="timed calls per measurement, at least (over all rounds)")
-    p.add_argument("--max-reps", type=int, default=24)
-    p.add_argument("--rounds", type=int, default=3, help="passes over all cases, each taking its share of the calls")
+    # Defaults of None: --quick fills only what the command line left out.
+    p.add_argument("--batch", type=_int_at_least(1), default=None, help="images per call (default 8)")
+    p.add_argument("--kernel-size", type=_int_at_least(1), default=3,
+                   help="k of cinc, autoregressive and finc (default 3)")
+    p.add_argument("--channels", type=_int_at_least(1), default=None, help="C of the image-size sweep (default 12)")
+    p.add_argument("--size", type=_int_at_least(1), default=None, help="H = W of the channel sweep (default 16)")
+    p.add_argument("--sizes", type=_int_list, default=None, help="H = W of the image-size sweep (default 8,16,32,64)")
+    p.add_argument("--channel-sweep", type=_int_list, default=None, help="C of the channel sweep (default 4,12,24,48)")
+    p.add_argument("--min-time", type=_seconds, default=None,
+                   help="seconds of timed calls per measurement, at least (over all rounds; default 0.06)")
+    p.add_argument("--min-reps", type=_int_at_least(1), default=None,
+                   help="timed calls per measurement, at least (over all rounds; default 6)")
+    p.add_argument("--max-reps", type=_int_at_least(1), default=None, help="(default 24)")
+    p.add_argument("--rounds", type=_int_at_least(1), default=None,
+                   help="passes over all cases, each taking its share of the calls (default 3)")
     p.add_argument("--no-algorithms", action="store_true", help="skip the inverse-algorithms suite")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--quick", action="store_true", help="a smoke run: C = 4, H = W ∈ {4, 8}, 2 reps")
-    p.add_argument("--out", default="benchmarks/results", help="folder for the CSV, Markdown and plots")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: C = 4, H = W ∈ {4, 8}, 2 reps (options given explicitly win)")
+    p.add_argument("--out", default="runs/bench",
+                   help="folder for the CSV, Markdown and plots (default runs/bench; the committed results are "
+                        "benchmarks/results)")
+    p.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="torch.set_num_threads (default: torch's)")
     a = p.parse_args(argv)
-    if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU is visible to torch on this machine")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        p.error(f"argument --device: {a.device!r} is not a device name")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("argument --device: no CUDA GPU is visible to torch on this machine")
+    if a.kernel_size > fn.MAX_KERNEL_SIZE:
+        p.error(f"argument --kernel-size: must be in 1…{fn.MAX_KERNEL_SIZE}, got {a.kernel_size}")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"argument --out: {a.out!r} is a file, not a folder")
     dtypes = []
     for name in a.dtypes.split(","):
         if not isinstance(getattr(torch, name.strip(), None), torch.dtype):
-            p.error(f"--dtypes: unknown dtype {name!r}")
+            p.error(f"argument --dtypes: unknown dtype {name!r}")
         dtypes.append(getattr(torch, name.strip()))
+    full = {"batch": 8, "channels": 12, "size": 16, "sizes": [8, 16, 32, 64], "channel_sweep": [4, 12, 24, 48],
+            "min_reps": 6, "max_reps": 24, "min_time": 0.06, "rounds": 3}
+    given = {k: getattr(a, k) for k in full if getattr(a, k) is not None}
+    v = {**full, **(QUICK if a.quick else {}), **given}
+    if v["min_reps"] > v["max_reps"]:
+        p.error(f"argument --min-reps: {v['min_reps']} exceeds --max-reps {v['max_reps']}")
     if a.threads:
         torch.set_num_threads(a.threads)
     config = BenchConfig(
         device=a.device, backends=a.backends.split(",") if a.backends else None,
-        layers=a.layers.split(",") if a.layers else None, dtypes=dtypes, batch=a.batch, kernel_size=a.kernel_size,
-        base_channels=a.channels, base_size=a.size, size_sweep=_int_list(a.sizes),
-        channel_sweep=_int_list(a.channel_sweep), min_reps=a.min_reps, max_reps=a.max_reps, min_time=a.min_time,
-        rounds=a.rounds,
+        layers=a.layers, dtypes=dtypes, batch=v["batch"], kernel_size=a.kernel_size,
+        base_channels=v["channels"], base_size=v["size"], size_sweep=v["sizes"],
+        channel_sweep=v["channel_sweep"], min_reps=v["min_reps"], max_reps=v["max_reps"], min_time=v["min_time"],
+        rounds=v["rounds"],
         algorithms=not a.no_algorithms, out_dir=a.out, plots=not a.no_plots, progress=not a.no_progress)
-    if a.quick:
-        config = dataclasses.replace(config, batch=2, base_channels=4, base_size=8, size_sweep=[4, 8],
-                                     channel_sweep=[4], min_reps=2, max_reps=2, min_time=0.0, rounds=1)
     config.argv = list(sys.argv[2:] if argv is None else argv)
     return config
 
 
 def main(argv=None) -> int:
     config = parse_args(argv)
-    load = _load_average()
+    load = harness.load_average()
     if torch.device(config.device).type == "cpu" and load and float(load) > 0.75 * (os.cpu_count() or 1):
         print(f"note: this machine is busy (load average {load} on {os.cpu_count()} cores): CPU timings will be "
               f"noisy, multi-threaded ones most (`--threads 1` is steadier)", file=sys.stderr)

@@ -1,13 +1,14 @@
 """How far the inverse of a CInC convolution can be trusted: measure it, bound it, and keep it bounded.
 
 The inverse ``x = M⁻¹ y`` is exact in exact arithmetic, but ``M⁻¹`` can amplify rounding errors exponentially in
-the image size (shared/SPEC.md §1, "Conditioning"). This module gives
+the image size (docs/spec.md §1, "Conditioning"). This module gives
 
 * :func:`inverse_gain`: an estimate of ``‖M⁻¹‖₂`` for one ``H × W`` image by power iteration with the backend's own
   ``inverse`` and ``inverse_transpose`` (a diagnostic: it runs ``2 · iterations`` solves and synchronises);
 * :func:`contraction_bound` and :func:`gain_bound`: a cheap certificate that holds for **every** image size;
 * :func:`contractive_weight` / :class:`ContractiveTaps`: a reparametrisation that keeps the certificate valid
-  during training (``CInCConv2d(..., parametrization="contractive")``).
+  during training (``CInCConv2d(..., parametrization="contractive")``), together with :func:`bounded_centre`, which
+  keeps ``‖L⁻¹‖₂`` bounded too, so that ``‖M⁻¹‖₂`` has a ceiling fixed at construction (:func:`gain_ceiling`).
 
 The certificate
 ---------------
@@ -35,6 +36,16 @@ Read as an algorithm, the wavefront computes ``x_p = L⁻¹ (y_p − Σ_t W_t x_
 reaches later pixels multiplied by ``K``, so with ``q < 1`` the errors of the whole image add up to at most
 ``1 / (1 − q)`` times the local ones instead of compounding along every path through the image.
 
+**A ceiling for every parameter value.** ``q < 1`` alone leaves ``‖L⁻¹‖₂`` free. Write ``L = D (I + N)`` with
+``D`` its diagonal and ``N = D⁻¹ (L − D)`` strictly lower triangular (nilpotent). If every ``|L_cc| ≥ e^{−a}`` and
+``‖N‖₂ ≤ β < 1`` then ``(I + N)⁻¹ = Σ_{n<C} (−N)ⁿ`` has norm ``≤ 1 / (1 − β)``, so ``‖L⁻¹‖₂ ≤ e^a / (1 − β)`` and
+
+    ‖M⁻¹‖₂ ≤ e^a / ((1 − β)(1 − γ))      (a = 0 with a unit diagonal),
+
+and with ``|L_cc| ≤ e^a`` also ``‖L‖₂ ≤ e^a (1 + β)`` and ``‖M‖₂ ≤ ‖L‖₂ (1 + γ)`` (each ``‖W_t‖₂ ≤ ‖L‖₂ ‖L⁻¹W_t‖₂``).
+:func:`bounded_centre` enforces ``|log|L_cc|| ≤ a`` and ``‖N‖₂ ≤ β`` and :func:`contractive_weight` then ``q ≤ γ``.
+With the defaults (``a = log 2``, ``β = 0.5``, ``γ = 0.9``): ``‖M⁻¹‖₂ ≤ 40`` and ``κ(M) ≤ 228`` at every image size.
+
 The condition is sufficient, not necessary: random taps with ``q`` somewhat above 1 often still have a small gain
 (benchmarks/results/conditioning.md measures where it breaks).
 """
@@ -47,19 +58,25 @@ import torch
 from torch import nn
 
 from . import functional as fn
-from .reference import masked_weight
+from .masks import masked_weight
 
 __all__ = [
     "NonFiniteInverseWarning",
     "ContractiveTaps",
+    "bounded_centre",
     "contraction_bound",
     "contractive_weight",
     "gain_bound",
+    "gain_ceiling",
     "inverse_gain",
 ]
 
 DEFAULT_MAX_CONTRACTION = 0.9
 """``q`` kept by the contractive parametrisation: ``‖M⁻¹‖₂ ≤ 10 ‖L⁻¹‖₂`` at every image size."""
+DEFAULT_MAX_LOG_DIAGONAL = math.log(2.0)
+"""``a``: the contractive parametrisation keeps every centre diagonal entry's magnitude in ``[1/2, 2]``."""
+DEFAULT_MAX_CENTRE_COUPLING = 0.5
+"""``β``: the contractive parametrisation keeps ``‖D⁻¹(L − D)‖₂ ≤ 0.5`` (``D``: the centre tap's diagonal)."""
 
 
 class NonFiniteInverseWarning(RuntimeWarning):
@@ -139,26 +156,101 @@ def contractive_weight(weight: torch.Tensor, unit_diagonal: bool = False,
     return weight * (centre + (1 - centre) * scale)
 
 
+def _check_centre_limits(max_log_diagonal, max_centre_coupling) -> None:
+    if max_log_diagonal is not None and not (isinstance(max_log_diagonal, (int, float))
+                                             and 0 <= max_log_diagonal < math.inf):
+        raise ValueError(f"max_log_diagonal must be a finite number >= 0 or None, got {max_log_diagonal!r}")
+    if max_centre_coupling is not None and not (isinstance(max_centre_coupling, (int, float))
+                                                and 0 < max_centre_coupling < 1):
+        raise ValueError(f"max_centre_coupling must be in (0, 1) or None, got {max_centre_coupling!r}")
+
+
+def bounded_centre(weight: torch.Tensor, unit_diagonal: bool = False,
+                   max_log_diagonal: Optional[float] = DEFAULT_MAX_LOG_DIAGONAL,
+                   max_centre_coupling: Optional[float] = DEFAULT_MAX_CENTRE_COUPLING) -> torch.Tensor:
+    """The weight with its centre tap ``L = D(I + N)`` projected so that ``‖L⁻¹‖₂ ≤ e^a / (1 − β)``
+    (module docstring, "A ceiling for every parameter value"): each diagonal magnitude clamped to
+    ``[e^{−a}, e^a]`` (sign kept, a zero counts as positive), then the strictly lower part scaled by
+    ``min(1, β / ‖N‖₂)``. Other taps and masked entries are unchanged; a weight inside the limits is returned
+    unchanged (a projection). ``None`` leaves that part free.
+
+    Args:
+        weight: ``(C, C, k, k)``.
+        unit_diagonal: the diagonal is fixed to ones (``a`` plays no part).
+        max_log_diagonal: ``a ≥ 0``.
+        max_centre_coupling: ``β`` in ``(0, 1)``.
+
+    Returns:
+        ``(C, C, k, k)``, same dtype and device.
+    """
+    _check_centre_limits(max_log_diagonal, max_centre_coupling)
+    k = weight.shape[-1]
+    centre = weight[:, :, k - 1, k - 1]
+    raw = centre.diagonal()
+    if unit_diagonal:
+        diag = torch.ones_like(raw)
+    elif max_log_diagonal is None:
+        diag = raw
+    else:
+        sign = torch.where(raw < 0, -torch.ones_like(raw), torch.ones_like(raw))
+        diag = sign * raw.abs().clamp(math.exp(-max_log_diagonal), math.exp(max_log_diagonal))
+    strict = centre.tril(-1)
+    if max_centre_coupling is not None and centre.shape[0] > 1:
+        safe = torch.where(diag == 0, torch.ones_like(diag), diag)  # only an unbounded diagonal can hold a zero
+        coupling = torch.linalg.matrix_norm(strict / safe[:, None], ord=2)
+        strict = strict * (max_centre_coupling / torch.maximum(coupling, coupling.new_tensor(max_centre_coupling)))
+    kept_diag = raw if unit_diagonal else diag  # with a unit diagonal the stored diagonal is masked: keep it
+    new_centre = strict + torch.diag_embed(kept_diag) + centre.triu(1)
+    at_centre = torch.zeros(k, k, dtype=weight.dtype, device=weight.device)
+    at_centre[k - 1, k - 1] = 1
+    return weight * (1 - at_centre) + new_centre[:, :, None, None] * at_centre
+
+
+def gain_ceiling(unit_diagonal: bool = False, max_contraction: float = DEFAULT_MAX_CONTRACTION,
+                 max_log_diagonal: Optional[float] = DEFAULT_MAX_LOG_DIAGONAL,
+                 max_centre_coupling: Optional[float] = DEFAULT_MAX_CENTRE_COUPLING) -> float:
+    """``e^a / ((1 − β)(1 − γ))``: ``‖M⁻¹‖₂`` of every weight that :func:`bounded_centre` then
+    :func:`contractive_weight` can return, at every image size (``a = 0`` with ``unit_diagonal``); ``inf`` when a
+    limit is ``None``."""
+    _check_centre_limits(max_log_diagonal, max_centre_coupling)
+    if max_centre_coupling is None or (max_log_diagonal is None and not unit_diagonal):
+        return math.inf
+    a = 0.0 if unit_diagonal else max_log_diagonal
+    return math.exp(a) / ((1 - max_centre_coupling) * (1 - max_contraction))
+
+
 class ContractiveTaps(nn.Module):
-    """:func:`contractive_weight` as a ``torch.nn.utils.parametrize`` parametrisation of a ``(C, C, k, k)`` weight.
+    """:func:`bounded_centre` then :func:`contractive_weight` as a ``torch.nn.utils.parametrize`` parametrisation of
+    a ``(C, C, k, k)`` weight: ``‖M⁻¹‖₂ ≤`` :func:`gain_ceiling` at every image size, whatever the free parameter.
 
     ``right_inverse`` stores an assigned weight as it is; the layer then uses its projection.
     """
 
-    def __init__(self, unit_diagonal: bool = False, max_contraction: float = DEFAULT_MAX_CONTRACTION):
+    def __init__(self, unit_diagonal: bool = False, max_contraction: float = DEFAULT_MAX_CONTRACTION,
+                 max_log_diagonal: Optional[float] = DEFAULT_MAX_LOG_DIAGONAL,
+                 max_centre_coupling: Optional[float] = DEFAULT_MAX_CENTRE_COUPLING):
         super().__init__()
         if not 0 < max_contraction < 1:
             raise ValueError(f"max_contraction must be in (0, 1), got {max_contraction}")
+        _check_centre_limits(max_log_diagonal, max_centre_coupling)
         self.unit_diagonal, self.max_contraction = unit_diagonal, max_contraction
+        self.max_log_diagonal, self.max_centre_coupling = max_log_diagonal, max_centre_coupling
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return contractive_weight(weight, self.unit_diagonal, self.max_contraction)
+        centred = bounded_centre(weight, self.unit_diagonal, self.max_log_diagonal, self.max_centre_coupling)
+        return contractive_weight(centred, self.unit_diagonal, self.max_contraction)
+
+    def gain_ceiling(self) -> float:
+        """:func:`gain_ceiling` of these limits."""
+        return gain_ceiling(self.unit_diagonal, self.max_contraction, self.max_log_diagonal,
+                            self.max_centre_coupling)
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
 
     def extra_repr(self) -> str:
-        return f"unit_diagonal={self.unit_diagonal}, max_contraction={self.max_contraction}"
+        return (f"unit_diagonal={self.unit_diagonal}, max_contraction={self.max_contraction}, "
+                f"max_log_diagonal={self.max_log_diagonal}, max_centre_coupling={self.max_centre_coupling}")
 
 
 def _batch_norms(t: torch.Tensor) -> torch.Tensor:

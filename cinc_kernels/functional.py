@@ -1,4 +1,4 @@
-"""The public functions of shared/SPEC.md §2: forward, inverse, adjoint inverse and log-determinant.
+"""The public functions of docs/spec.md §2: forward, inverse, adjoint inverse and log-determinant.
 
 Each checks its arguments (errors name the argument), picks a backend (:mod:`cinc_kernels.backends`) and calls it.
 All are differentiable in every tensor argument and traceable by ``torch.compile(fullgraph=True)``.
@@ -16,14 +16,14 @@ __all__ = ["cinc_conv2d", "cinc_conv2d_inverse", "cinc_conv2d_inverse_transpose"
 MAX_KERNEL_SIZE = 7
 
 
-def _check_tensor(t, name: str) -> None:
+def _check_tensor(t: object, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise ValueError(f"{name} must have a floating-point dtype, got {t.dtype}")
 
 
-def check_weight(weight, channels: Optional[int] = None, arg: str = "x") -> int:
+def check_weight(weight: torch.Tensor, channels: Optional[int] = None, arg: str = "x") -> int:
     """Validate a ``(C, C, k, k)`` weight (``C`` = ``channels`` when given); returns ``k``."""
     _check_tensor(weight, "weight")
     if weight.dim() != 4:
@@ -42,7 +42,7 @@ def check_weight(weight, channels: Optional[int] = None, arg: str = "x") -> int:
     return kw
 
 
-def check_image(x, weight, bias=None, arg: str = "x") -> int:
+def check_image(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, arg: str = "x") -> int:
     """Validate an image batch against ``weight`` and ``bias``; returns ``k``."""
     _check_tensor(x, arg)
     if x.dim() != 4:
@@ -63,7 +63,40 @@ def check_image(x, weight, bias=None, arg: str = "x") -> int:
     return k
 
 
-def cinc_conv2d(x, weight, bias=None, *, unit_diagonal: bool = False, backend: str = "auto") -> torch.Tensor:
+def check_unit_diagonal(unit_diagonal) -> None:
+    """``unit_diagonal`` must be a real ``bool``: a truthy string or number would pick a mask silently."""
+    if not isinstance(unit_diagonal, bool):
+        raise TypeError(f"unit_diagonal must be a bool, got {type(unit_diagonal).__name__} {unit_diagonal!r}")
+
+
+def _check_dilation(dilation) -> int:
+    if isinstance(dilation, bool) or not isinstance(dilation, int):
+        raise TypeError(f"dilation must be an int, got {type(dilation).__name__}")
+    if dilation < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    return dilation
+
+
+def _per_sub_image(op, t: torch.Tensor, dilation: int) -> torch.Tensor:
+    """``op`` (an undilated op on ``(B, C, H, W)``) applied with dilation ``d``: pixels ``(i, j)`` with the same
+    ``(i mod d, j mod d)`` only ever meet each other, so the d² interleaved sub-images are independent CInC problems
+    with the same weight (docs/spec.md §4). They go into the batch (space-to-batch), ``op`` runs once, and they come
+    back. ``H, W`` are zero-padded at the bottom and right to multiples of ``d``: exact for all three ops, since the
+    padded pixels come after every real one in raster order (forward and inverse never read them; for ``M⁻ᵀ`` the
+    padded block of the solution is ``M_ppᵀ⁻¹·0 = 0``)."""
+    d = dilation
+    B, C, H, W = t.shape
+    if d == 1 or H == 0 or W == 0:
+        return op(t)
+    h, w = -(-H // d), -(-W // d)
+    t = torch.nn.functional.pad(t, (0, w * d - W, 0, h * d - H))
+    t = t.reshape(B, C, h, d, w, d).permute(0, 3, 5, 1, 2, 4).reshape(B * d * d, C, h, w)
+    out = op(t).reshape(B, d, d, C, h, w).permute(0, 3, 4, 1, 5, 2).reshape(B, C, h * d, w * d)
+    return out[:, :, :H, :W]
+
+
+def cinc_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                unit_diagonal: bool = False, backend: str = "auto", dilation: int = 1) -> torch.Tensor:
     """The CInC convolution ``y = M x + bias``: a k×k correlation padded ``k-1`` on the top and left only, whose
     centre (bottom-right) tap is lower triangular over channels.
 
@@ -73,17 +106,21 @@ def cinc_conv2d(x, weight, bias=None, *, unit_diagonal: bool = False, backend: s
             gradient.
         bias: ``(C,)`` or ``None``.
         unit_diagonal: treat the centre tap's diagonal as ones (log-determinant 0).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``, ``"torch"`` (portable, any device).
+        dilation: ``d ≥ 1``, the spacing of the taps: tap ``(a, b)`` reads the pixel ``((k-1-a)·d, (k-1-b)·d)``
+            above and left (padding ``(k-1)·d``), as the authors' ``invertible_conv2D(..., dilation)``.
 
     Returns:
         ``y``: ``(B, C, H, W)``, same dtype and device as ``x``.
     """
     check_image(x, weight, bias, "x")
+    check_unit_diagonal(unit_diagonal)
+    _check_dilation(dilation)
     impl = select(backend, "forward", x.device, x.dtype, "x")
-    return impl.ops["forward"](x, weight, bias, unit_diagonal)
+    return _per_sub_image(lambda t: impl.ops["forward"](t, weight, bias, unit_diagonal), x, dilation)
 
 
-def _check_accumulate(accumulate, t: torch.Tensor, arg: str) -> None:
+def _check_accumulate(accumulate: Optional[torch.dtype], t: torch.Tensor, arg: str) -> None:
     if accumulate is None:
         return
     if accumulate not in (torch.float32, torch.float64):
@@ -92,18 +129,19 @@ def _check_accumulate(accumulate, t: torch.Tensor, arg: str) -> None:
         raise ValueError(f"accumulate={accumulate} is narrower than {arg}'s dtype {t.dtype}; it may only widen")
 
 
-def _upcast(t, dtype):
+def _upcast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     return None if t is None else t.to(dtype)
 
 
-def cinc_conv2d_inverse(y, weight, bias=None, *, unit_diagonal: bool = False, backend: str = "auto",
-                        accumulate: Optional[torch.dtype] = None) -> torch.Tensor:
+def cinc_conv2d_inverse(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                        unit_diagonal: bool = False, backend: str = "auto",
+                        accumulate: Optional[torch.dtype] = None, dilation: int = 1) -> torch.Tensor:
     """``x = M⁻¹ (y - bias)``, the exact inverse of :func:`cinc_conv2d`, solved as a wavefront over the image's
     ``H + W - 1`` anti-diagonals.
 
     Args:
         y: ``(B, C, H, W)``.
-        weight, bias, unit_diagonal, backend: as for :func:`cinc_conv2d`.
+        weight, bias, unit_diagonal, backend, dilation: as for :func:`cinc_conv2d`.
         accumulate: ``None`` (work in ``y``'s dtype) or a wider dtype (``torch.float64``): the inputs are cast to
             it, the backend solves in it, and the result is cast back to ``y``'s dtype. A float32 solve loses about
             ``log10(gain)`` of its ~7 digits (see :func:`cinc_kernels.inverse_gain`); with float64 accumulation the
@@ -114,53 +152,66 @@ def cinc_conv2d_inverse(y, weight, bias=None, *, unit_diagonal: bool = False, ba
         ``x``: ``(B, C, H, W)``, ``y``'s dtype.
 
     Raises:
-        RuntimeError / ValueError: if the centre tap has a zero on its diagonal (the map is singular).
+        ValueError: naming ``weight``, if the centre tap has a zero on its diagonal (the map is singular).
         Except on the ``"cuda"`` backend: checking would stall the GPU stream on a device-to-host copy, so there a
         singular weight is not refused and the result holds ``inf``/``nan``; check ``cinc_logdet(...) > -inf``
         (computed on the device) if the weight may be singular.
     """
     check_image(y, weight, bias, "y")
+    check_unit_diagonal(unit_diagonal)
     _check_accumulate(accumulate, y, "y")
+    _check_dilation(dilation)
     if accumulate is not None and accumulate != y.dtype:
         impl = select(backend, "inverse", y.device, accumulate, "accumulate")
-        x = impl.ops["inverse"](y.to(accumulate), weight.to(accumulate), _upcast(bias, accumulate), unit_diagonal)
+        w, b = weight.to(accumulate), _upcast(bias, accumulate)
+        x = _per_sub_image(lambda t: impl.ops["inverse"](t, w, b, unit_diagonal), y.to(accumulate), dilation)
         return x.to(y.dtype)
     impl = select(backend, "inverse", y.device, y.dtype, "y")
-    return impl.ops["inverse"](y, weight, bias, unit_diagonal)
+    return _per_sub_image(lambda t: impl.ops["inverse"](t, weight, bias, unit_diagonal), y, dilation)
 
 
-def cinc_conv2d_inverse_transpose(g, weight, *, unit_diagonal: bool = False, backend: str = "auto",
-                                  accumulate: Optional[torch.dtype] = None) -> torch.Tensor:
+def cinc_conv2d_inverse_transpose(g: torch.Tensor, weight: torch.Tensor, *, unit_diagonal: bool = False,
+                                  backend: str = "auto",
+                                  accumulate: Optional[torch.dtype] = None, dilation: int = 1) -> torch.Tensor:
     """``u = M⁻ᵀ g``: solves ``Mᵀ u = g`` (the adjoint of the inverse, used to back-propagate through it).
 
     Args:
         g: ``(B, C, H, W)``.
-        weight, unit_diagonal, backend: as for :func:`cinc_conv2d`.
+        weight, unit_diagonal, backend, dilation: as for :func:`cinc_conv2d`.
         accumulate: as for :func:`cinc_conv2d_inverse`.
 
     Returns:
         ``u``: ``(B, C, H, W)``, ``g``'s dtype.
     """
     check_image(g, weight, None, "g")
+    check_unit_diagonal(unit_diagonal)
     _check_accumulate(accumulate, g, "g")
+    _check_dilation(dilation)
     if accumulate is not None and accumulate != g.dtype:
         impl = select(backend, "inverse_transpose", g.device, accumulate, "accumulate")
-        return impl.ops["inverse_transpose"](g.to(accumulate), weight.to(accumulate), unit_diagonal).to(g.dtype)
+        w = weight.to(accumulate)
+        u = _per_sub_image(lambda t: impl.ops["inverse_transpose"](t, w, unit_diagonal), g.to(accumulate), dilation)
+        return u.to(g.dtype)
     impl = select(backend, "inverse_transpose", g.device, g.dtype, "g")
-    return impl.ops["inverse_transpose"](g, weight, unit_diagonal)
+    return _per_sub_image(lambda t: impl.ops["inverse_transpose"](t, weight, unit_diagonal), g, dilation)
 
 
-def cinc_logdet(weight, height: int, width: int, *, unit_diagonal: bool = False, backend: str = "auto"):
+def cinc_logdet(weight: torch.Tensor, height: int, width: int, *, unit_diagonal: bool = False,
+                backend: str = "auto", dilation: int = 1) -> torch.Tensor:
     """``log|det M| = H·W·Σ_c log|weight[c, c, k-1, k-1]|`` for one ``H×W`` image (0 with ``unit_diagonal``).
 
     Args:
         weight: ``(C, C, k, k)``.
         height, width: the image size, integers ``≥ 0``.
+        dilation: as for :func:`cinc_conv2d`; it does not change the log-determinant (the sub-images' sizes add
+            up to ``H·W`` pixels, each with the centre tap on the diagonal).
 
     Returns:
         A 0-dim tensor of ``weight``'s dtype; ``-inf`` when the centre tap has a zero on its diagonal.
     """
     check_weight(weight)
+    check_unit_diagonal(unit_diagonal)
+    _check_dilation(dilation)
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")

@@ -5,8 +5,9 @@ the masked or fixed ones). :data:`LAYERS` maps the names a benchmark or a flow u
 """
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Optional
+from typing import Any, Optional, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -15,34 +16,66 @@ from torch.nn.utils import parametrize
 
 from . import conditioning
 from . import functional as fn
-from .reference import free_parameters, weight_mask
+from .backends import select
+from .masks import free_parameters, weight_mask
 
 __all__ = ["CInCConv2d", "EmergingConv2d", "AutoregressiveConv2d", "InvConv1x1", "FInCConv2d", "LAYERS"]
 
 
-def _with_bias_mask(layer: nn.Module, masks: dict) -> dict:
+Masks = dict[str, torch.Tensor]
+
+
+class _Layer(Protocol):
+    """What every layer of this module offers beyond ``nn.Module`` (for typing the composite layers)."""
+
+    def num_parameters(self) -> int: ...
+
+    def free_masks(self) -> Masks: ...
+
+
+
+def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias=None, padding: int = 0) -> torch.Tensor:
+    """``F.conv2d`` that also takes an image without pixels or channels (ATen refuses those) and returns the
+    equally empty result, still attached to the weight's graph (docs/spec.md §2: empty in, empty out)."""
+    if x.numel() == 0:
+        out = x.new_zeros(x.shape[0], weight.shape[0], x.shape[2], x.shape[3]) + 0 * weight.sum()
+        return out if bias is None else out + 0 * bias.sum()
+    return F.conv2d(x, weight, bias, padding=padding)
+
+
+def _with_bias_mask(layer: nn.Module, masks: Masks) -> Masks:
     """``masks`` plus an all-free mask for the layer's bias, when it has one."""
-    if layer.bias is not None:
-        masks["bias"] = torch.ones_like(layer.bias)
+    bias = getattr(layer, "bias", None)
+    if bias is not None:
+        masks["bias"] = torch.ones_like(bias)
     return masks
 
 
 class CInCConv2d(nn.Module):
-    """The CInC convolution as a layer (shared/SPEC.md §1).
+    """The CInC convolution as a layer (docs/spec.md §1).
 
     Args:
         channels: ``C``; input and output have ``C`` channels.
         kernel_size: ``k`` in 1…7 (the paper's 3).
         bias: learn a ``(C,)`` bias.
         unit_diagonal: fix the centre tap's diagonal to ones (log-determinant 0, invertible by construction).
-        backend: passed to the functional ops (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``).
+        backend: passed to the functional ops (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``, ``"torch"``,
+            ``"reference"``).
         init_scale: standard deviation of the off-identity initial entries (the layer starts near the identity).
         parametrization: ``"none"`` (``weight`` is free) or ``"contractive"``: ``weight`` is
-            :func:`cinc_kernels.conditioning.contractive_weight` of a free parameter (registered with
-            ``torch.nn.utils.parametrize``; the free one is ``parametrizations.weight.original``), which keeps
-            ``Σ_t ‖L⁻¹W_t‖₂ ≤ max_contraction`` so that ``‖M⁻¹‖₂ ≤ ‖L⁻¹‖₂ / (1 − max_contraction)`` at every image
-            size. Like every parametrised module it is saved through ``state_dict()``, not by pickling the module.
+            :class:`cinc_kernels.conditioning.ContractiveTaps` of a free parameter (registered with
+            ``torch.nn.utils.parametrize``; the free one is ``parametrizations.weight.original``): the centre tap's
+            diagonal magnitudes are clamped to ``[e^{-a}, e^a]`` and its off-diagonal part to
+            ``‖D⁻¹(L − D)‖₂ ≤ β``, then the other taps scaled to ``Σ_t ‖L⁻¹W_t‖₂ ≤ γ``, so that
+            ``‖M⁻¹‖₂ ≤ e^a / ((1 − β)(1 − γ))`` (:meth:`gain_ceiling`; 40 with the defaults) at every image size and
+            for every value of the free parameter. Like every parametrised module it is saved through
+            ``state_dict()``, not by pickling the module.
         max_contraction: ``γ`` in ``(0, 1)`` of the contractive parametrisation.
+        max_log_diagonal: ``a ≥ 0`` of the contractive parametrisation (``None``: the diagonal is free and
+            :meth:`gain_ceiling` is ``inf``).
+        max_centre_coupling: ``β`` in ``(0, 1)`` of the contractive parametrisation (``None``: free, as above).
+        dilation: tap spacing ``d`` (see :func:`cinc_kernels.cinc_conv2d`); the log-determinant does not depend on
+            it, and the inverse solves ``d²`` interleaved sub-images of about ``H/d × W/d``.
         check_finite: after each :meth:`inverse`, check the result for inf/NaN and warn once
             (:class:`~cinc_kernels.conditioning.NonFiniteInverseWarning`, naming the layer). The check synchronises
             a GPU stream; switch it off (here or by setting the attribute) on hot paths. Skipped under
@@ -56,15 +89,24 @@ class CInCConv2d(nn.Module):
 
     def __init__(self, channels: int, kernel_size: int = 3, bias: bool = True, unit_diagonal: bool = False,
                  backend: str = "auto", init_scale: float = 1e-2, *, parametrization: str = "none",
-                 max_contraction: float = conditioning.DEFAULT_MAX_CONTRACTION, check_finite: bool = True):
+                 max_contraction: float = conditioning.DEFAULT_MAX_CONTRACTION,
+                 max_log_diagonal: Optional[float] = conditioning.DEFAULT_MAX_LOG_DIAGONAL,
+                 max_centre_coupling: Optional[float] = conditioning.DEFAULT_MAX_CENTRE_COUPLING,
+                 check_finite: bool = True, dilation: int = 1):
         super().__init__()
         if parametrization not in ("none", "contractive"):
             raise ValueError(f"parametrization must be 'none' or 'contractive', got {parametrization!r}")
+        for name, value in (("channels", channels), ("kernel_size", kernel_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
         if not 1 <= kernel_size <= fn.MAX_KERNEL_SIZE:
             raise ValueError(f"kernel_size must be in 1…{fn.MAX_KERNEL_SIZE}, got {kernel_size}")
-        self.channels, self.kernel_size = channels, kernel_size
+        fn.check_unit_diagonal(unit_diagonal)
+        if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+            raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
+        self.channels, self.kernel_size, self.dilation = channels, kernel_size, dilation
         self.unit_diagonal, self.backend = unit_diagonal, backend
         k = kernel_size
         w = init_scale * torch.randn(channels, channels, k, k)
@@ -74,27 +116,71 @@ class CInCConv2d(nn.Module):
         self.parametrization = parametrization
         if parametrization == "contractive":
             parametrize.register_parametrization(
-                self, "weight", conditioning.ContractiveTaps(unit_diagonal, max_contraction))
+                self, "weight", conditioning.ContractiveTaps(unit_diagonal, max_contraction, max_log_diagonal,
+                                                             max_centre_coupling))
         self.check_finite = check_finite
         self.name: Optional[str] = None
         self._warned_non_finite = False
+        self._mask_cache: dict = {}  # (dtype, device) -> what _masks returns
 
     def logdet(self, height: int, width: int) -> torch.Tensor:
         """``log|det|`` for one ``height × width`` image, a 0-dim tensor."""
         return fn.cinc_logdet(self.weight, height, width, unit_diagonal=self.unit_diagonal, backend=self.backend)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.weight  # read once: with a parametrisation every read recomputes it
-        y = fn.cinc_conv2d(x, weight, self.bias, unit_diagonal=self.unit_diagonal, backend=self.backend)
+        if self.dilation == 1 and self._forward_runs_on_aten(x):
+            return self._aten_forward(x, weight)
+        y = fn.cinc_conv2d(x, weight, self.bias, unit_diagonal=self.unit_diagonal, backend=self.backend,
+                           dilation=self.dilation)
         logdet = fn.cinc_logdet(weight, x.shape[2], x.shape[3], unit_diagonal=self.unit_diagonal,
                                 backend=self.backend)
         return y, logdet.expand(x.shape[0])
+
+    def _forward_runs_on_aten(self, x) -> bool:
+        # When the backend the functional op would pick is ATen's convolution (backend="auto" on CPU and CUDA), the
+        # layer runs it itself, so that the training step is the convolution plus two small ops: the mask is one
+        # selection by a cached mask (so NaN in a masked entry is inert), and the log-determinant (docs/spec.md §1: H·W·Σ log|L[c,c]|) is read off the
+        # masked weight by autograd-native ops instead of a custom op with a Python backward.
+        return (self.backend == "auto" and isinstance(x, torch.Tensor) and x.dtype == self.weight.dtype
+                and select("auto", "forward", x.device, x.dtype).name == "_aten")
+
+    def _masks(self, like: torch.Tensor):
+        """(keep, fixed, centre): ``masked = where(keep, weight, fixed)`` (``fixed``: the unit diagonal, else 0) and
+        the flat indices of the centre tap's diagonal, built once per dtype and device."""
+        key = (like.dtype, like.device)
+        cached = self._mask_cache.get(key)
+        if cached is None:
+            C, k = self.channels, self.kernel_size
+            mask = weight_mask(C, k, self.unit_diagonal, dtype=torch.bool, device=like.device)
+            added = torch.zeros((), dtype=like.dtype, device=like.device)
+            if self.unit_diagonal:
+                added = torch.zeros(C, C, k, k, dtype=like.dtype, device=like.device)
+                added[:, :, k - 1, k - 1] = torch.eye(C, dtype=like.dtype, device=like.device)
+            centre = torch.arange(C, device=like.device) * (C + 1) * k * k + k * k - 1
+            cached = self._mask_cache[key] = (mask, added, centre)
+        return cached
+
+    def _aten_forward(self, x: torch.Tensor, weight: torch.Tensor):
+        fn.check_image(x, weight, self.bias, "x")
+        k, (B, _, H, W) = self.kernel_size, x.shape
+        mask, added, centre = self._masks(weight)
+        masked = torch.where(mask, weight, added)
+        if self.unit_diagonal:
+            logdet = weight.new_zeros(())
+        else:
+            logdet = torch.take(weight, centre).abs().log().sum() * (float(H) * float(W))
+        if x.numel() == 0:
+            y = _conv2d(x, masked, self.bias)
+        else:
+            y = F.conv2d(F.pad(x, (k - 1, 0, k - 1, 0)), masked, self.bias)
+        return y, logdet.expand(B)
 
     def inverse(self, y: torch.Tensor, *, accumulate: Optional[torch.dtype] = None) -> torch.Tensor:
         """``x = M⁻¹(y − bias)``; ``accumulate=torch.float64`` solves in float64 (see
         :func:`cinc_kernels.cinc_conv2d_inverse`)."""
         x = fn.cinc_conv2d_inverse(y, self.weight, self.bias, unit_diagonal=self.unit_diagonal,
-                                   backend=self.backend, accumulate=accumulate)
+                                   backend=self.backend, accumulate=accumulate, dilation=self.dilation)
         if self.check_finite and not self._warned_non_finite and not torch.compiler.is_compiling():
             self._check_finite(x, y)
         return x
@@ -113,12 +199,25 @@ class CInCConv2d(nn.Module):
             "check_finite=False.",
             conditioning.NonFiniteInverseWarning, stacklevel=3)
 
-    def inverse_gain(self, height: int, width: int, **kwargs) -> float:
+    def inverse_gain(self, height: int, width: int, **kwargs: Any) -> float:
         """Estimate of ``‖M⁻¹‖₂`` for one ``height × width`` image (:func:`cinc_kernels.conditioning.inverse_gain`;
-        keyword arguments go there)."""
+        keyword arguments go there).
+
+        With ``parametrization="contractive"`` the true value never exceeds :meth:`gain_ceiling`,
+        ``e^a / ((1 − β)(1 − γ))`` (40 with the defaults ``a = log 2``, ``β = 0.5``, ``γ = 0.9``; ``a = 0`` with
+        ``unit_diagonal``), at any size and for any parameter values, so a float32 inverse keeps about
+        ``7 − log10(40)`` ≈ 5.4 digits. Without it there is no such bound: measure, or see :meth:`contraction_bound`.
+        """
         kwargs.setdefault("backend", self.backend)
         return conditioning.inverse_gain(self.weight.detach(), height, width, unit_diagonal=self.unit_diagonal,
                                          **kwargs)
+
+    def gain_ceiling(self) -> float:
+        """The bound on ``‖M⁻¹‖₂`` fixed at construction by the contractive parametrisation (see
+        :meth:`inverse_gain`); ``inf`` without it."""
+        if self.parametrization != "contractive":
+            return math.inf
+        return self.parametrizations.weight[0].gain_ceiling()
 
     def contraction_bound(self) -> float:
         """``q = Σ_t ‖L⁻¹W_t‖₂``; ``< 1`` certifies the inverse at every image size
@@ -130,7 +229,7 @@ class CInCConv2d(nn.Module):
         n = free_parameters(self.channels, self.kernel_size, self.unit_diagonal)
         return n + (self.channels if self.bias is not None else 0)
 
-    def free_masks(self) -> dict:
+    def free_masks(self) -> Masks:
         """``{parameter name: 1 where the entry is free, 0 where it is masked}``, one mask per parameter."""
         return _with_bias_mask(self, {"weight": weight_mask(self.channels, self.kernel_size, self.unit_diagonal,
                                                             dtype=self.weight.dtype, device=self.weight.device)})
@@ -138,29 +237,31 @@ class CInCConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}, "
                 f"unit_diagonal={self.unit_diagonal}, backend={self.backend!r}, free_parameters={self.num_parameters()}"
+                + (f", dilation={self.dilation}" if self.dilation != 1 else "")
                 + (f", parametrization={self.parametrization!r}" if self.parametrization != "none" else ""))
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The layers CInC is compared against (shared/SPEC.md §3). Same interface as CInCConv2d, plus ``free_masks()``
+# The layers CInC is compared against (docs/spec.md §3). Same interface as CInCConv2d, plus ``free_masks()``
 # (which entries of each parameter are free) and ``logdet(height, width)``.
 
 
-def _check_channels(channels) -> None:
+def _check_channels(channels: object) -> None:
     if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
         raise ValueError(f"channels must be an int >= 1, got {channels!r}")
 
 
-def _check_input(x, channels: int, arg: str) -> None:
+def _check_input(x: object, channels: int, arg: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{arg} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4 or x.shape[1] != channels:
         raise ValueError(f"{arg} must have shape (B, {channels}, H, W) for this layer, got {tuple(x.shape)}")
 
 
-def _child_masks(module: nn.Module) -> dict:
+def _child_masks(module: nn.Module) -> Masks:
     """The ``free_masks()`` of every child, keyed like ``named_parameters()``."""
-    return {f"{name}.{p}": m for name, child in module.named_children() for p, m in child.free_masks().items()}
+    return {f"{name}.{p}": m for name, child in module.named_children()
+            for p, m in cast(_Layer, child).free_masks().items()}
 
 
 class InvConv1x1(nn.Module):
@@ -174,6 +275,11 @@ class InvConv1x1(nn.Module):
 
     Shapes: ``x``, ``y``: ``(B, C, H, W)``; ``logdet``: ``(B,)``.
     """
+
+    permutation: torch.Tensor
+    sign: torch.Tensor
+    lower_mask: torch.Tensor
+    upper_mask: torch.Tensor
 
     def __init__(self, channels: int, bias: bool = False, backend: str = "auto"):
         super().__init__()
@@ -192,7 +298,7 @@ class InvConv1x1(nn.Module):
         self.log_scale = nn.Parameter(scale.abs().log().float())
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
 
-    def _factors(self):
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         eye = torch.eye(self.channels, dtype=self.lower.dtype, device=self.lower.device)
         lower = self.lower * self.lower_mask + eye
         upper = self.upper * self.upper_mask + torch.diag(self.sign * self.log_scale.exp())
@@ -207,26 +313,27 @@ class InvConv1x1(nn.Module):
         """``W⁻¹ = U⁻¹ L⁻¹ Pᵀ``, ``(C, C)``, by triangular solves (no general inverse)."""
         lower, upper = self._factors()
         l_inv_pt = torch.linalg.solve_triangular(lower, self.permutation.T, upper=False, unitriangular=True)
-        return torch.linalg.solve_triangular(upper, l_inv_pt, upper=True)
+        inverse: torch.Tensor = torch.linalg.solve_triangular(upper, l_inv_pt, upper=True)
+        return inverse
 
     def logdet(self, height: int, width: int) -> torch.Tensor:
         return height * width * self.log_scale.sum()
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_input(x, self.channels, "x")
-        y = F.conv2d(x, self.weight()[:, :, None, None], self.bias)
+        y = _conv2d(x, self.weight()[:, :, None, None], self.bias)
         return y, self.logdet(x.shape[2], x.shape[3]).expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         _check_input(y, self.channels, "y")
         if self.bias is not None:
             y = y - self.bias.view(1, -1, 1, 1)
-        return F.conv2d(y, self.inverse_weight()[:, :, None, None])
+        return _conv2d(y, self.inverse_weight()[:, :, None, None])
 
     def num_parameters(self) -> int:
         return self.channels**2 + (self.channels if self.bias is not None else 0)
 
-    def free_masks(self) -> dict:
+    def free_masks(self) -> Masks:
         return _with_bias_mask(self, {"lower": self.lower_mask, "upper": self.upper_mask,
                                       "log_scale": torch.ones_like(self.log_scale)})
 
@@ -257,6 +364,7 @@ class EmergingConv2d(nn.Module):
                  backend: str = "auto", init_scale: float = 1e-2):
         super().__init__()
         _check_channels(channels)
+        fn.check_unit_diagonal(unit_diagonal)
         self.channels, self.kernel_size = channels, kernel_size
         self.unit_diagonal, self.backend = unit_diagonal, backend
         self.mix = InvConv1x1(channels, bias=False, backend=backend)
@@ -274,7 +382,7 @@ class EmergingConv2d(nn.Module):
         return (self.mix.logdet(height, width) + self.conv_tl.logdet(height, width)
                 + self.conv_br.logdet(height, width))
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_input(x, self.channels, "x")
         h, ld_mix = self.mix(x)
         h, ld_tl = self.conv_tl(h)
@@ -287,9 +395,9 @@ class EmergingConv2d(nn.Module):
         return self.mix.inverse(self.conv_tl.inverse(h))
 
     def num_parameters(self) -> int:
-        return sum(child.num_parameters() for child in self.children())
+        return sum(cast(_Layer, child).num_parameters() for child in self.children())
 
-    def free_masks(self) -> dict:
+    def free_masks(self) -> Masks:
         return _child_masks(self)
 
     def extra_repr(self) -> str:
@@ -298,7 +406,8 @@ class EmergingConv2d(nn.Module):
                 f"free_parameters={self.num_parameters()}")
 
 
-def autoregressive_mask(channels: int, kernel_size: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
+def autoregressive_mask(channels: int, kernel_size: int, *, dtype: torch.dtype = torch.float32,
+                        device: Optional[torch.device | str] = None) -> torch.Tensor:
     """The MADE/PixelCNN raster mask of a centred ``k×k`` kernel, ``(C, C, k, k)``: 1 on the taps before the centre
     in raster order (all rows above, the left part of the centre row), lower triangular on the centre, 0 after."""
     p = kernel_size // 2
@@ -325,6 +434,8 @@ class AutoregressiveConv2d(nn.Module):
     Shapes: ``x``, ``y``: ``(B, C, H, W)``; ``logdet``: ``(B,)``.
     """
 
+    mask: torch.Tensor
+
     def __init__(self, channels: int, kernel_size: int = 3, bias: bool = True, backend: str = "auto",
                  init_scale: float = 1e-2):
         super().__init__()
@@ -350,10 +461,10 @@ class AutoregressiveConv2d(nn.Module):
     def logdet(self, height: int, width: int) -> torch.Tensor:
         return fn.cinc_logdet(self._row_weight(self.weight * self.mask), height, width, backend=self.backend)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_input(x, self.channels, "x")
         p = self.kernel_size // 2
-        y = F.conv2d(x, self.weight * self.mask, self.bias, padding=p)
+        y = _conv2d(x, self.weight * self.mask, self.bias, padding=p)
         return y, self.logdet(x.shape[2], x.shape[3]).expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
@@ -361,6 +472,8 @@ class AutoregressiveConv2d(nn.Module):
         B, C, H, W = y.shape
         p = self.kernel_size // 2
         wm = self.weight * self.mask
+        if y.numel() == 0:
+            return _conv2d(y, wm[:, :, :1, :1])
         row_weight, above_weight = self._row_weight(wm), wm[:, :, :p, :]
         # Solved rows are kept in a list (no in-place writes), so autograd sees an ordinary graph.
         rows = [y.new_zeros(B, C, 1, W)] * p
@@ -376,7 +489,7 @@ class AutoregressiveConv2d(nn.Module):
         C, k, p = self.channels, self.kernel_size, self.kernel_size // 2
         return (k + 1) * p * C * C + C * (C + 1) // 2 + (C if self.bias is not None else 0)
 
-    def free_masks(self) -> dict:
+    def free_masks(self) -> Masks:
         return _with_bias_mask(self, {"weight": self.mask})
 
     def extra_repr(self) -> str:
@@ -401,6 +514,7 @@ class FInCConv2d(nn.Module):
     """
 
     CORNERS = (("top-left", ()), ("top-right", (3,)), ("bottom-left", (2,)), ("bottom-right", (2, 3)))
+    mask: torch.Tensor
 
     def __init__(self, channels: int, kernel_size: int = 3, bias: bool = True, backend: str = "auto",
                  init_scale: float = 1e-2):
@@ -422,13 +536,13 @@ class FInCConv2d(nn.Module):
 
     def _to_top_left(self, x: torch.Tensor) -> torch.Tensor:
         """``G``: flip each group so that its corner becomes the top-left one (an involution)."""
-        groups = x.split(self.group_sizes, dim=1)
+        groups = torch.split(x, self.group_sizes, dim=1)
         return torch.cat([g.flip(dims) if dims else g for g, (_, dims) in zip(groups, self.CORNERS)], dim=1)
 
     def logdet(self, height: int, width: int) -> torch.Tensor:
         return self.weight.new_zeros(())
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_input(x, self.channels, "x")
         z = fn.cinc_conv2d(self._to_top_left(x), self.weight * self.mask, self.bias, unit_diagonal=True,
                            backend=self.backend)
@@ -444,7 +558,7 @@ class FInCConv2d(nn.Module):
         n = sum(free_parameters(c, self.kernel_size, unit_diagonal=True) for c in self.group_sizes if c)
         return n + (self.channels if self.bias is not None else 0)
 
-    def free_masks(self) -> dict:
+    def free_masks(self) -> Masks:
         return _with_bias_mask(self, {"weight": self.mask})
 
     def extra_repr(self) -> str:

@@ -1,10 +1,13 @@
-"""The float64 reference: the spec (``shared/SPEC.md`` §1) written as plainly as possible.
+"""The float64 reference: the spec (``docs/spec.md`` §1) written as plainly as possible.
 
-Every fast path in the package is tested against these functions. They upcast to float64, loop in the
-most obvious order and cast back, so they are slow; they are also the one place to read what an op means.
+Every fast path in the package is tested against these functions, so this module is a leaf: it imports nothing of
+the package, and no fast path imports it (only the registry, to offer it as ``backend="reference"``). They upcast to
+float64, loop in the most obvious order and cast back, so they are slow; they are also the one place to read what an
+op means.
 
 Shapes: ``x``/``y``/``g`` are ``(B, C, H, W)``, ``weight`` is ``(C, C, k, k)`` with ``weight[o, c, a, b]``,
-``bias`` is ``(C,)`` or ``None``.
+``bias`` is ``(C,)`` or ``None``. ``dilation`` ``d``: tap ``(a, b)`` reads the pixel ``((k-1-a)·d, (k-1-b)·d)``
+above and left (docs/spec.md §4), written out directly here; the fast paths rearrange into sub-images instead.
 """
 from __future__ import annotations
 
@@ -19,30 +22,34 @@ __all__ = [
     "inverse_transpose",
     "logdet",
     "dense_matrix",
-    "free_parameters",
 ]
 
 
 def weight_mask(channels, kernel_size, unit_diagonal=False, *, dtype=torch.float64, device=None):
-    """1 where ``weight`` is free, 0 where the mask zeroes it (above the centre tap's diagonal; and on it with
-    ``unit_diagonal``). Shape ``(C, C, k, k)``."""
+    """1 where ``weight`` is free, 0 where the mask zeroes it: centre-tap entries ``[o, c, k-1, k-1]`` with
+    ``c > o`` (and ``c == o`` with ``unit_diagonal``). Shape ``(C, C, k, k)``. Built from the row and column
+    indices, independently of :mod:`cinc_kernels.masks`, which the fast paths use."""
     C, k = channels, kernel_size
+    o = torch.arange(C, device=device).view(C, 1)
+    c = torch.arange(C, device=device).view(1, C)
+    zeroed = (c >= o) if unit_diagonal else (c > o)
     keep = torch.ones(C, C, k, k, dtype=dtype, device=device)
-    keep[:, :, k - 1, k - 1] = torch.ones(C, C, dtype=dtype, device=device).tril(-1 if unit_diagonal else 0)
+    keep[:, :, k - 1, k - 1] = (~zeroed).to(dtype)
     return keep
 
 
 def masked_weight(weight: torch.Tensor, unit_diagonal: bool = False) -> torch.Tensor:
     """``Wm``: ``weight`` with the centre tap ``[:, :, k-1, k-1]`` lower triangular (unit diagonal if asked).
 
+    The mask selects (``torch.where``) rather than multiplies, so a NaN or Inf in a masked entry has no effect.
     Differentiable: masked entries get exactly zero gradient. Shape ``(C, C, k, k)``.
     """
     C, k = weight.shape[0], weight.shape[-1]
-    wm = weight * weight_mask(C, k, unit_diagonal, dtype=weight.dtype, device=weight.device)
+    keep = weight_mask(C, k, unit_diagonal, dtype=torch.bool, device=weight.device)
+    fixed = torch.zeros(C, C, k, k, dtype=weight.dtype, device=weight.device)
     if unit_diagonal:
-        eye = torch.eye(C, dtype=weight.dtype, device=weight.device)[:, :, None, None]
-        wm = wm + torch.nn.functional.pad(eye, (k - 1, 0, k - 1, 0))
-    return wm
+        fixed[:, :, k - 1, k - 1] = torch.eye(C, dtype=weight.dtype, device=weight.device)
+    return torch.where(keep, weight, fixed)
 
 
 def centre_tap(weight: torch.Tensor, unit_diagonal: bool = False) -> torch.Tensor:
@@ -50,12 +57,24 @@ def centre_tap(weight: torch.Tensor, unit_diagonal: bool = False) -> torch.Tenso
     return masked_weight(weight, unit_diagonal)[:, :, -1, -1]
 
 
-def forward(x, weight, bias=None, unit_diagonal=False):
+def _empty_like_image(t, dtype, *connected):
+    """The (empty) result for an image with no pixels or channels, still attached to the autograd graph of
+    ``connected`` so that gradients come back as zeros rather than as an error."""
+    out = torch.zeros(t.shape, dtype=torch.float64, device=t.device) + t.double()
+    for c in connected:
+        if c is not None:
+            out = out + 0 * c.double().sum()
+    return out.to(dtype)
+
+
+def forward(x, weight, bias=None, unit_diagonal=False, dilation=1):
     """``y = M x + bias``: top-left padded k×k convolution with the masked weight. ``(B, C, H, W) -> same``."""
-    k = weight.shape[-1]
+    k, d = weight.shape[-1], dilation
     wm = masked_weight(weight.double(), unit_diagonal)
-    xp = torch.nn.functional.pad(x.double(), (k - 1, 0, k - 1, 0))
-    y = torch.nn.functional.conv2d(xp, wm, None if bias is None else bias.double())
+    if x.numel() == 0:
+        return _empty_like_image(x, x.dtype, wm, bias)
+    xp = torch.nn.functional.pad(x.double(), ((k - 1) * d, 0, (k - 1) * d, 0))
+    y = torch.nn.functional.conv2d(xp, wm, None if bias is None else bias.double(), dilation=d)
     return y.to(x.dtype)
 
 
@@ -69,7 +88,7 @@ def _stack_pixels(pixels, H, W):
     return torch.stack([torch.stack([pixels[i, j] for j in range(W)], -1) for i in range(H)], -2)
 
 
-def inverse(y, weight, bias=None, unit_diagonal=False):
+def inverse(y, weight, bias=None, unit_diagonal=False, dilation=1):
     """``x = M⁻¹ (y - bias)`` by raster-order back-substitution, one pixel and one channel at a time.
 
     ``(B, C, H, W) -> same``. Raises ``ValueError`` if ``L`` has a zero on its diagonal. Differentiable (no
@@ -80,6 +99,8 @@ def inverse(y, weight, bias=None, unit_diagonal=False):
     wm = masked_weight(weight.double(), unit_diagonal)
     L = wm[:, :, k - 1, k - 1]
     _check_nonsingular(L)
+    if y.numel() == 0:
+        return _empty_like_image(y, y.dtype, wm, bias)
     r = y.double()
     if bias is not None:
         r = r - bias.double().view(1, C, 1, 1)
@@ -89,7 +110,7 @@ def inverse(y, weight, bias=None, unit_diagonal=False):
             acc = r[:, :, i, j]  # (B, C)
             for a in range(k):
                 for b in range(k):
-                    ii, jj = i + a - (k - 1), j + b - (k - 1)
+                    ii, jj = i + (a - (k - 1)) * dilation, j + (b - (k - 1)) * dilation
                     if (a, b) == (k - 1, k - 1) or ii < 0 or jj < 0:
                         continue
                     acc = acc - x[ii, jj] @ wm[:, :, a, b].T
@@ -100,12 +121,10 @@ def inverse(y, weight, bias=None, unit_diagonal=False):
                     s = s - L[c, c2] * xc[c2]
                 xc.append(s / L[c, c])
             x[i, j] = torch.stack(xc, 1)
-    if H * W == 0 or B == 0:
-        return torch.zeros_like(r).to(y.dtype)
     return _stack_pixels(x, H, W).to(y.dtype)
 
 
-def inverse_transpose(g, weight, unit_diagonal=False):
+def inverse_transpose(g, weight, unit_diagonal=False, dilation=1):
     """``u = M⁻ᵀ g``: reverse raster order, neighbours below/right, backward substitution with ``Lᵀ``.
 
     ``(B, C, H, W) -> same``.
@@ -115,6 +134,8 @@ def inverse_transpose(g, weight, unit_diagonal=False):
     wm = masked_weight(weight.double(), unit_diagonal)
     L = wm[:, :, k - 1, k - 1]
     _check_nonsingular(L)
+    if g.numel() == 0:
+        return _empty_like_image(g, g.dtype, wm)
     gd = g.double()
     u = {}
     for i in reversed(range(H)):
@@ -122,7 +143,7 @@ def inverse_transpose(g, weight, unit_diagonal=False):
             acc = gd[:, :, i, j]
             for a in range(k):
                 for b in range(k):
-                    ii, jj = i + (k - 1 - a), j + (k - 1 - b)
+                    ii, jj = i + (k - 1 - a) * dilation, j + (k - 1 - b) * dilation
                     if (a, b) == (k - 1, k - 1) or ii >= H or jj >= W:
                         continue
                     acc = acc - u[ii, jj] @ wm[:, :, a, b]
@@ -133,18 +154,20 @@ def inverse_transpose(g, weight, unit_diagonal=False):
                     s = s - L[c2, c] * uc[c2]
                 uc[c] = s / L[c, c]
             u[i, j] = torch.stack([uc[c] for c in range(C)], 1)
-    if H * W == 0 or B == 0:
-        return torch.zeros_like(gd).to(g.dtype)
     return _stack_pixels(u, H, W).to(g.dtype)
 
 
-def logdet(weight, height, width, unit_diagonal=False):
-    """``log|det M| = H·W·Σ_c log|L[c, c]|`` as a 0-dim float64 tensor (``-inf`` when singular)."""
+def logdet(weight, height, width, unit_diagonal=False, dilation=1):
+    """``log|det M| = H·W·Σ_c log|L[c, c]|`` as a 0-dim float64 tensor (``-inf`` when singular; 0 for an image
+    without pixels, whose map is the empty one), the same for every ``dilation`` (in raster order ``M`` stays block
+    lower triangular with ``L`` on the diagonal). ``H·W`` is taken as a float, so huge sizes cannot overflow."""
     L = centre_tap(weight.double(), unit_diagonal)
-    return height * width * torch.log(L.diagonal().abs()).sum()
+    if height == 0 or width == 0:
+        return 0 * L.diagonal().sum()
+    return torch.sym_float(height) * torch.sym_float(width) * torch.log(L.diagonal().abs()).sum()
 
 
-def dense_matrix(weight, height, width, unit_diagonal=False):
+def dense_matrix(weight, height, width, unit_diagonal=False, dilation=1):
     """The dense ``(C·H·W, C·H·W)`` matrix ``M`` in NCHW flattening order (``x.reshape(-1)`` of one image).
 
     Built column by column from :func:`forward`, so only for tiny shapes.
@@ -152,12 +175,5 @@ def dense_matrix(weight, height, width, unit_diagonal=False):
     C = weight.shape[0]
     n = C * height * width
     basis = torch.eye(n, dtype=torch.float64, device=weight.device).view(n, C, height, width)
-    cols = forward(basis, weight.double(), None, unit_diagonal).reshape(n, n)
+    cols = forward(basis, weight.double(), None, unit_diagonal, dilation).reshape(n, n)
     return cols.T
-
-
-def free_parameters(channels: int, kernel_size: int, unit_diagonal: bool) -> int:
-    """``k²C² − C(C−1)/2`` (minus ``C`` with a unit diagonal)."""
-    n = kernel_size**2 * channels**2 - channels * (channels - 1) // 2
-    return n - channels if unit_diagonal else n
-

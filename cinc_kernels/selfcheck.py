@@ -1,4 +1,5 @@
-"""Every available backend against the float64 reference on a few random shapes: ``python -m cinc_kernels check``."""
+"""Every available backend against the float64 reference on a few random shapes, values and forward-mode tangents:
+``python -m cinc_kernels check``."""
 from __future__ import annotations
 
 import torch
@@ -56,4 +57,43 @@ def run(verbose: bool = True) -> bool:
                 if verbose:
                     status = "ok  " if passed else "FAIL"
                     print(f"  {status} {backend:<8} {str(dtype)[6:]:<8} {op:<18} max rel. error {err:.1e}")
+        for op, err in _forward_ad_errors(backend, device, g).items():
+            passed = err <= TOLERANCE[torch.float64]
+            ok &= passed
+            if verbose:
+                status = "ok  " if passed else "FAIL"
+                print(f"  {status} {backend:<8} {'jvp f64':<8} {op:<18} max rel. error {err:.1e}")
     return ok
+
+
+def _forward_ad_errors(backend: str, device: torch.device, generator) -> dict:
+    """Forward-mode AD (``torch.func.jvp``, a tangent on every tensor argument) of each op against the reference's,
+    float64 on the first two shapes. A backend whose ops drop the tangent shows up as a relative error of 1."""
+    worst = {}
+    for B, C, H, W, k in SHAPES[:2]:
+        w = _well_conditioned_weight(C, k, torch.float64, device, generator)
+
+        def draw(*shape):
+            return torch.randn(*shape, generator=generator, dtype=torch.float64).to(device)
+
+        b, x = draw(C), draw(B, C, H, W)
+        dw, db, dx = draw(C, C, k, k), draw(C), draw(B, C, H, W)
+        cases = {
+            "forward": (lambda be: lambda x, w, b: fn.cinc_conv2d(x, w, b, backend=be), (x, w, b), (dx, dw, db)),
+            "inverse": (lambda be: lambda y, w, b: fn.cinc_conv2d_inverse(y, w, b, backend=be), (x, w, b),
+                        (dx, dw, db)),
+            "inverse_transpose": (lambda be: lambda g, w: fn.cinc_conv2d_inverse_transpose(g, w, backend=be),
+                                  (x, w), (dx, dw)),
+            "logdet": (lambda be: lambda w: fn.cinc_logdet(w, H, W, backend=be), (w,), (dw,)),
+        }
+        for op, (make, primals, tangents) in cases.items():
+            try:
+                _, got = torch.func.jvp(make(backend), primals, tangents)
+            except (RuntimeError, NotImplementedError):
+                worst[op] = float("inf")
+                continue
+            _, want = torch.func.jvp(make("reference"), tuple(t.cpu() for t in primals),
+                                     tuple(t.cpu() for t in tangents))
+            err = ((got.double().cpu() - want).norm() / want.norm().clamp_min(1e-30)).item()
+            worst[op] = max(worst.get(op, 0.0), err)
+    return worst

@@ -1,8 +1,22 @@
-// The arithmetic of one output pixel of a CInC convolution, shared by the CPU and the CUDA kernels.
+// The arithmetic of one output pixel of a CInC convolution (docs/spec.md §1), for the CPU kernels
+// (csrc/cpu/cinc_cpu.cpp) and the CUDA kernels (csrc/cuda/).
 //
-// Only scheduling differs between backends (threads, wavefront, shared memory); the tap loop and the channel
-// substitution below are the same code on both, so CI's CPU tests exercise the arithmetic that runs on the GPU.
-// Notation follows shared/SPEC.md §1: weight[o, c, a, b] is (C, C, k, k) and contiguous; the centre tap is
+// Who runs what (the scheduling — threads, wavefront, shared memory — is each backend's own):
+//   both backends  weight_offset, masked_weight, solve_lower_in_place (the CUDA wavefront builds L⁻¹ with it),
+//                  StridedImage, causal_neighbour_block and anticausal_neighbour_block (the tap sums of the inverse's
+//                  and the adjoint's residual: blocks of 4 pixels × 4 channels per GPU thread, one pixel per call on
+//                  the CPU through accumulate_causal_taps / subtract_anticausal_taps).
+//   CPU only       centre_tap_columns, solve_upper_in_place, causal_tap_sum, accumulate_neighbour_taps,
+//                  subtract_neighbour_taps_transposed, accumulate_causal_taps, subtract_anticausal_taps, and the block
+//                  substitutions solve_lower_in_place_block / solve_upper_in_place_block, which the CPU kernels use
+//                  only where they have no vectorised x86 path.
+// The CUDA forward is a tiled direct convolution of its own (csrc/cuda/cinc_forward_kernel.cuh) that shares only
+// masked_weight; the CUDA-only parts of the wavefront are in csrc/cuda/cinc_wavefront_block.h.
+// Every function here is compiled by every CI run: by the CPU extension, and by the host build of the CUDA kernels in
+// tests/cuda_emulation/run_kernels.cpp, which also compiles the block substitutions (that an x86 build of the CPU
+// kernels leaves out) and checks them against the one-pixel ones.
+//
+// Notation follows docs/spec.md §1: weight[o, c, a, b] is (C, C, k, k) and contiguous; the centre tap is
 // (k-1, k-1); L = Wm[:, :, k-1, k-1] is lower triangular (unit diagonal if asked).
 //
 // Strides are in elements, not bytes. Every function reads the raw weight and applies the mask itself.
@@ -310,26 +324,6 @@ CINC_HD void subtract_anticausal_taps(const T* weight, const T* u, ImageStrides 
   } else {
     subtract_neighbour_taps_transposed<1>(weight, image, C, H, W, k, i, j, acc);
   }
-}
-
-// One entry of L⁻¹ r, where `inverse_columns` holds L⁻¹ column by column (inverse_columns[c·C + o] = L⁻¹[o, c],
-// e.g. column c = solve_lower_in_place on the unit vector e_c) and r[c] is at r[c · r_stride]:
-// returns Σ_{c ≤ o} L⁻¹[o, c] r[c]. With L⁻¹ precomputed the channel substitution of a pixel becomes C independent
-// dot products, one per thread on a GPU, instead of C dependent steps.
-template <typename Acc>
-CINC_HD Acc lower_inverse_row_dot(const Acc* inverse_columns, const Acc* r, int64_t r_stride, int64_t C, int64_t o) {
-  Acc sum = Acc(0);
-  for (int64_t c = 0; c <= o; ++c) sum += inverse_columns[c * C + o] * r[c * r_stride];
-  return sum;
-}
-
-// One entry of L⁻ᵀ r with the same storage: Σ_{o ≥ c} L⁻¹[o, c] r[o] (row c of L⁻ᵀ is column c of L⁻¹, contiguous).
-template <typename Acc>
-CINC_HD Acc lower_inverse_transpose_row_dot(const Acc* inverse_columns, const Acc* r, int64_t r_stride, int64_t C,
-                                            int64_t c) {
-  Acc sum = Acc(0);
-  for (int64_t o = c; o < C; ++o) sum += inverse_columns[c * C + o] * r[o * r_stride];
-  return sum;
 }
 
 }  // namespace cinc

@@ -12,7 +12,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(cinc, m) {
-  // y = M x + bias (shared/SPEC.md §1).
+  // y = M x + bias (docs/spec.md §1).
   m.def("forward(Tensor x, Tensor weight, Tensor? bias, bool unit_diagonal) -> Tensor");
   // x = M⁻¹ (y - bias), wavefront over anti-diagonals.
   m.def("inverse(Tensor y, Tensor weight, Tensor? bias, bool unit_diagonal) -> Tensor");

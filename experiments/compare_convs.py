@@ -1,13 +1,17 @@
-"""Likelihood and speed of CInC Flow at equal budget across invertible convolutions and couplings (issue 7 §1).
+"""Likelihood and speed of CInC Flow at equal budget across invertible convolutions and couplings (docs/spec.md §4).
 
-Trains, on the bundled digits and with one budget (steps, batch, preset, seeds), flows that differ only in the
-convolution and the coupling: CInC + quad, CInC + affine, Emerging + affine, autoregressive + affine, Glow 1×1 +
-affine, FInC + affine (a conv missing from ``cinc_kernels.nn.LAYERS`` is skipped with a note). For each it records
-test bits/dim, free parameters (whole model and convolutions alone), training images/s, and the time to sample 100
-images and to evaluate their density; then writes ``results.json`` (every run, with machine and versions),
-``results.csv`` (long format), ``results.md`` (mean ± standard deviation over seeds) and ``results.png``.
+Trains, with one budget (data, model size, steps, batch, seeds), flows that differ only in the convolution, the
+coupling and the permutation each convolution's own flow step carries (see ``CONFIGS``): CInC and autoregressive
+with the paper's step (``permutation="reverse"``), CInC with an LU 1×1 as an ablation, Emerging (whose layer holds
+its 1×1) and Glow's 1×1 with none, FInC with the 1×1 of its own step. For each run it records test bits/dim, free
+parameters (whole model and convolutions alone), training images/s, and the time to sample 100 images and to
+evaluate their density. Every finished run is appended to ``runs.jsonl`` and the tables are rewritten at once, so an
+interrupted comparison keeps its finished runs and continues where it stopped when started again with the same
+arguments. Outputs: ``results.json`` (every run, with machine and versions), ``results.csv`` (long format),
+``results.md`` (mean ± standard deviation over seeds), ``results.png`` and ``progress.log``.
 
-    python experiments/compare_convs.py                          # 3 seeds × 6 configs, digits-small, 1500 steps
+    python experiments/compare_convs.py                          # the digits, digits-small, 1500 steps, 3 seeds
+    python experiments/compare_convs.py --data photos --preset cifar10-small --steps-per-level 2 ...
     python experiments/compare_convs.py --quick                  # smoke run: 1 seed, digits-tiny, 20 steps
 
 ``--paper-timing`` instead times sampling and the forward pass of the paper's CIFAR-10-sized model (3 levels × 32
@@ -35,8 +39,16 @@ from cinc_kernels.flow import build_model  # noqa: E402
 from cinc_kernels.flow.train import TrainConfig, train  # noqa: E402
 from cinc_kernels.nn import LAYERS  # noqa: E402
 
-CONFIGS = [("cinc", "quad"), ("cinc", "affine"), ("emerging", "affine"), ("autoregressive", "affine"),
-           ("1x1", "affine"), ("finc", "affine")]
+# (conv, coupling, permutation): each convolution with the step its own flow uses. Emerging's layer already starts
+# with its LU 1×1 and Glow's step is the 1×1; FInC Flow's step is its four-corner unit with a Glow step (1×1), here
+# placed before the unit (its groups never mix without it).
+CONFIGS = [("cinc", "quad", "reverse"), ("cinc", "affine", "reverse"), ("cinc", "quad", "1x1"),
+           ("emerging", "quad", "none"), ("emerging", "affine", "none"), ("autoregressive", "quad", "reverse"),
+           ("1x1", "quad", "none"), ("finc", "quad", "1x1")]
+
+
+def _label(conv: str, coupling: str, permutation: str) -> str:
+    return f"{conv}+{coupling}+{permutation}"
 
 
 def _machine() -> dict:
@@ -70,9 +82,11 @@ def _best_time(fn, device, repeats: int = 3) -> float:
 
 
 def _conv_parameters(model) -> int:
-    return sum(step.conv.num_parameters() if hasattr(step.conv, "num_parameters") else
-               sum(p.numel() for p in step.conv.parameters())
-               for level in model.levels for step in level.steps)
+    """Free parameters of the steps' invertible linear layers: the convolution and, with ``permutation="1x1"``,
+    the step's LU 1×1 (so that every row counts the 1×1 its step carries, inside the layer or beside it)."""
+    layers = [m for level in model.levels for step in level.steps for m in (step.conv, step.mix) if m is not None]
+    return sum(m.num_parameters() if hasattr(m, "num_parameters") else sum(p.numel() for p in m.parameters())
+               for m in layers)
 
 
 @torch.no_grad()
@@ -86,91 +100,163 @@ def _speed(model, n: int, device, repeats: int) -> tuple[float, float]:
     return sample, forward
 
 
-def run_comparison(args) -> None:
-    os.makedirs(args.out, exist_ok=True)
-    rows, skipped = [], []
-    for conv, coupling in CONFIGS:
-        if args.only and f"{conv}+{coupling}" not in args.only:
-            continue
-        if conv not in LAYERS:
-            skipped.append(conv)
-            print(f"skip {conv} + {coupling}: not in cinc_kernels.nn.LAYERS ({sorted(LAYERS)})")
-            continue
-        for seed in args.seeds:
-            name = f"{conv}-{coupling}-s{seed}"
-            cfg = TrainConfig(name=name, out_dir=os.path.join(args.out, name), preset=args.preset, conv=conv,
-                              coupling=coupling, permutation=args.permutation, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                              warmup=min(200, args.steps // 5), seed=seed, eval_every=args.steps,
-                              sample_every=args.steps, checkpoint_every=args.steps, device=args.device,
-                              threads=args.threads, n_samples=36, temperatures=(0.7,))
-            tic = time.perf_counter()
-            result = train(cfg, progress=not args.no_progress)
-            wall = time.perf_counter() - tic
-            model = result["model"]
-            rates = result["history"]["images_per_s"]
-            sample_s, forward_s = _speed(model, args.n_sample, args.device, args.repeats)
-            row = {"conv": conv, "coupling": coupling, "seed": seed, "test_bpd": result["test_bpd"],
-                   "parameters": model.num_parameters(), "conv_parameters": _conv_parameters(model),
-                   "train_images_per_s": statistics.median(rates[len(rates) // 10:]), "train_wall_s": wall,
-                   "sample_s": sample_s, "forward_s": forward_s, "n_sample": args.n_sample,
-                   "skipped_steps": result["skipped_steps"]}
-            rows.append(row)
-            print(json.dumps(row))
-    meta = {"machine": _machine(), "budget": {"preset": args.preset, "steps": args.steps,
-                                              "permutation": args.permutation,
-                                              "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds},
-            "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]), "skipped_convs": skipped}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"meta": meta, "runs": rows}, f, indent=2)
-    _write_csv(rows, meta, os.path.join(args.out, "results.csv"))
-    summary = _summarise(rows)
-    _write_markdown(summary, meta, os.path.join(args.out, "results.md"))
-    _plot(summary, os.path.join(args.out, "results.png"))
+def _log(args, text: str) -> None:
+    line = f"{datetime.datetime.now(datetime.timezone.utc).strftime('%H:%M:%S')} {text}"
+    print(line, flush=True)
+    with open(os.path.join(args.out, "progress.log"), "a") as f:
+        f.write(line + "\n")
+
+
+def _load_rows(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def rewrite_report(args) -> None:
+    """Rebuild the tables of ``args.out`` from its ``runs.jsonl`` (parameter counts recomputed from the models the
+    rows describe, so that a counting rule changed after the runs applies to all of them)."""
+    from cinc_kernels.flow.data import load_data
+
+    rows = _load_rows(os.path.join(args.out, "runs.jsonl"))
+    if not rows:
+        raise SystemExit(f"error: --report: no runs in {os.path.join(args.out, 'runs.jsonl')}")
+    with open(os.path.join(args.out, "results.json")) as f:
+        meta = json.load(f)["meta"]
+    shapes = {}
+    for r in rows:
+        b = r["budget"]
+        if (b["data"], b["image_size"]) not in shapes:
+            shapes[b["data"], b["image_size"]] = load_data(b["data"], image_size=b["image_size"]).shape
+        c, h, _ = shapes[b["data"], b["image_size"]]
+        model = build_model(b["preset"], in_channels=c, image_size=h, levels=b["levels"],
+                            steps_per_level=b["steps_per_level"], hidden_channels=b["hidden_channels"],
+                            conv=r["conv"], coupling=r["coupling"], permutation=r["permutation"])
+        r["parameters"], r["conv_parameters"] = model.num_parameters(), _conv_parameters(model)
+    _write_all(rows, meta, args.out)
     print(open(os.path.join(args.out, "results.md")).read())
 
 
+def run_comparison(args) -> None:
+    from cinc_kernels.flow.data import describe, load_data
+
+    os.makedirs(args.out, exist_ok=True)
+    runs_path = os.path.join(args.out, "runs.jsonl")
+    budget = {"data": args.data, "image_size": args.image_size, "preset": args.preset, "levels": args.levels,
+              "steps_per_level": args.steps_per_level, "hidden_channels": args.hidden_channels,
+              "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds}
+    rows = [r for r in _load_rows(runs_path) if r.get("budget") == budget]
+    done = {(r["conv"], r["coupling"], r["permutation"], r["seed"]) for r in rows}
+    data = load_data(args.data, image_size=args.image_size)
+    _log(args, describe(data))
+    configs, skipped = [], []
+    for conv, coupling, permutation in CONFIGS:
+        if args.only and _label(conv, coupling, permutation) not in args.only:
+            continue
+        if conv not in LAYERS:
+            skipped.append(conv)
+            _log(args, f"skip {conv}: not in cinc_kernels.nn.LAYERS ({sorted(LAYERS)})")
+            continue
+        configs.append((conv, coupling, permutation))
+    # Seed by seed, so that a comparison stopped early still has every configuration at the seeds it finished.
+    todo = [(*c, seed) for seed in args.seeds for c in configs if (*c, seed) not in done]
+    _log(args, f"{len(rows)} runs already in {runs_path}; {len(todo)} to go")
+    meta = {"machine": _machine(), "budget": budget,
+            "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]), "skipped_convs": skipped,
+            "data_info": data.info}
+    started = time.perf_counter()
+    for i, (conv, coupling, permutation, seed) in enumerate(todo):
+        name = f"{conv}-{coupling}-{permutation}-s{seed}"
+        cfg = TrainConfig(name=name, out_dir=os.path.join(args.run_dir, name), data=args.data,
+                          image_size=args.image_size, preset=args.preset, levels=args.levels,
+                          steps_per_level=args.steps_per_level, hidden_channels=args.hidden_channels, conv=conv,
+                          coupling=coupling, permutation=permutation, steps=args.steps,
+                          batch_size=args.batch_size, lr=args.lr, warmup=min(200, args.steps // 5), seed=seed,
+                          eval_every=args.steps, sample_every=args.steps, checkpoint_every=args.steps,
+                          device=args.device, threads=args.threads, n_samples=36, temperatures=(0.7,))
+        _log(args, f"[{i + 1}/{len(todo)}] {name}: training")
+        tic = time.perf_counter()
+        result = train(cfg, progress=not args.no_progress, data=data)
+        wall = time.perf_counter() - tic
+        model = result["model"]
+        rates = result["history"]["images_per_s"]
+        sample_s, forward_s = _speed(model, args.n_sample, args.device, args.repeats)
+        row = {"conv": conv, "coupling": coupling, "permutation": permutation, "seed": seed,
+               "test_bpd": result["test_bpd"], "parameters": model.num_parameters(),
+               "conv_parameters": _conv_parameters(model),
+               "train_images_per_s": statistics.median(rates[len(rates) // 10:]), "train_wall_s": wall,
+               "sample_s": sample_s, "forward_s": forward_s, "n_sample": args.n_sample,
+               "skipped_steps": result["skipped_steps"], "budget": budget, "date": _machine()["date"]}
+        rows.append(row)
+        with open(runs_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        elapsed = time.perf_counter() - started
+        _log(args, f"[{i + 1}/{len(todo)}] {name}: test bpd {row['test_bpd']:.4f}, train {wall:.0f} s, "
+                   f"sample {sample_s:.3f} s, forward {forward_s:.3f} s; "
+                   f"ETA {elapsed / (i + 1) * (len(todo) - i - 1) / 60:.1f} min")
+        _write_all(rows, meta, args.out)
+    if rows:
+        _write_all(rows, meta, args.out)
+        print(open(os.path.join(args.out, "results.md")).read())
+
+
+def _write_all(rows, meta, out) -> None:
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"meta": meta, "runs": rows}, f, indent=2)
+    _write_csv(rows, meta, os.path.join(out, "results.csv"))
+    summary = _summarise(rows)
+    _write_markdown(summary, meta, os.path.join(out, "results.md"))
+    _plot(summary, os.path.join(out, "results.png"))
+
+
 def _write_csv(rows, meta, path) -> None:
-    keys = ["conv", "coupling", "seed", "metric", "value", "device", "torch", "date"]
+    keys = ["conv", "coupling", "permutation", "seed", "metric", "value", "device", "torch", "date"]
     with open(path, "w") as f:
         f.write(",".join(keys) + "\n")
         for r in rows:
             for metric in ("test_bpd", "parameters", "conv_parameters", "train_images_per_s", "sample_s",
                            "forward_s"):
-                f.write(f"{r['conv']},{r['coupling']},{r['seed']},{metric},{r[metric]},"
+                f.write(f"{r['conv']},{r['coupling']},{r['permutation']},{r['seed']},{metric},{r[metric]},"
                         f"{meta['machine']['cuda_device'] or meta['machine']['processor']},"
                         f"{meta['machine']['torch']},{meta['machine']['date']}\n")
 
 
 def _summarise(rows) -> list[dict]:
     out = []
-    for conv, coupling in CONFIGS:
-        group = [r for r in rows if r["conv"] == conv and r["coupling"] == coupling]
+    for conv, coupling, permutation in CONFIGS:
+        group = [r for r in rows if (r["conv"], r["coupling"], r["permutation"]) == (conv, coupling, permutation)]
         if not group:
             continue
-        s = {"conv": conv, "coupling": coupling, "n": len(group)}
+        s = {"conv": conv, "coupling": coupling, "permutation": permutation, "n": len(group)}
         for metric in ("test_bpd", "train_images_per_s", "sample_s", "forward_s"):
             values = [r[metric] for r in group]
             s[metric] = statistics.mean(values)
             s[metric + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
         s["parameters"], s["conv_parameters"] = group[0]["parameters"], group[0]["conv_parameters"]
+        s["seeds"] = sorted(r["seed"] for r in group)
         out.append(s)
     return out
 
 
 def _write_markdown(summary, meta, path) -> None:
     m, b = meta["machine"], meta["budget"]
+    size = {k: b[k] for k in ("image_size", "levels", "steps_per_level", "hidden_channels") if b.get(k) is not None}
     lines = [
-        f"Equal budget on the digits: preset {b['preset']}, {b['steps']} steps × batch {b['batch_size']}, "
-        f"lr {b['lr']}, permutation {b['permutation']}, seeds {b['seeds']}. Mean ± standard deviation over seeds.",
+        f"Equal budget on {b['data']}: preset {b['preset']}"
+        + "".join(f", {k} {v}" for k, v in size.items())
+        + f", {b['steps']} steps × batch {b['batch_size']}, lr {b['lr']}, seeds {b['seeds']}. "
+        "Mean ± standard deviation over seeds (n = seeds finished).",
         f"Machine: {m['cuda_device'] or m['processor']}, {m['cpus']} CPUs, {m['threads']} threads, torch "
         f"{m['torch']}, {m['date']}. Command: `{meta['command']}`.",
         "",
-        "| conv | coupling | test bits/dim | parameters | conv parameters | train img/s | sample 100 (s) | "
-        "forward 100 (s) | sample / forward |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| conv | coupling | step permutation | n | test bits/dim | parameters | conv + 1×1 parameters | train img/s | "
+        "sample 100 (s) | forward 100 (s) | sample / forward |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
-        lines.append(f"| {s['conv']} | {s['coupling']} | {s['test_bpd']:.4f} ± {s['test_bpd_sd']:.4f} | "
+        lines.append(f"| {s['conv']} | {s['coupling']} | {s['permutation']} | {s['n']} | "
+                     f"{s['test_bpd']:.4f} ± {s['test_bpd_sd']:.4f} | "
                      f"{s['parameters']:,} | {s['conv_parameters']:,} | {s['train_images_per_s']:.0f} | "
                      f"{s['sample_s']:.4f} | {s['forward_s']:.4f} | {s['sample_s'] / s['forward_s']:.1f} |")
     if meta["skipped_convs"]:
@@ -186,8 +272,8 @@ def _plot(summary, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{s['conv']}\n{s['coupling']}" for s in summary]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    labels = [f"{s['conv']}\n{s['coupling']}\n{s['permutation']}" for s in summary]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     axes[0].bar(labels, [s["test_bpd"] for s in summary], yerr=[s["test_bpd_sd"] for s in summary], capsize=4,
                 color="tab:blue")
     lo = min(s["test_bpd"] - s["test_bpd_sd"] for s in summary)
@@ -195,7 +281,7 @@ def _plot(summary, path) -> None:
     axes[0].set_ylim(lo - 0.1 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
     axes[0].set_ylabel("test bits / dim (lower is better)")
     axes[1].bar(labels, [s["conv_parameters"] for s in summary], color="tab:green")
-    axes[1].set_ylabel("free parameters of the convolutions")
+    axes[1].set_ylabel("free parameters of conv (+ the step's 1×1)")
     positions = list(range(len(summary)))
     axes[2].bar([p - 0.2 for p in positions], [s["sample_s"] for s in summary], width=0.4,
                 yerr=[s["sample_s_sd"] for s in summary], capsize=3, color="tab:red", label="sample")
@@ -238,13 +324,19 @@ def run_paper_timing(args) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/compare_convs", help="output folder (default runs/compare_convs)")
+    p.add_argument("--out", default="runs/compare_convs", help="results folder (default runs/compare_convs)")
+    p.add_argument("--run-dir", default=None, help="folder of the runs' checkpoints (default <out>/runs)")
+    p.add_argument("--data", default="digits", help="digits or photos (both bundled)")
+    p.add_argument("--image-size", type=int, default=None, help="patch size for photos (default 32)")
     p.add_argument("--preset", default="digits-small")
+    p.add_argument("--levels", type=int, default=None, help="override the preset's levels")
+    p.add_argument("--steps-per-level", type=int, default=None, help="override the preset's steps per level")
+    p.add_argument("--hidden-channels", type=int, default=None, help="override the preset's coupling width")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--permutation", default="none", help="none (the spec's step) or reverse")
-    p.add_argument("--only", nargs="+", default=None, help="run only these conv+coupling pairs, e.g. cinc+affine")
+    p.add_argument("--only", nargs="+", default=None,
+                   help="run only these conv+coupling+permutation configurations, e.g. cinc+affine+reverse")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n-sample", type=int, default=100, help="images for the sampling/forward timings")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (the best one is kept)")
@@ -253,13 +345,23 @@ def main(argv=None) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="smoke run: digits-tiny, 20 steps, seed 0")
     p.add_argument("--paper-timing", action="store_true", help="time the paper-sized model instead")
+    p.add_argument("--report", action="store_true", help="only rewrite the tables of --out from its runs.jsonl")
     p.add_argument("--timing-preset", default="cifar10")
     args = p.parse_args(argv)
     if args.quick:
         args.preset, args.steps, args.seeds, args.n_sample, args.repeats = "digits-tiny", 20, [0], 16, 1
+    if args.only:
+        known = {_label(*c) for c in CONFIGS}
+        unknown = [o for o in args.only if o not in known]
+        if unknown:
+            p.error(f"--only: unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    if args.run_dir is None:
+        args.run_dir = os.path.join(args.out, "runs")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if args.paper_timing:
+    if args.report:
+        rewrite_report(args)
+    elif args.paper_timing:
         run_paper_timing(args)
     else:
         run_comparison(args)

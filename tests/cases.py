@@ -1,10 +1,57 @@
-"""Shared helpers of the test suite: well-conditioned random weights, memory layouts, per-dtype tolerances.
+"""Shared helpers of the test suite: the backends the shared test bodies run on, well-conditioned random weights,
+memory layouts, per-dtype tolerances, and the check of all four ops against the float64 reference.
 
 Every test draws fresh inputs from a seeded generator so failures reproduce.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+
+import cinc_kernels as ck
+from cinc_kernels import reference
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendCase:
+    """A backend on one device, as the shared test bodies (any test taking ``backend`` and ``device``) see it."""
+
+    name: str
+    device: str
+    # Its ops are torch.library custom ops: opcheck and torch.compile(fullgraph=True) apply.
+    custom_ops: bool = True
+    # The inverse raises ValueError on a singular centre tap; CUDA cannot check without a device-to-host sync.
+    refuses_singular: bool = True
+    # Triton's CPU interpreter pays per operation: gradcheck projects the Jacobian on the bigger inputs.
+    interpreted: bool = False
+
+
+# One line per backend and device. The first list runs in the main pytest process; Triton's interpreter must be
+# switched on before triton is imported, so its cases run in a second process started with TRITON_INTERPRET=1.
+MAIN_PROCESS_BACKENDS = [
+    BackendCase("reference", "cpu", custom_ops=False),
+    BackendCase("cpu", "cpu"),
+    BackendCase("cuda", "cuda", refuses_singular=False),
+    BackendCase("triton", "cuda"),
+    BackendCase("torch", "cpu"),
+    BackendCase("torch", "cuda"),
+]
+INTERPRETER_PROCESS_BACKENDS = [
+    BackendCase("triton", "cpu", interpreted=True),
+]
+
+
+def backend_case(name: str, device: str) -> BackendCase:
+    """The declared case of ``backend`` on ``device`` (what a shared body needs beyond the two names)."""
+    for case in MAIN_PROCESS_BACKENDS + INTERPRETER_PROCESS_BACKENDS:
+        if (case.name, case.device) == (name, device):
+            return case
+    raise KeyError(f"no backend case {name!r} on {device!r}")
+
+# The smallest training run of the flow command line (tests of the CLI and the trainer).
+TINY_TRAIN_ARGS = ["--preset", "digits-tiny", "--no-progress", "--n-samples", "2", "--temperatures", "1.0",
+                   "--eval-every", "1000", "--sample-every", "1000"]
 
 # Relative tolerances (on the norm of the difference) per dtype, for well-conditioned weights.
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -55,3 +102,43 @@ def assert_rel_close(got, want, dtype, factor=1.0, what=""):
     err = rel_error(got, want)
     tol = RTOL[dtype] * factor
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def adjoint_apply(u: torch.Tensor, w: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
+    """``Mᵀ u`` in float64: the vector-Jacobian product of the reference forward."""
+    zeros = torch.zeros(u.shape, dtype=torch.float64, device=u.device, requires_grad=True)
+    (mt_u,) = torch.autograd.grad(reference.forward(zeros, w.double(), None, unit_diagonal), zeros, u.double())
+    return mt_u
+
+
+def assert_ops_match_reference(backend, x, w, b, unit_diagonal, layout="contiguous", factor=1.0, what=""):
+    """All four ops of ``backend`` against the float64 reference on ``x``'s dtype, inputs laid out as ``layout``.
+
+    The forward against the reference; the inverse solves the reference's own output (``x`` is then known exactly)
+    and may amplify rounding by the conditioning of ``M`` (modest for :func:`make_weight`'s weights); the adjoint's
+    result, multiplied by ``Mᵀ``, must give back its input; the log-determinant against the reference.
+    """
+    dtype = x.dtype
+    tol = RTOL[dtype] * factor
+    b64 = None if b is None else b.double()
+    B, C, H, W = x.shape
+
+    y = ck.cinc_conv2d(with_layout(x, layout), w, b, unit_diagonal=unit_diagonal, backend=backend)
+    y_ref = reference.forward(x.double(), w.double(), b64, unit_diagonal)
+    assert y.dtype == dtype and y.shape == x.shape and y.device == x.device, what
+    assert rel_error(y, y_ref) <= tol, f"forward {what}: {rel_error(y, y_ref):.2e}"
+
+    y_in = with_layout(y_ref.to(dtype=dtype, device=x.device), layout)
+    x_hat = ck.cinc_conv2d_inverse(y_in, w, b, unit_diagonal=unit_diagonal, backend=backend)
+    assert x_hat.dtype == dtype and x_hat.shape == x.shape, what
+    assert rel_error(x_hat, x) <= 20 * tol, f"inverse {what}: {rel_error(x_hat, x):.2e}"
+
+    u = ck.cinc_conv2d_inverse_transpose(with_layout(x, layout), w, unit_diagonal=unit_diagonal, backend=backend)
+    assert u.dtype == dtype and u.shape == x.shape, what
+    mt_u = adjoint_apply(u, w, unit_diagonal)
+    assert rel_error(mt_u, x) <= 20 * tol, f"inverse_transpose {what}: {rel_error(mt_u, x):.2e}"
+
+    ld = ck.cinc_logdet(w, H, W, unit_diagonal=unit_diagonal, backend=backend)
+    assert ld.dtype == dtype and ld.dim() == 0 and ld.device == w.device, what
+    torch.testing.assert_close(ld.double().cpu(), reference.logdet(w.double(), H, W, unit_diagonal).cpu(),
+                               rtol=tol, atol=tol * H * W)

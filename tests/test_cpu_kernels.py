@@ -1,16 +1,16 @@
-"""The C++ CPU kernels against the float64 reference over shapes, dtypes, layouts, bias and unit diagonal.
-
-The inverse is checked by solving the reference's own forward output (x is then known exactly); the adjoint by
-applying Mᵀ (a vector-Jacobian product of the reference forward) to its result.
+"""What only the C++ CPU kernels have: a dense grid of shapes over their schedules (per-pixel and gathered-GEMM,
+one thread or many), the two schedules against each other, and the 8-pixel block substitution against the
+one-pixel one. The properties every backend shares run on ``cpu`` from ``test_backend_contract.py``.
 """
 import itertools
+import zlib
 
 import pytest
 import torch
 
 import cinc_kernels as ck
 from cinc_kernels import reference
-from tests.cases import LAYOUTS, RTOL, make_image, make_weight, rel_error, with_layout
+from tests.cases import LAYOUTS, RTOL, assert_ops_match_reference, make_image, make_weight, rel_error
 
 CHANNELS = [1, 2, 5, 12, 48]
 KERNELS = [1, 2, 3, 5]
@@ -50,72 +50,28 @@ def _inputs(case, seed):
 
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
 def test_cpu_kernels_match_reference(case):
+    """Every (C, k, size) of the grid, so each CPU schedule (the tiled schedule, every vector width it picks;
+    one thread or many) meets odd and degenerate sizes."""
     B, C, H, W, k, dtype, layout, bias, unit = case
-    w, b, x = _inputs(case, seed=hash(_ids(case)) % 2**31)
-    tol = RTOL[dtype]
-    b64 = None if b is None else b.double()
-
-    y = ck.cinc_conv2d(with_layout(x, layout), w, b, unit_diagonal=unit, backend="cpu")
-    y_ref = reference.forward(x.double(), w.double(), b64, unit)
-    assert y.dtype == dtype and y.shape == x.shape
-    assert rel_error(y, y_ref) <= tol
-
-    # The inverse amplifies rounding by up to the conditioning of M (modest for these weights).
-    y_in = with_layout(y_ref.to(dtype), layout)
-    x_hat = ck.cinc_conv2d_inverse(y_in, w, b, unit_diagonal=unit, backend="cpu")
-    assert x_hat.dtype == dtype
-    assert rel_error(x_hat, x) <= 20 * tol
-
-    g = with_layout(x, layout)
-    u = ck.cinc_conv2d_inverse_transpose(g, w, unit_diagonal=unit, backend="cpu")
-    u64 = u.double().requires_grad_()
-    # Mᵀ u, computed as the reference forward's vector-Jacobian product, must give back g.
-    zeros = torch.zeros_like(u64, requires_grad=True)
-    (mt_u,) = torch.autograd.grad(reference.forward(zeros, w.double(), None, unit), zeros, grad_outputs=u64.detach())
-    assert rel_error(mt_u, x) <= 20 * tol
-
-    ld = ck.cinc_logdet(w, H, W, unit_diagonal=unit, backend="cpu")
-    assert ld.dtype == dtype and ld.dim() == 0
-    torch.testing.assert_close(ld.double(), reference.logdet(w.double(), H, W, unit), rtol=tol, atol=tol * H * W)
-
-
-@pytest.mark.parametrize("C,k", [(1, 3), (5, 2), (12, 3), (48, 1)])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_inverse_of_forward_is_identity(C, k, dtype):
-    g = torch.Generator().manual_seed(C * 10 + k)
-    w = make_weight(C, k, dtype, generator=g)
-    b = torch.randn(C, generator=g, dtype=torch.float64).to(dtype)
-    x = make_image(2, C, 11, 13, dtype, generator=g)
-    x_hat = ck.cinc_conv2d_inverse(ck.cinc_conv2d(x, w, b, backend="cpu"), w, b, backend="cpu")
-    assert rel_error(x_hat, x) <= 20 * RTOL[dtype]
-
-
-@pytest.mark.parametrize("C", [1, 12])
-@pytest.mark.parametrize("op", ["forward", "inverse", "inverse_transpose"])
-def test_batch_zero_and_empty_images(C, op):
-    w = make_weight(C, 3, torch.float32)
-    for shape in [(0, C, 5, 4), (2, C, 0, 3), (2, C, 3, 0)]:
-        t = torch.randn(shape)
-        fn = {"forward": ck.cinc_conv2d, "inverse": ck.cinc_conv2d_inverse,
-              "inverse_transpose": ck.cinc_conv2d_inverse_transpose}[op]
-        out = fn(t, w, backend="cpu")
-        assert out.shape == t.shape and out.dtype == t.dtype
+    w, b, x = _inputs(case, seed=zlib.crc32(_ids(case).encode()))
+    assert_ops_match_reference("cpu", x, w, b, unit, layout=layout, what=_ids(case))
 
 
 @pytest.mark.parametrize("C,k", [(1, 2), (5, 3), (12, 3), (9, 5)])
-def test_direct_and_gemm_schedules_agree(C, k, monkeypatch):
-    """The per-pixel schedule (tap loop of cinc_math.h) and the gathered-GEMM schedule, forced on the same inputs."""
+def test_direct_and_tiled_schedules_agree(C, k, monkeypatch):
+    """The per-pixel schedule (tap loop of cinc_math.h) and the tiled one (register-blocked tap micro-kernel), forced
+    on the same inputs."""
     g = torch.Generator().manual_seed(C + k)
     w = make_weight(C, k, generator=g)
     b = torch.randn(C, generator=g, dtype=torch.float64)
     x = make_image(3, C, 9, 6, generator=g)
     results = {}
-    for schedule, threshold in (("direct", "100000"), ("gemm", "1")):
-        monkeypatch.setenv("CINC_CPU_GEMM_MIN_CHANNELS", threshold)
+    for schedule in ("direct", "tiled"):
+        monkeypatch.setenv("CINC_CPU_SCHEDULE", schedule)
         results[schedule] = (ck.cinc_conv2d(x, w, b, backend="cpu"), ck.cinc_conv2d_inverse(x, w, b, backend="cpu"),
                              ck.cinc_conv2d_inverse_transpose(x, w, backend="cpu"))
-    for direct, gemm in zip(results["direct"], results["gemm"]):
-        torch.testing.assert_close(direct, gemm, rtol=1e-12, atol=1e-12)
+    for direct, tiled in zip(results["direct"], results["tiled"]):
+        torch.testing.assert_close(direct, tiled, rtol=1e-12, atol=1e-12)
     y_ref = reference.forward(x, w, b)
     assert rel_error(results["direct"][0], y_ref) <= RTOL[torch.float64]
 
@@ -147,3 +103,22 @@ def test_block_and_single_pixel_substitutions_are_bitwise_equal(C, dtype):
         assert torch.equal(flat, flat[:1].expand(9, C)), f"adjoint={adjoint}"
         want = (reference.inverse_transpose if adjoint else reference.inverse)(pixel.double(), w.double())
         assert rel_error(flat[0], want.reshape(C)) <= 20 * RTOL[dtype]
+
+
+@pytest.mark.parametrize("vector_bytes", ["16", "32", "64"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [1, 5, 12, 24])
+def test_tiled_schedule_on_every_vector_width(C, dtype, vector_bytes, monkeypatch):
+    """The tap micro-kernel is built for 16-, 32- and 64-byte vectors (baseline, AVX2 + FMA, AVX-512) and picks one
+    at run time; capping the width runs the narrower builds on this CPU too. C = 1, 5, 12, 24 cover vectors with
+    padding lanes and several vectors per tap row."""
+    monkeypatch.setenv("CINC_CPU_MAX_VECTOR_BYTES", vector_bytes)
+    g = torch.Generator().manual_seed(C)
+    w = make_weight(C, 3, dtype, generator=g, off_centre=1.0)
+    b = torch.randn(C, generator=g, dtype=torch.float64).to(dtype)
+    x = make_image(3, C, 7, 5, dtype, generator=g)
+    y = ck.cinc_conv2d(x, w, b, backend="cpu")
+    assert rel_error(y, reference.forward(x.double(), w.double(), b.double())) <= RTOL[dtype]
+    assert rel_error(ck.cinc_conv2d_inverse(y, w, b, backend="cpu"), x) <= 20 * RTOL[dtype]
+    u = ck.cinc_conv2d_inverse_transpose(x, w, backend="cpu")
+    assert rel_error(u, reference.inverse_transpose(x.double(), w.double())) <= 20 * RTOL[dtype]

@@ -6,12 +6,12 @@ invites races: pixels of one anti-diagonal are solved in parallel and read their
 """
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 
 import cinc_kernels as ck
+from cinc_kernels.harness import num_threads
 from cinc_kernels.backends import get_backend
 
 from .cases import make_image, make_weight
@@ -31,16 +31,6 @@ def backend_params():
     return params
 
 
-@contextlib.contextmanager
-def num_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def inputs(C, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     # off_centre=1 makes the solve's error visible (κ ~ 10): a race would change the low bits.
@@ -50,7 +40,6 @@ def inputs(C, dtype, device, seed=0):
     return w, b, y
 
 
-# C = 3 takes the per-pixel ("direct") schedule of the CPU kernels, C = 12 the gathered-GEMM one.
 @pytest.mark.parametrize("C", [3, 12])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("device,backend", backend_params())
@@ -89,16 +78,28 @@ def test_gradients_through_the_inverse_are_bitwise_reproducible(device, backend,
             torch.use_deterministic_algorithms(False)
 
 
+# (B, C, H, W): several images (threads split the batch) and one image large enough that threads split each
+# anti-diagonal.
+THREAD_SHAPES = [(3, 3, 31, 26), (3, 12, 31, 26), (1, 48, 52, 53)]
+
+
+@pytest.mark.parametrize("schedule", ["direct", "tiled"])
+@pytest.mark.parametrize("shape", THREAD_SHAPES, ids=["x".join(map(str, s)) for s in THREAD_SHAPES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("backend", fast_backends("cpu"))
-def test_cpu_inverse_does_not_depend_on_the_thread_count(backend, dtype):
-    # With few channels each pixel's tap loop and substitution run inside one task in a fixed order, so the split of
-    # a diagonal between threads cannot change a bit. (The GEMM schedule's BLAS call is only promised run-to-run.)
-    w, b, y = inputs(3, dtype, "cpu", seed=3)
+def test_cpu_inverse_does_not_depend_on_the_thread_count(shape, dtype, schedule, monkeypatch):
+    # Each pixel's tap sums and substitution run inside one task in an order fixed by construction (the tiled
+    # schedule's short blocks repeat a pixel in lanes that are thrown away), so neither the split of the batch nor of
+    # a diagonal between threads can change a bit.
+    monkeypatch.setenv("CINC_CPU_SCHEDULE", schedule)
+    B, C, H, W = shape
+    g = torch.Generator().manual_seed(3)
+    w = make_weight(C, 3, dtype, off_centre=1.0, generator=g)
+    b = torch.randn(C, generator=g, dtype=torch.float64).to(dtype)
+    y = make_image(B, C, H, W, dtype, generator=g)
     with num_threads(1):
-        want = ck.cinc_conv2d_inverse(y, w, b, backend=backend)
-        want_t = ck.cinc_conv2d_inverse_transpose(y, w, backend=backend)
+        want = ck.cinc_conv2d_inverse(y, w, b, backend="cpu")
+        want_t = ck.cinc_conv2d_inverse_transpose(y, w, backend="cpu")
     for n in (2, 3):
         with num_threads(n):
-            assert torch.equal(ck.cinc_conv2d_inverse(y, w, b, backend=backend), want), n
-            assert torch.equal(ck.cinc_conv2d_inverse_transpose(y, w, backend=backend), want_t), n
+            assert torch.equal(ck.cinc_conv2d_inverse(y, w, b, backend="cpu"), want), n
+            assert torch.equal(ck.cinc_conv2d_inverse_transpose(y, w, backend="cpu"), want_t), n

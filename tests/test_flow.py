@@ -1,4 +1,4 @@
-"""The CInC Flow model (shared/SPEC.md §4), its training loop and its command line.
+"""The CInC Flow model (docs/spec.md §4), its training loop and its command line.
 
 Models here are tiny (a few hundred to a few thousand parameters, 4×4 to 8×8 images) so the whole file runs in
 about a minute or two on a loaded 2-core machine. Every conv of ``cinc_kernels.nn.LAYERS`` is covered by name.
@@ -30,13 +30,7 @@ CONVS = sorted(LAYERS)
 COUPLINGS = ("affine", "quad")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two OpenMP threads on a machine whose two cores are already busy spin and slow tiny models down 10×.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturb(module: torch.nn.Module, scale: float, generator: torch.Generator) -> None:

@@ -1,4 +1,4 @@
-"""Latent attribute editing (issue 7): directions against independent computations, α = 0 gives the input back,
+"""Latent attribute editing: directions against independent computations, α = 0 gives the input back,
 and the ``edit`` command on the digits and on an image folder with a CSV of attributes."""
 from __future__ import annotations
 
@@ -11,12 +11,7 @@ from cinc_kernels.flow.edit import attribute_directions, edit_images, read_attri
 from cinc_kernels.flow.train import TrainConfig, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_correlation_direction_matches_numpy_corrcoef():

@@ -1,6 +1,7 @@
-"""The five invertible layers (shared/SPEC.md §2–3) on every backend present: exact inverse, log-determinant equal to
-the autograd Jacobian's, gradients on exactly the free entries, the free-parameter formulas; and a tiny run of the
-comparison benchmark (``python -m cinc_kernels bench``)."""
+"""The five invertible layers (docs/spec.md §2–3) on every backend present (the tests taking ``backend`` and
+``device``, parametrised by ``tests/conftest.py``; Triton's under its interpreter in the second pytest process): exact
+inverse, log-determinant equal to the autograd Jacobian's, gradients on exactly the free entries; the free-parameter
+formulas; and a tiny run of the comparison benchmark (``python -m cinc_kernels bench``)."""
 from __future__ import annotations
 
 import csv
@@ -12,26 +13,6 @@ import cinc_kernels as ck
 from cinc_kernels import nn as cnn
 from cinc_kernels import reference
 from tests.cases import assert_rel_close, with_layout
-
-HAS_CUDA = torch.cuda.is_available()
-
-
-def _backend_params():
-    """``(backend, device)`` for every public backend; GPU-only ones skip here with the reason."""
-    params = []
-    for name in ("reference", "cpu", "cuda", "triton"):
-        if name not in ("reference", "cpu") and not HAS_CUDA:
-            marks = pytest.mark.skip(reason=f"backend {name!r} needs a CUDA GPU (none on this machine)")
-        elif name not in ck.available_backends():
-            marks = pytest.mark.skip(reason=f"backend {name!r} is not available on this install")
-        else:
-            marks = ()
-        device = "cpu" if name in ("reference", "cpu") else "cuda"
-        params.append(pytest.param(name, device, id=name, marks=marks))
-    return params
-
-
-BACKENDS = _backend_params()
 
 # name -> (constructor keywords, formula for the free parameters given C): odd kernels, uneven groups, k ≠ 3.
 CONFIGS = {
@@ -76,7 +57,6 @@ def _image(B, C, H, W, dtype, device, seed=2):
 # ------------------------------------------------------------------------------------------------ inverse
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_inverse_of_forward_is_identity(config, backend, device):
     dtypes = (torch.float64,) if backend == "reference" else (torch.float64, torch.float32)
@@ -118,7 +98,6 @@ def _jacobian(layer, x):
     return torch.autograd.functional.jacobian(lambda v: layer(v.view(shape))[0].reshape(-1), x.reshape(-1))
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_logdet_equals_slogdet_of_jacobian(config, backend, device):
     layer = make_layer(config, 3, backend, device, scale=0.3)
@@ -135,7 +114,7 @@ def test_logdet_equals_slogdet_of_jacobian(config, backend, device):
 # ------------------------------------------------------------------------------------------------ parameters
 
 
-@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id != "reference"])
+@pytest.mark.fast_paths
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_gradients_reach_free_entries_only(config, backend, device):
     layer = make_layer(config, 4, backend, device)
@@ -265,7 +244,7 @@ def test_bench_tiny_run_writes_long_format_csv(tmp_path):
     ops = {(r["layer"], r["op"]) for r in table}
     for name in ck.LAYERS:
         assert {(name, op) for op in ("forward", "inverse", "logdet", "fwd+bwd")} <= ops
-    algos = {r["backend"] for r in table if r["suite"] == "inverse_algorithms"}
+    algos = {r["provider"] for r in table if r["suite"] == "inverse_algorithms"}
     assert {"cpu", "torch_wavefront"} <= algos and any(a.startswith("sequential_raster") for a in algos)
     for r in table:
         assert float(r["median_ms"]) >= 0 and float(r["p20_ms"]) >= 0 and float(r["p80_ms"]) >= 0

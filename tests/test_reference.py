@@ -1,8 +1,8 @@
-"""The float64 reference against the dense matrix M it claims to apply (shared/SPEC.md §1)."""
+"""The float64 reference against the dense matrix M it claims to apply (docs/spec.md §1)."""
 import pytest
 import torch
 
-from cinc_kernels import reference
+from cinc_kernels import masks, reference
 from tests.cases import make_image, make_weight
 
 # (B, C, H, W, k): k = 1, 2, 3, 5; H ≠ W; 1×1 images.
@@ -63,7 +63,7 @@ def test_mask_and_free_parameter_count():
     for C, k, unit in [(1, 1, False), (4, 3, False), (4, 3, True), (5, 2, True)]:
         mask = reference.weight_mask(C, k, unit)
         free = int(mask.sum().item())
-        assert free == reference.free_parameters(C, k, unit) == k * k * C * C - C * (C - 1) // 2 - (C if unit else 0)
+        assert free == masks.free_parameters(C, k, unit) == k * k * C * C - C * (C - 1) // 2 - (C if unit else 0)
         # the masked weight ignores every masked entry, whatever its value
         w = torch.randn(C, C, k, k, dtype=torch.float64)
         w2 = w + 100.0 * (1 - mask)

@@ -1,4 +1,4 @@
-"""CInC Flow (shared/SPEC.md §4): the multi-scale flow, its data, training, sampling and latent editing.
+"""CInC Flow (docs/spec.md §4): the multi-scale flow, its data, training, sampling and latent editing.
 
     from cinc_kernels.flow import CInCFlow
     model = CInCFlow(1, levels=2, steps_per_level=4, hidden_channels=32, conv="cinc", coupling="quad", image_size=8)

@@ -8,18 +8,67 @@ import os
 import sys
 import time
 
-from .train import TrainConfig
+from .train import TrainConfig, resolve_device
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake as one ``error: ...`` line naming the option (exit code 2), no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def _typed(check, name: str):
+    """An argparse ``type`` from a function that raises ``ValueError``/``TypeError`` on bad text."""
+
+    def parse(text: str):
+        try:
+            return check(text)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = name
+    return parse
+
+
+def _range(rng):
+    return _typed(rng.parse, rng.kind.__name__)
+
+
+def _folder(text: str) -> str:
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise ValueError(f"{text!r} is a file, not a folder")
+    return text
+
+
+def _existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise ValueError(f"{text!r} does not exist" if not os.path.exists(text) else f"{text!r} is not a file")
+    return text
+
+
+def _device_spec(text: str) -> str:
+    from .train import resolve_device
+
+    resolve_device(text)
+    return text
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from ..nn import LAYERS
+    from .data import DATASETS
+    from .layers import COUPLINGS, PERMUTATIONS
+    from .model import PRESETS
+    from .train import FIELD_RANGES, OPTIMIZERS, TEMPERATURE, check_name
+
     defaults = TrainConfig()
     helps = {
         "name": "run name; the output folder defaults to runs/<name>",
         "out_dir": "output folder (checkpoint.pt, config.json, metrics.json, loss.png, samples/)",
-        "data": "digits (bundled, no download), mnist, fashion-mnist, cifar10, imagefolder",
+        "data": "digits or photos (bundled, no download), mnist, fashion-mnist, cifar10, imagefolder, imagenet32, imagenet64",
         "data_root": "local folder with the data set's files (never downloaded)",
         "n_bits": "reduce 8-bit data to this many bits (e.g. 5)",
-        "image_size": "side length for imagefolder data (a multiple of 2**levels)",
+        "image_size": "side length for imagefolder and photos data (a multiple of 2**levels; photos: 32 by default)",
         "preset": "model preset (digits-tiny, digits-small, mnist-small, cifar10-small, cifar10, imagenet32, "
                   "imagenet64); --levels/--steps-per-level/--hidden-channels override it",
         "levels": "override the preset's number of levels",
@@ -29,13 +78,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "coupling": "quad or affine",
         "backend": "kernel backend of the convolutions",
         "conv_kwargs": "JSON object of extra conv constructor arguments, e.g. '{\"parametrization\": \"contractive\"}'",
-        "permutation": "none (the spec's flow step) or reverse (reverse the channels before each coupling)",
+        "permutation": "reverse (the paper's step: reverse the channels before each coupling), none (ablation) or 1x1 (LU 1x1 conv before the conv)",
         "steps": "total optimisation steps",
         "batch_size": "images per step per process",
         "optimizer": "adam or adamax",
         "lr": "learning rate after warm-up",
         "warmup": "linear warm-up steps",
-        "grad_clip": "clip the gradient norm to this",
+        "grad_clip": "clip the gradient norm to this (inf: no clipping)",
         "eval_every": "test bits/dim every this many steps",
         "sample_every": "sample grids every this many steps",
         "checkpoint_every": "checkpoint every this many steps",
@@ -45,24 +94,39 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "device": "auto (cuda:LOCAL_RANK if there is a GPU, else cpu), cpu, cuda, cuda:1, …",
         "num_workers": "DataLoader worker processes",
         "threads": "CPU threads per process (0: PyTorch's default; 1 is fastest for the small presets)",
+        "flip": "random horizontal flips of the training images",
+        "tensorboard": "also log bits/dim, lr, gradient norm, images/s and sample grids to <out_dir>/tensorboard",
     }
+    # What each setting accepts; a setting not listed takes any string.
+    kinds = {name: {"type": _range(rng)} for name, rng in FIELD_RANGES.items()}
+    kinds.update({
+        "name": {"type": _typed(check_name, "name")},
+        "out_dir": {"type": _typed(_folder, "folder")},
+        "data": {"choices": DATASETS},
+        "preset": {"choices": [*PRESETS, "none"]},
+        "conv": {"choices": sorted(LAYERS)},
+        "coupling": {"choices": COUPLINGS},
+        "permutation": {"choices": PERMUTATIONS},
+        "optimizer": {"choices": OPTIMIZERS},
+        "conv_kwargs": {"type": _json_object, "default": {}},
+        "temperatures": {"type": _range(TEMPERATURE), "nargs": "+"},
+        "device": {"type": _typed(_device_spec, "device")},
+    })
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         kwargs = {"default": default, "help": f"{helps[f.name]} (default: {default})"}
-        if f.name == "conv_kwargs":
-            kwargs.update(type=_json_object, default={})
-        elif f.name == "temperatures":
-            kwargs.update(type=float, nargs="+")
-        elif isinstance(default, bool):
-            kwargs.update(action=argparse.BooleanOptionalAction)
-        elif isinstance(default, (int, float, str)):
-            kwargs["type"] = type(default)
-        else:
-            kwargs["type"] = int if f.name in ("n_bits", "image_size", "levels", "steps_per_level",
-                                               "hidden_channels") else str
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name not in kinds and isinstance(default, (int, float)):
+            kwargs["type"] = type(default)  # a setting without a range yet still gets its type
+        kwargs.update(kinds.get(f.name, {}))
         p.add_argument(flag, **kwargs)
-    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoint.pt if it exists")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in the output folder from its checkpoint.pt (settings must match)")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="delete the run already in the output folder and start afresh")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -84,7 +148,7 @@ def _cmd_train(args) -> int:
     if values["preset"] in ("", "none"):
         values["preset"] = None
     cfg = TrainConfig(**values)
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     if _rank() == 0:
         print(f"step {result['step']}: test bits/dim {result['test_bpd']:.4f}; wrote {result['out_dir']}/")
     if _is_distributed():
@@ -106,20 +170,12 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _device(spec: str):
-    import torch
-
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
 def _cmd_sample(args) -> int:
     import torch
 
-    from .train import load_model, save_grid
+    from .train import _atomic_write_text, load_model, resolve_device, save_grid
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device, backend=args.backend)
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "samples")
     os.makedirs(out_dir, exist_ok=True)
@@ -143,17 +199,17 @@ def _cmd_sample(args) -> int:
     overview = os.path.join(out_dir, "sample_temperatures.png")
     save_grid(torch.cat(rows), overview, nrow=rows[0].shape[0], scale=max(1, 64 // side))
     print(f"rows T={', '.join(f'{t:g}' for t in args.temperatures)} -> {overview}")
-    with open(os.path.join(out_dir, "sample_times.json"), "w") as f:
-        json.dump({"checkpoint": args.checkpoint, "step": ckpt["step"], "n": args.n, "device": str(device),
-                   "seconds": timings}, f, indent=2)
+    _atomic_write_text(json.dumps({"checkpoint": args.checkpoint, "step": ckpt["step"], "n": args.n,
+                                   "device": str(device), "seconds": timings}, indent=2) + "\n",
+                       os.path.join(out_dir, "sample_times.json"))
     return 0
 
 
 def _cmd_eval(args) -> int:
     from .data import load_data
-    from .train import evaluate, load_model
+    from .train import evaluate, load_model, reconstruction_error, resolve_device
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device, backend=args.backend)
     cfg = ckpt.get("config", {})
     name = args.data or cfg.get("data", "digits")
@@ -163,15 +219,23 @@ def _cmd_eval(args) -> int:
     data = load_data(name, root, n_bits=n_bits, image_size=image_size)
     tic = time.perf_counter()
     bpd = evaluate(model, data.test, data.num_levels, batch_size=args.batch_size, device=device, seed=args.seed)
-    seconds = time.perf_counter() - tic
-    print(json.dumps({"checkpoint": args.checkpoint, "step": ckpt["step"], "data": name,
-                      "test_images": len(data.test), "test_bits_per_dim": bpd, "seconds": round(seconds, 3)}))
+    report = {"checkpoint": args.checkpoint, "step": ckpt["step"], "data": name, "test_images": len(data.test),
+              "test_bits_per_dim": bpd}
+    if args.reconstruction:
+        # decode(encode(x)) against x on the same test images: how exactly this checkpoint inverts.
+        report["reconstruction"] = reconstruction_error(model, data.test, data.num_levels,
+                                                        batch_size=args.batch_size, device=device, seed=args.seed)
+    report["seconds"] = round(time.perf_counter() - tic, 3)
+    print(json.dumps(report))
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cinc_kernels.flow",
-                                     description="Train, sample and evaluate CInC Flow models.")
+    from .data import DATASETS
+    from .train import FIELD_RANGES, TEMPERATURE, Range, RunInterrupted
+
+    count, seed, threads = _range(Range(int, 1)), _range(FIELD_RANGES["seed"]), _range(FIELD_RANGES["threads"])
+    parser = _Parser(prog="python -m cinc_kernels.flow", description="Train, sample and evaluate CInC Flow models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a flow (DDP under torchrun)",
@@ -179,45 +243,56 @@ def main(argv=None) -> int:
     _add_train_arguments(p)
     p.set_defaults(func=_cmd_train)
 
+    checkpoint = _typed(_existing_file, "checkpoint")
+    device = _typed(_device_spec, "device")
     p = sub.add_parser("sample", help="sample grids at several temperatures from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by train")
-    p.add_argument("--n", type=int, default=64, help="images per grid (default 64)")
-    p.add_argument("--temperatures", type=float, nargs="+", default=[0.5, 0.7, 0.85, 1.0])
-    p.add_argument("--out", default=None, help="output folder (default: samples/ beside the checkpoint)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--checkpoint", required=True, type=checkpoint, help="a checkpoint.pt written by train")
+    p.add_argument("--n", type=count, default=64, help="images per grid (default 64)")
+    p.add_argument("--temperatures", type=_range(TEMPERATURE), nargs="+", default=[0.5, 0.7, 0.85, 1.0])
+    p.add_argument("--out", default=None, type=_typed(_folder, "folder"),
+                   help="output folder (default: samples/ beside the checkpoint)")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--device", default="auto", type=device)
     p.add_argument("--backend", default=None, help="override the convolutions' kernel backend")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (0: PyTorch's default)")
+    p.add_argument("--threads", type=threads, default=1, help="CPU threads (0: PyTorch's default)")
     p.set_defaults(func=_cmd_sample)
 
-    p = sub.add_parser("eval", help="test bits/dim of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", default=None, help="data set (default: the one it was trained on)")
+    p = sub.add_parser("eval", help="test bits/dim of a checkpoint (and, with --reconstruction, its round trip)")
+    p.add_argument("--checkpoint", required=True, type=checkpoint)
+    p.add_argument("--data", default=None, choices=DATASETS, help="data set (default: the one it was trained on)")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--n-bits", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--n-bits", type=_range(FIELD_RANGES["n_bits"]), default=None)
+    p.add_argument("--image-size", type=_range(FIELD_RANGES["image_size"]), default=None)
+    p.add_argument("--batch-size", type=count, default=256)
+    p.add_argument("--seed", type=seed, default=0, help="seed of the dequantisation noise")
+    p.add_argument("--device", default="auto", type=device)
     p.add_argument("--backend", default=None)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (0: PyTorch's default)")
+    p.add_argument("--threads", type=threads, default=1, help="CPU threads (0: PyTorch's default)")
+    p.add_argument("--reconstruction", action="store_true",
+                   help="also report the round-trip error max|decode(encode(x)) − x| over the test images")
     p.set_defaults(func=_cmd_eval)
 
-    try:
-        from .edit import add_edit_parser
-    except ImportError:
-        add_edit_parser = None
-    if add_edit_parser is not None:
-        add_edit_parser(sub)
+    from .edit import add_edit_parser
 
-    args = parser.parse_args(argv)
+    add_edit_parser(sub)
+
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a mistake already reported on one line
+        return exc.code if isinstance(exc.code, int) else 2
     if getattr(args, "threads", 0) > 0:
         import torch
 
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+    except RunInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, RuntimeError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

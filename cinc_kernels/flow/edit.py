@@ -153,9 +153,9 @@ def _labelled_images(args, data):
 
 def _cmd_edit(args) -> int:
     from .data import load_data
-    from .train import _eval_noise, load_model, save_grid
+    from .train import _eval_noise, atomic_save, load_model, resolve_device, save_grid
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device, backend=args.backend)
     cfg = ckpt.get("config", {})
     data = load_data(args.data or cfg.get("data", "digits"),
@@ -188,8 +188,8 @@ def _cmd_edit(args) -> int:
         path = os.path.join(out_dir, f"edit_{args.method}_{name}.png")
         save_grid(strips.flatten(0, 1), path, nrow=len(args.alphas), scale=max(1, 64 // side))
         print(f"{name}: {len(test_indices)} images × α in {list(args.alphas)} -> {path}")
-    torch.save({"names": names, "method": args.method, "directions": directions.cpu()},
-               os.path.join(out_dir, f"directions_{args.method}.pt"))
+    atomic_save({"names": names, "method": args.method, "directions": directions.cpu()},
+                os.path.join(out_dir, f"directions_{args.method}.pt"))
     return 0
 
 

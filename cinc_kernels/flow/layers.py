@@ -1,11 +1,10 @@
 """The building blocks of the flow, all with the layers' interface: ``y, logdet = block(x)`` and
 ``x = block.inverse(y)``, ``logdet`` of shape ``(B,)`` (``log|det ∂y/∂x|`` per sample).
 
-shared/SPEC.md §4: per level ``squeeze → K × [ActNorm → invertible conv → coupling] → split``.
+docs/spec.md §4: per level ``squeeze → K × [ActNorm → invertible conv → reverse channels → coupling] → split``.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Optional, Sequence
 
@@ -177,7 +176,7 @@ class AffineCoupling(_BlockCoupling):
 
 class QuadCoupling(_BlockCoupling):
     """The CInC paper's quad coupling: four channel blocks, each transformed conditioned on all blocks before it
-    (shared/SPEC.md §4). Shapes: ``(B, C, H, W)`` in and out, ``C ≥ 4``; ``logdet``: ``(B,)``.
+    (docs/spec.md §4). Shapes: ``(B, C, H, W)`` in and out, ``C ≥ 4``; ``logdet``: ``(B,)``.
     """
 
     blocks = 4
@@ -187,21 +186,11 @@ COUPLINGS: dict[str, type] = {"affine": AffineCoupling, "quad": QuadCoupling}
 
 
 def make_conv(name: str, channels: int, backend: str = "auto", **kwargs) -> nn.Module:
-    """An invertible convolution from :data:`cinc_kernels.nn.LAYERS` by name.
-
-    ``backend`` is passed only to layers whose constructor takes it (a pure-PyTorch layer may not).
-    """
+    """An invertible convolution from :data:`cinc_kernels.nn.LAYERS` by name; every layer there takes ``backend``
+    (docs/spec.md §3: one interface)."""
     if name not in LAYERS:
         raise ValueError(f"conv must be one of {', '.join(sorted(LAYERS))}; got {name!r}")
-    cls = LAYERS[name]
-    try:
-        params = inspect.signature(cls).parameters
-        takes_backend = "backend" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    except (TypeError, ValueError):
-        takes_backend = True
-    if takes_backend:
-        kwargs["backend"] = backend
-    return cls(channels, **kwargs)
+    return LAYERS[name](channels, backend=backend, **kwargs)
 
 
 class ReverseChannels(nn.Module):
@@ -219,30 +208,41 @@ class ReverseChannels(nn.Module):
         return y.flip(1)
 
 
-PERMUTATIONS = ("none", "reverse")
+PERMUTATIONS = ("reverse", "none", "1x1")
 
 
 class FlowStep(nn.Module):
-    """One step of flow: ActNorm → invertible convolution (by name) → [channel reversal] → coupling (by name).
+    """One step of flow: ActNorm → [LU 1×1] → invertible convolution (by name) → [channel reversal] → coupling.
 
-    ``permutation="none"`` is shared/SPEC.md §4's step; ``"reverse"`` adds :class:`ReverseChannels` before the
-    coupling. Shapes: ``(B, C, H, W)`` in and out; ``logdet``: ``(B,)``.
+    ``permutation`` (docs/spec.md §4):
+
+    - ``"reverse"`` (default): reverse the channels between the convolution and the coupling. Our CInC centre tap
+      is lower triangular (output ``c`` reads inputs ``0…c``); the paper's is upper triangular (their mask is flipped
+      on both channel axes), and their coupling conditions on the first half. Our conv followed by the reversal is
+      their conv up to the channel order the coupling sees, so this is the paper's step, not an addition to it.
+    - ``"none"``: ActNorm → conv → coupling with our orientation (an ablation: the conditioning half never
+      receives the transformed half through the centre tap).
+    - ``"1x1"``: an LU :class:`~cinc_kernels.nn.InvConv1x1` before the convolution (the authors'
+      ``--flow_permutation 6``, what Glow, Emerging and FInC Flow steps carry).
+
+    Shapes: ``(B, C, H, W)`` in and out; ``logdet``: ``(B,)``.
     """
 
     def __init__(self, channels: int, hidden_channels: int, conv: str = "cinc", coupling: str = "quad",
-                 backend: str = "auto", conv_kwargs: Optional[dict] = None, permutation: str = "none"):
+                 backend: str = "auto", conv_kwargs: Optional[dict] = None, permutation: str = "reverse"):
         super().__init__()
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {', '.join(sorted(COUPLINGS))}; got {coupling!r}")
         if permutation not in PERMUTATIONS:
             raise ValueError(f"permutation must be one of {', '.join(PERMUTATIONS)}; got {permutation!r}")
         self.actnorm = ActNorm(channels)
+        self.mix = make_conv("1x1", channels, backend) if permutation == "1x1" else None
         self.conv = make_conv(conv, channels, backend, **(conv_kwargs or {}))
         self.permute = ReverseChannels() if permutation == "reverse" else None
         self.coupling = COUPLINGS[coupling](channels, hidden_channels)
 
     def _layers(self):
-        return [m for m in (self.actnorm, self.conv, self.permute, self.coupling) if m is not None]
+        return [m for m in (self.actnorm, self.mix, self.conv, self.permute, self.coupling) if m is not None]
 
     def forward(self, x: torch.Tensor):
         logdet = x.new_zeros(x.shape[0])

@@ -1,4 +1,4 @@
-"""CInC Flow: the Glow-style multi-scale flow of shared/SPEC.md §4 with a choice of invertible convolution and
+"""CInC Flow: the Glow-style multi-scale flow of docs/spec.md §4 with a choice of invertible convolution and
 coupling, and the named configurations of the paper.
 
 Data convention: images are continuous values in ``[0, 1)`` (dequantised, see :mod:`cinc_kernels.flow.data`);
@@ -52,13 +52,13 @@ class CInCFlow(nn.Module):
         steps_per_level: flow steps per level ``K`` (0 is allowed: a pure Gaussian model, useful in tests).
         hidden_channels: width of the couplings' conditioner CNNs.
         conv: an invertible convolution of :data:`cinc_kernels.nn.LAYERS` by name (``"cinc"``, ``"emerging"``,
-            ``"autoregressive"``, ``"1x1"``, ``"finc"`` once they are installed).
+            ``"autoregressive"``, ``"1x1"``, ``"finc"``).
         coupling: ``"quad"`` (the paper's) or ``"affine"``.
         image_size: ``H`` or ``(H, W)`` of the training images; needed only by :meth:`sample` (which also takes it).
         backend: kernel backend passed to the convolutions (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``, …).
         conv_kwargs: extra constructor arguments for the convolution layers (e.g. ``{"kernel_size": 3}``).
-        permutation: ``"none"`` (shared/SPEC.md §4's step) or ``"reverse"`` (reverse the channels before every
-            coupling, as Glow's "reverse" option).
+        permutation: ``"reverse"`` (the paper's step, docs/spec.md §4), ``"none"`` (an ablation) or ``"1x1"``
+            (an LU 1×1 convolution before the convolution); see :class:`~cinc_kernels.flow.layers.FlowStep`.
 
     Shapes: ``x``: ``(B, C, H, W)`` in ``[0, 1)``; :meth:`log_prob` and :meth:`bits_per_dim`: ``(B,)``;
     :meth:`encode`: a list of ``L`` tensors with the shapes of :meth:`latent_shapes`.
@@ -66,7 +66,7 @@ class CInCFlow(nn.Module):
 
     def __init__(self, in_channels: int, levels: int, steps_per_level: int, hidden_channels: int,
                  conv: str = "cinc", coupling: str = "quad", *, image_size: Optional[Size] = None,
-                 backend: str = "auto", conv_kwargs: Optional[dict] = None, permutation: str = "none"):
+                 backend: str = "auto", conv_kwargs: Optional[dict] = None, permutation: str = "reverse"):
         super().__init__()
         for name, value, low in (("in_channels", in_channels, 1), ("levels", levels, 1),
                                  ("steps_per_level", steps_per_level, 0), ("hidden_channels", hidden_channels, 1)):
@@ -92,6 +92,19 @@ class CInCFlow(nn.Module):
                     step.conv.name = f"levels.{i}.steps.{j}.conv"
         self.top_mean = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.top_log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    @classmethod
+    def upgrade_config(cls, config: dict) -> dict:
+        """A saved :attr:`config` completed with the defaults of the time it was saved: configurations written
+        before the step had a ``permutation`` were trained with the step that is now ``"none"``."""
+        config = dict(config)
+        config.setdefault("permutation", "none")
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> "CInCFlow":
+        """The model a saved :attr:`config` describes (see :meth:`upgrade_config`)."""
+        return cls(**cls.upgrade_config(config))
 
     # ---------------------------------------------------------------------------------------------------------
     # shapes

@@ -3,7 +3,7 @@
 The four ops have the signatures of the ``cinc`` ops (csrc/cinc_ops.cpp). They are registered with
 ``torch.library.custom_op`` plus the shared fake implementations, so ``torch.compile(fullgraph=True)`` traces
 through them as opaque calls, like the C++ ops; their gradients are the shared formulas of
-:mod:`cinc_kernels._autograd`, which call these same ops.
+:mod:`cinc_kernels.registration`, which call these same ops.
 
 Why not ``torch.library.triton_op`` + ``wrap_triton`` (which let Inductor see the kernels): (1) the inverse must
 refuse a singular weight, a data-dependent check that cannot run while a ``triton_op`` body is traced with fake
@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 import triton
 
-from .._autograd import register_autograd_formulas, register_fake_impls
+from .. import registration
+from ..backends import get_backend
 from . import kernels
 
 NAMESPACE = "cinc_triton"
@@ -27,22 +28,14 @@ NAMESPACE = "cinc_triton"
 # so float32 products are IEEE. The forward, a GEMM, follows torch's own switch for float32 GEMMs
 # (torch.backends.cuda.matmul.allow_tf32, off by default); the inverse never uses TF32, whose errors it would
 # amplify. Half-precision and float64 inputs ignore the setting.
-_ACC_DTYPE = {torch.float64: triton.language.float64}
-_TL_DTYPE = {torch.float32: triton.language.float32, torch.float64: triton.language.float64,
-             torch.float16: triton.language.float16, torch.bfloat16: triton.language.bfloat16}
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return _ACC_DTYPE.get(dtype, triton.language.float32)
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
-def _dot_precision(dtype: torch.dtype, allow_tf32: bool = False) -> str:
-    return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
-
-
-def _channel_block(C: int) -> int:
-    """The tile width that holds every channel of a pixel: a power of two, ≥ 16 for ``tl.dot``."""
-    return max(16, triton.next_power_of_2(C))
+def _shared_limit(t: torch.Tensor) -> Optional[int]:
+    return kernels.device_shared_limit(t.device)
 
 
 def _device_of(t: torch.Tensor, arg: str):
@@ -54,13 +47,6 @@ def _device_of(t: torch.Tensor, arg: str):
         raise ValueError(f"{arg}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
                          f"imported, to interpret them on the CPU); got a tensor on {t.device}")
     return contextlib.nullcontext()
-
-
-def _wavefront_pixel_block(H: int, W: int, block_c: int) -> int:
-    """Pixels solved together on one anti-diagonal: the longest diagonal (min(H, W)) in one chunk when it fits,
-    since the chunks of a diagonal run one after another inside the program; ≥ 16 for ``tl.dot``; at most 64
-    (32 past 64 channels, to bound the two ``pixels × channels`` accumulators in registers)."""
-    return min(64 if block_c <= 64 else 32, max(16, triton.next_power_of_2(min(H, W))))
 
 
 def centre_inverse(weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
@@ -88,10 +74,16 @@ def centre_inverse(weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
     return inv.to(torch.float64 if weight.dtype == torch.float64 else torch.float32).contiguous()
 
 
-def launch_forward(x, weight, bias, unit_diagonal: bool, config: Optional[dict] = None) -> torch.Tensor:
-    """The forward's launch. ``config`` (block sizes, and ``num_warps`` / ``num_stages``) bypasses the autotuner so
-    a test can run every configuration it may pick; by default the GPU autotunes and the interpreter uses its
-    fixed configuration."""
+def forward_launches(x: torch.Tensor, C: int) -> list:
+    """The launches the forward may run for ``x`` (:func:`.kernels.forward_launches` for its dtype and GPU)."""
+    allow_tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    return kernels.forward_launches(C, _dtype_name(x.dtype), allow_tf32, _shared_limit(x))
+
+
+def launch_forward(x, weight, bias, unit_diagonal: bool, launch: Optional[kernels.Launch] = None) -> torch.Tensor:
+    """The forward's launch. ``launch`` (one of :func:`forward_launches`) bypasses the autotuner so a test can run
+    every configuration it may pick; by default the GPU autotunes and the interpreter uses its fixed
+    configuration."""
     B, C, H, W = x.shape
     k = weight.shape[-1]
     y = torch.empty((B, C, H, W), dtype=x.dtype, device=x.device)
@@ -103,19 +95,19 @@ def launch_forward(x, weight, bias, unit_diagonal: bool, config: Optional[dict] 
     def grid(meta):
         return (triton.cdiv(B * H * W, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_O"]))
 
-    if config is not None:
-        kernel, meta = kernels._cinc_forward_gemm_kernel, config
+    candidates = forward_launches(x, C)
+    if launch is None and kernels.AUTOTUNE:
+        # The autotuner's own pruning keeps exactly the block sizes of `candidates` (kernels._prune_forward_configs).
+        kernel, meta = kernels.cinc_forward_gemm_kernel, {
+            n: v for n, v in candidates[0].constexprs if not n.startswith("BLOCK_")}
     else:
-        kernel, meta = kernels.cinc_forward_gemm_kernel, ({} if kernels.AUTOTUNE else kernels.FORWARD_FIXED_CONFIG)
-    dot_dtype = torch.float32 if (kernels.INTERPRETED and x.dtype == torch.bfloat16) else x.dtype
-    precision = _dot_precision(dot_dtype, allow_tf32=x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+        launch = launch or candidates[0]
+        kernel, meta = launch.kernel, dict(launch.meta, num_warps=launch.num_warps, num_stages=launch.num_stages)
     with _device_of(x, "x"):
         kernel[grid](
             x, weight, bias if has_bias else weight, y,
-            B, C, H, W,
+            B, C, H, W, k, int(has_bias), int(unit_diagonal),
             *x.stride(),
-            KSIZE=k, HAS_BIAS=has_bias, UNIT_DIAGONAL=unit_diagonal,
-            DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_acc_dtype(x.dtype), DOT_PRECISION=precision,
             **meta,
         )
     return y
@@ -128,26 +120,39 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return launch_forward(x, weight, bias, unit_diagonal)
 
 
+def _other_backend_hint(t: torch.Tensor) -> str:
+    """Names a backend that solves any C for this tensor: the portable ``torch`` one where it is registered, else
+    the float64 reference."""
+    try:
+        name = "torch" if get_backend("torch").unavailable() is None else "reference"
+    except ValueError:
+        name = "reference"
+    return f"backend={name!r} takes any C" + (" (in float64, slowly)" if name == "reference" else "")
+
+
 def _wavefront(src, weight, bias, unit_diagonal: bool, adjoint: bool) -> torch.Tensor:
     B, C, H, W = src.shape
     k = weight.shape[-1]
+    arg = "y" if not adjoint else "g"
+    limit = _shared_limit(src)
+    if limit is not None and C > kernels.wavefront_max_channels(_dtype_name(src.dtype), limit):
+        raise ValueError(
+            f"{arg}: the Triton {'adjoint' if adjoint else 'inverse'} keeps a C × C block in shared memory, which "
+            f"holds at most {kernels.wavefront_max_channels(_dtype_name(src.dtype), limit)} channels of "
+            f"{_dtype_name(src.dtype)} on this GPU; got C = {C}. {_other_backend_hint(src)}")
     centre_inv = centre_inverse(weight, unit_diagonal)
     out = torch.empty((B, C, H, W), dtype=src.dtype, device=src.device)
     if out.numel() == 0:
         return out
     weight = weight.contiguous()
     has_bias = bias is not None
-    block_c = _channel_block(C)
-    with _device_of(src, "y" if not adjoint else "g"):
-        kernels._cinc_inverse_wavefront_kernel[(B,)](
+    launch = kernels.wavefront_launch(C, H, W, _dtype_name(src.dtype), adjoint)
+    with _device_of(src, arg):
+        launch.kernel[(B,)](
             src, weight, bias if has_bias else weight, centre_inv, out,
-            C, H, W,
+            C, H, W, k, int(has_bias),
             *src.stride(),
-            KSIZE=k, ADJOINT=adjoint, HAS_BIAS=has_bias,
-            ACC_DTYPE=_acc_dtype(src.dtype), DOT_PRECISION=_dot_precision(src.dtype),
-            BLOCK_P=_wavefront_pixel_block(H, W, block_c), BLOCK_C=block_c, BLOCK_K=min(block_c, 32),
-            # No software pipelining: a load prefetched from the next diagonal would cross the barrier.
-            num_warps=4 if block_c <= 64 else 8, num_stages=1,
+            **launch.meta, num_warps=launch.num_warps, num_stages=launch.num_stages,
         )
     return out
 
@@ -169,15 +174,15 @@ def inverse_transpose(g: torch.Tensor, weight: torch.Tensor, unit_diagonal: bool
 def logdet(weight: torch.Tensor, height: int, width: int, unit_diagonal: bool) -> torch.Tensor:
     """``H·W·Σ_c log|L[c, c]|``, a 0-dim tensor of ``weight``'s dtype (0 with ``unit_diagonal``)."""
     out = torch.zeros((), dtype=weight.dtype, device=weight.device)
-    if unit_diagonal:
+    if unit_diagonal or height == 0 or width == 0:
         return out
     C, k = weight.shape[0], weight.shape[-1]
+    launch = kernels.logdet_launch(C, _dtype_name(weight.dtype))
     with _device_of(weight, "weight"):
-        kernels._cinc_logdet_reduce_kernel[(1,)](
-            weight.contiguous(), out, C, height * width,
-            KSIZE=k, ACC_DTYPE=_acc_dtype(weight.dtype), BLOCK_C=min(_channel_block(C), 1024),
-        )
-    return out
+        launch.kernel[(1,)](weight.contiguous(), out, C, 1, k,
+                            **launch.meta, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    # Scaled by H·W as a float afterwards: the int64 product of two huge sizes would wrap (2^32 × 2^32 = 0).
+    return out * (float(height) * float(width))
 
 
 OPS = {
@@ -187,5 +192,4 @@ OPS = {
     "logdet": torch.ops.cinc_triton.logdet.default,
 }
 
-register_fake_impls(*OPS.values())
-register_autograd_formulas(*OPS.values())
+registration.register(OPS)

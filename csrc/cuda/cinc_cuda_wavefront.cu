@@ -6,15 +6,15 @@
 //      4 channels per thread;
 //   B. channel substitution as C independent dot products with the precomputed L⁻¹ (x = L⁻¹ r, u = L⁻ᵀ r), one
 //      (pixel, channel) per thread, instead of C dependent steps per pixel.
-// The arithmetic is cinc_math.h's (causal_neighbour_block / anticausal_neighbour_block, which the CPU kernels also
-// run through accumulate_causal_taps / subtract_anticausal_taps; lower_inverse_*_row_dot; solve_lower_in_place to
-// build L⁻¹).
+// The tap sums and the substitution that builds L⁻¹ are cinc_math.h's (causal_neighbour_block /
+// anticausal_neighbour_block, which the CPU kernels also run; solve_lower_in_place); the dot products with L⁻¹
+// (lower_inverse_*_row_dot) are cinc_wavefront_block.h's.
 //
 // Shared memory holds L⁻¹, a ring of the last 2(k-1) anti-diagonals of the solution (every neighbour a pixel reads
 // lies on one of them), the current diagonal's residual and, when it fits, a copy of the weight;
 // without room for the ring the solution is read back from the output in global memory (the block's own writes,
-// visible after __syncthreads()). The steps and the layout are in cinc_wavefront_block.h, which
-// tests/cuda_wavefront_emulator.cpp also runs on the CPU.
+// visible after __syncthreads()). The kernel is in cinc_wavefront_kernel.cuh, its steps and the layout in
+// cinc_wavefront_block.h; tests/cuda_emulation/ runs that kernel as written on CPU threads.
 //
 // Threads of a warp take consecutive pixels of the diagonal with the same channel, so weight and L⁻¹ reads are
 // broadcasts and ring/residual reads are consecutive words.
@@ -44,40 +44,11 @@
 #include "../cinc_checks.h"
 #include "../cinc_math.h"
 #include "cinc_cuda.h"
-#include "cinc_wavefront_block.h"
+#include "cinc_wavefront_kernel.cuh"
 
 namespace cinc {
 namespace cuda {
 namespace {
-
-// 512 threads leave 128 registers per thread for the 4 × 4 register blocks of the residual step.
-constexpr int kMaxThreads = 512;
-
-template <typename T, bool kAdjoint, bool kRing>
-__global__ void __launch_bounds__(kMaxThreads) wavefront_kernel(const WavefrontParams<T> p) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
-  const WavefrontShared<T> s(reinterpret_cast<T*>(shared_bytes), p);
-  const int tid = threadIdx.x, threads = blockDim.x;
-  const int64_t image = blockIdx.x;
-
-  const int64_t fill_items = wavefront_fill_items(p);
-  for (int64_t e = tid; e < fill_items; e += threads) wavefront_prologue_fill(p, s, e);
-  __syncthreads();
-  for (int64_t col = tid; col < p.C; col += threads) wavefront_prologue_solve(p, s, col);
-  __syncthreads();
-
-  const int64_t diagonals = p.H + p.W - 1;
-  for (int64_t step = 0; step < diagonals; ++step) {
-    const DiagonalSpan span = wavefront_diagonal(p, step, kAdjoint);
-    // items ≤ the residual buffer's C·min(H, W) elements, which fit in shared memory: int is wide enough.
-    const int residual_items = wavefront_residual_items(span.count, p.C);
-    for (int t = tid; t < residual_items; t += threads) wavefront_residual<T, kAdjoint, kRing>(p, s, image, span, t);
-    __syncthreads();
-    const int items = span.count * static_cast<int>(p.C);
-    for (int t = tid; t < items; t += threads) wavefront_solve<T, kAdjoint, kRing>(p, s, image, span, t);
-    __syncthreads();
-  }
-}
 
 int shared_memory_limit(int device) {
   int bytes = 0;
@@ -91,19 +62,10 @@ int multiprocessors(int device) {
   return n;
 }
 
-// Threads per block: one per residual block of the longest diagonal (or per 4 solve items, if more), up to
-// kMaxThreads while the batch leaves SMs idle (one block per image: a batch of 1 uses one SM, so that block should
-// be as wide as it can), up to 256 once every SM has two blocks. Unmeasured guesses (no GPU when written);
-// CINC_CUDA_WAVEFRONT_THREADS overrides them, for benchmarks/bench_gpu.py's sweep.
-int wavefront_threads(int64_t batch, int64_t C, int64_t max_diagonal, int device) {
-  if (const char* env = std::getenv("CINC_CUDA_WAVEFRONT_THREADS")) {
-    const int forced = std::atoi(env);
-    if (forced > 0) return std::min(kMaxThreads, std::max(32, forced / 32 * 32));
-  }
-  const int64_t cap = batch >= 2 * multiprocessors(device) ? 256 : kMaxThreads;
-  const int64_t residual_items = wavefront_residual_items(static_cast<int>(max_diagonal), C);
-  const int64_t wanted = (std::max(residual_items, max_diagonal * C / 4) + 31) / 32 * 32;
-  return static_cast<int>(std::max<int64_t>(32, std::min(cap, wanted)));
+// CINC_CUDA_WAVEFRONT_THREADS overrides the heuristic of wavefront_threads (benchmarks/bench_gpu.py sweeps it).
+int forced_wavefront_threads() {
+  const char* env = std::getenv("CINC_CUDA_WAVEFRONT_THREADS");
+  return env != nullptr ? std::atoi(env) : 0;
 }
 
 template <typename T, bool kAdjoint, bool kRing>
@@ -137,22 +99,16 @@ void run_wavefront(const at::Tensor& rhs, const at::Tensor& weight, const std::o
   p.W = W;
   p.k = k;
   p.unit_diagonal = unit_diagonal;
-  p.ring_slots = ring_slots_for(k);
-  p.max_diagonal = std::min(H, W);
-
-  const int64_t limit = shared_memory_limit(device) / static_cast<int64_t>(sizeof(T));
-  const WavefrontLayout layout = wavefront_layout(C, H, W, k, limit);
+  const int64_t limit_bytes = shared_memory_limit(device);
+  const WavefrontLayout layout = configure_wavefront(p, limit_bytes);
   TORCH_CHECK(layout.fits, "the CUDA ", adjoint ? "inverse_transpose" : "inverse",
-              " keeps L⁻¹ and one anti-diagonal in shared memory, which needs more than the ", limit * sizeof(T),
+              " keeps L⁻¹ and one anti-diagonal in shared memory, which needs more than the ", limit_bytes,
               " bytes this GPU has per block for C = ", C, " and dtype ", rhs.scalar_type(),
-              "; use backend=\"cpu\" or \"triton\" for so many channels");
-  p.use_ring = layout.use_ring;
-  p.work_elements = layout.work_elements;
-  p.weight_in_shared = layout.weight_in_shared;
+              "; use backend=\"torch\" (any device) or backend=\"cpu\" (after .cpu()) for so many channels");
   const size_t shared_bytes = static_cast<size_t>(layout.total_elements) * sizeof(T);
   const bool use_ring = layout.use_ring;
 
-  const int threads = wavefront_threads(B, C, p.max_diagonal, device);
+  const int threads = wavefront_threads<T>(B, C, p.max_diagonal, multiprocessors(device), forced_wavefront_threads());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   if (adjoint) {
     use_ring ? launch_wavefront<T, true, true>(p, B, threads, shared_bytes, stream)

@@ -1,9 +1,8 @@
 // What one thread block of the CUDA wavefront does, as plain __host__ __device__ steps.
 //
-// The kernel (cinc_cuda_wavefront.cu) runs these steps with its threads and a __syncthreads() between them;
-// tests/cuda_wavefront_emulator.cpp runs the same steps on the CPU with a loop in place of the threads, so the
-// indexing (diagonals, ring slots, shared-memory layout, L⁻¹) is tested without a GPU. Every step touches only the
-// item it is given; items of one step are independent, which is why a barrier between steps is all the block needs.
+// The kernel (cinc_wavefront_kernel.cuh) runs these steps with its threads and a __syncthreads() between them
+// (tests/cuda_emulation/ runs that kernel on CPU threads). Every step touches only the item it is given; items of one
+// step are independent, which is why a barrier between steps is all the block needs.
 //
 // Block schedule for one image (inverse; the adjoint walks the diagonals in reverse):
 //   prologue_fill(e)   for e < max(C², C²k²)       L's columns → work, identity → inverse_columns, weight copy
@@ -85,7 +84,7 @@ inline WavefrontLayout wavefront_layout(int64_t C, int64_t H, int64_t W, int k, 
   return l;
 }
 
-// Pointers into the block's shared memory (or, on the CPU emulator, into any buffer of total_elements).
+// Pointers into the block's shared memory.
 template <typename T>
 struct WavefrontShared {
   T* inverse_columns;
@@ -99,6 +98,26 @@ struct WavefrontShared {
   CINC_HD DiagonalRing<T> ring(const WavefrontParams<T>& p) const { return {work, p.C, p.H, p.ring_slots}; }
   CINC_HD const T* weight(const WavefrontParams<T>& p) const { return p.weight_in_shared ? weight_copy : p.weight; }
 };
+
+// One entry of L⁻¹ r, where `inverse_columns` holds L⁻¹ column by column (inverse_columns[c·C + o] = L⁻¹[o, c],
+// e.g. column c = solve_lower_in_place on the unit vector e_c) and r[c] is at r[c · r_stride]:
+// returns Σ_{c ≤ o} L⁻¹[o, c] r[c]. With L⁻¹ precomputed the channel substitution of a pixel becomes C independent
+// dot products, one per thread on a GPU, instead of C dependent steps.
+template <typename Acc>
+CINC_HD Acc lower_inverse_row_dot(const Acc* inverse_columns, const Acc* r, int64_t r_stride, int64_t C, int64_t o) {
+  Acc sum = Acc(0);
+  for (int64_t c = 0; c <= o; ++c) sum += inverse_columns[c * C + o] * r[c * r_stride];
+  return sum;
+}
+
+// One entry of L⁻ᵀ r with the same storage: Σ_{o ≥ c} L⁻¹[o, c] r[o] (row c of L⁻ᵀ is column c of L⁻¹, contiguous).
+template <typename Acc>
+CINC_HD Acc lower_inverse_transpose_row_dot(const Acc* inverse_columns, const Acc* r, int64_t r_stride, int64_t C,
+                                            int64_t c) {
+  Acc sum = Acc(0);
+  for (int64_t o = c; o < C; ++o) sum += inverse_columns[c * C + o] * r[o * r_stride];
+  return sum;
+}
 
 // Number of prologue_fill items.
 template <typename T>
