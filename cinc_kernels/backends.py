@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from . import _extension, reference
 from ._extension import OP_NAMES as OPS
 from .masks import masked_weight
+
+__all__ = ["OPS", "FLOATS", "HALVES", "AUTO_ORDER", "Backend", "all_backends", "available_backends", "get_backend",
+           "register_backend", "select"]
 
 FLOATS = (torch.float32, torch.float64)
 HALVES = (torch.float16, torch.bfloat16)
@@ -38,9 +41,9 @@ class Backend:
     """
 
     name: str
-    ops: Mapping[str, Callable]
-    device_types: tuple = ()
-    op_dtypes: Mapping = dataclasses.field(default_factory=dict)
+    ops: Mapping[str, Callable[..., torch.Tensor]]
+    device_types: tuple[str, ...] = ()
+    op_dtypes: Mapping[Union[str, tuple[str, str]], tuple[torch.dtype, ...]] = dataclasses.field(default_factory=dict)
     unavailable: Callable[[], Optional[str]] = lambda: None
     public: bool = True
     device_unsupported: Callable[[torch.device], Optional[str]] = lambda device: None
@@ -49,7 +52,7 @@ class Backend:
     def runs_on(self, device_type: str) -> bool:
         return not self.device_types or device_type in self.device_types
 
-    def dtypes(self, op: str, device_type: str) -> tuple:
+    def dtypes(self, op: str, device_type: str) -> tuple[torch.dtype, ...]:
         """The dtypes ``op`` takes on tensors of ``device_type``."""
         return self.op_dtypes.get((device_type, op), self.op_dtypes.get(op, FLOATS))
 
@@ -160,8 +163,9 @@ def select(name: str, op: str, device: torch.device, dtype: torch.dtype, arg: st
 # built-in backends
 
 
-def _reference_logdet(weight, height, width, unit_diagonal):
-    return reference.logdet(weight, height, width, unit_diagonal).to(weight.dtype)
+def _reference_logdet(weight: torch.Tensor, height: int, width: int, unit_diagonal: bool) -> torch.Tensor:
+    ld: torch.Tensor = reference.logdet(weight, height, width, unit_diagonal)
+    return ld.to(weight.dtype)
 
 
 register_backend(
@@ -177,7 +181,8 @@ register_backend(
 )
 
 
-def _aten_forward(x, weight, bias, unit_diagonal):
+def _aten_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  unit_diagonal: bool) -> torch.Tensor:
     """The forward through ATen's convolution (oneDNN / cuDNN) on the masked weight; differentiable by ATen."""
     k = weight.shape[-1]
     wm = masked_weight(weight, unit_diagonal)
@@ -197,13 +202,13 @@ register_backend(
 )
 
 
-def _cpu_unavailable():
+def _cpu_unavailable() -> Optional[str]:
     if _extension.ERROR is not None:
         return f"the C++ extension cinc_kernels._C did not load ({_extension.ERROR}); {_extension.BUILD_HINT}"
     return None
 
 
-def _cuda_unavailable():
+def _cuda_unavailable() -> Optional[str]:
     if _extension.ERROR is not None:
         return f"the C++ extension cinc_kernels._C did not load ({_extension.ERROR}); {_extension.BUILD_HINT}"
     if not _extension.has_kernel("inverse", "CUDA"):

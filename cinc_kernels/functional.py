@@ -5,7 +5,7 @@ All are differentiable in every tensor argument and traceable by ``torch.compile
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -63,13 +63,13 @@ def check_image(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return k
 
 
-def check_unit_diagonal(unit_diagonal) -> None:
+def check_unit_diagonal(unit_diagonal: object) -> None:
     """``unit_diagonal`` must be a real ``bool``: a truthy string or number would pick a mask silently."""
     if not isinstance(unit_diagonal, bool):
         raise TypeError(f"unit_diagonal must be a bool, got {type(unit_diagonal).__name__} {unit_diagonal!r}")
 
 
-def _check_dilation(dilation) -> int:
+def _check_dilation(dilation: object) -> int:
     if isinstance(dilation, bool) or not isinstance(dilation, int):
         raise TypeError(f"dilation must be an int, got {type(dilation).__name__}")
     if dilation < 1:
@@ -77,7 +77,7 @@ def _check_dilation(dilation) -> int:
     return dilation
 
 
-def _per_sub_image(op, t: torch.Tensor, dilation: int) -> torch.Tensor:
+def _per_sub_image(op: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, dilation: int) -> torch.Tensor:
     """``op`` (an undilated op on ``(B, C, H, W)``) applied with dilation ``d``: pixels ``(i, j)`` with the same
     ``(i mod d, j mod d)`` only ever meet each other, so the d² interleaved sub-images are independent CInC problems
     with the same weight (docs/spec.md §4). They go into the batch (space-to-batch), ``op`` runs once, and they come

@@ -6,13 +6,16 @@ with itself in the tests that compare the two.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 __all__ = ["weight_mask", "masked_weight", "centre_tap", "free_parameters"]
 
 
-def weight_mask(channels, kernel_size, unit_diagonal=False, *, dtype=torch.float64, device=None):
+def weight_mask(channels: int, kernel_size: int, unit_diagonal: bool = False, *, dtype: torch.dtype = torch.float64,
+                device: Optional[torch.device] = None) -> torch.Tensor:
     """1 where ``weight`` is free, 0 where the mask zeroes it (above the centre tap's diagonal; and on it with
     ``unit_diagonal``). Shape ``(C, C, k, k)``."""
     C, k = channels, kernel_size

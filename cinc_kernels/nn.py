@@ -34,7 +34,8 @@ class _Layer(Protocol):
 
 
 
-def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias=None, padding: int = 0) -> torch.Tensor:
+def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+            padding: int = 0) -> torch.Tensor:
     """``F.conv2d`` that also takes an image without pixels or channels (ATen refuses those) and returns the
     equally empty result, still attached to the weight's graph (docs/spec.md §2: empty in, empty out)."""
     if x.numel() == 0:
@@ -121,7 +122,7 @@ class CInCConv2d(nn.Module):
         self.check_finite = check_finite
         self.name: Optional[str] = None
         self._warned_non_finite = False
-        self._mask_cache: dict = {}  # (dtype, device) -> what _masks returns
+        self._mask_cache: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def logdet(self, height: int, width: int) -> torch.Tensor:
         """``log|det|`` for one ``height × width`` image, a 0-dim tensor."""
@@ -137,7 +138,7 @@ class CInCConv2d(nn.Module):
                                 backend=self.backend)
         return y, logdet.expand(x.shape[0])
 
-    def _forward_runs_on_aten(self, x) -> bool:
+    def _forward_runs_on_aten(self, x: torch.Tensor) -> bool:
         # When the backend the functional op would pick is ATen's convolution (backend="auto" on CPU and CUDA), the
         # layer runs it itself, so that the training step is the convolution plus two small ops: the mask is one
         # selection by a cached mask (so NaN in a masked entry is inert), and the log-determinant (docs/spec.md §1: H·W·Σ log|L[c,c]|) is read off the
@@ -145,7 +146,7 @@ class CInCConv2d(nn.Module):
         return (self.backend == "auto" and isinstance(x, torch.Tensor) and x.dtype == self.weight.dtype
                 and select("auto", "forward", x.device, x.dtype).name == "_aten")
 
-    def _masks(self, like: torch.Tensor):
+    def _masks(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keep, fixed, centre): ``masked = where(keep, weight, fixed)`` (``fixed``: the unit diagonal, else 0) and
         the flat indices of the centre tap's diagonal, built once per dtype and device."""
         key = (like.dtype, like.device)
@@ -161,7 +162,7 @@ class CInCConv2d(nn.Module):
             cached = self._mask_cache[key] = (mask, added, centre)
         return cached
 
-    def _aten_forward(self, x: torch.Tensor, weight: torch.Tensor):
+    def _aten_forward(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fn.check_image(x, weight, self.bias, "x")
         k, (B, _, H, W) = self.kernel_size, x.shape
         mask, added, centre = self._masks(weight)
@@ -217,7 +218,8 @@ class CInCConv2d(nn.Module):
         :meth:`inverse_gain`); ``inf`` without it."""
         if self.parametrization != "contractive":
             return math.inf
-        return self.parametrizations.weight[0].gain_ceiling()
+        contractive: conditioning.ContractiveTaps = self.parametrizations.weight[0]  # type: ignore[union-attr,index,assignment]
+        return float(contractive.gain_ceiling())
 
     def contraction_bound(self) -> float:
         """``q = Σ_t ‖L⁻¹W_t‖₂``; ``< 1`` certifies the inverse at every image size

@@ -11,7 +11,7 @@ and the same backward formulas (:mod:`cinc_kernels.registration`) as the compile
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +118,7 @@ def logdet(weight: torch.Tensor, height: int, width: int, unit_diagonal: bool) -
 
 
 # float32 everywhere, float64 where the device has it (not MPS); float16 / bfloat16 for the forward on GPUs.
-OP_DTYPES: dict = {("mps", op): (torch.float32,) for op in OPS}
+OP_DTYPES: dict[Union[str, tuple[str, str]], tuple[torch.dtype, ...]] = {("mps", op): (torch.float32,) for op in OPS}
 OP_DTYPES.update({("mps", "forward"): (torch.float32,) + HALF, ("cuda", "forward"): FLOATS + HALF,
                   ("xpu", "forward"): FLOATS + HALF})
 
