@@ -1,13 +1,12 @@
-"""``backend="torch"`` (plain PyTorch, any device) held to the checks of the C++ CPU backend: the float64 reference
-over shapes, dtypes, layouts, bias and unit diagonal; empty batches and images; opcheck, gradcheck and the gradient
-formulas; masked entries; torch.compile; singular weights; and where ``auto`` puts it.
+"""``backend="torch"`` (plain PyTorch, any device) beyond the shared contract (``tests/test_backend_contract.py``, which runs
+opcheck, gradcheck, layouts, empty inputs, masked entries, torch.compile and singular weights on it like on every
+backend): the C++ CPU kernels' grid of shapes, gradients equal to the C++ backend's, dtypes per device, and where
+``auto`` puts it.
 
 Runs on the CPU, and on CUDA / MPS too when this machine has them.
 """
 import pytest
 import torch
-
-from cinc_kernels.backends import get_backend
 
 import cinc_kernels as ck
 from cinc_kernels import backends, reference, torch_backend
@@ -61,75 +60,6 @@ def test_torch_backend_matches_reference(case, device):
                                atol=tol * H * W)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("C,k", [(1, 3), (5, 2), (12, 3), (7, 7)])
-def test_inverse_of_forward_is_identity(C, k, device):
-    g = torch.Generator().manual_seed(C * 10 + k)
-    w = make_weight(C, k, torch.float32, device, generator=g)
-    b = torch.randn(C, generator=g).to(device)
-    x = make_image(2, C, 11, 13, torch.float32, device, generator=g)
-    x_hat = ck.cinc_conv2d_inverse(ck.cinc_conv2d(x, w, b, backend="torch"), w, b, backend="torch")
-    assert rel_error(x_hat, x) <= 20 * RTOL[torch.float32]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op", ["forward", "inverse", "inverse_transpose"])
-def test_batch_zero_and_empty_images(op, device):
-    w = make_weight(4, 3, torch.float32, device)
-    fn = {"forward": ck.cinc_conv2d, "inverse": ck.cinc_conv2d_inverse,
-          "inverse_transpose": ck.cinc_conv2d_inverse_transpose}[op]
-    for shape in [(0, 4, 5, 4), (2, 4, 0, 3), (2, 4, 3, 0)]:
-        t = torch.randn(shape, device=device)
-        out = fn(t, w, backend="torch")
-        assert out.shape == t.shape and out.dtype == t.dtype and out.device == t.device
-
-
-def test_singular_weight_is_refused_and_its_logdet_is_minus_infinity():
-    w = make_weight(3, 3, torch.float32)
-    w[1, 1, 2, 2] = 0
-    y = torch.randn(1, 3, 4, 4)
-    for solve in (lambda: ck.cinc_conv2d_inverse(y, w, backend="torch"),
-                  lambda: ck.cinc_conv2d_inverse_transpose(y, w, backend="torch")):
-        with pytest.raises(ValueError, match="weight"):
-            solve()
-    assert ck.cinc_logdet(w, 4, 4, backend="torch").item() == float("-inf")
-
-
-def sample_inputs(requires_grad=False):
-    """(op, args) pairs covering bias / no bias, unit diagonal, k = 1…3, odd sizes (as for the C++ ops)."""
-    g = torch.Generator().manual_seed(13)
-    out = []
-    for B, C, H, W, k, bias, unit in [(2, 3, 4, 5, 3, True, False), (1, 2, 3, 2, 2, False, True),
-                                      (2, 5, 3, 3, 3, True, True), (1, 4, 2, 3, 1, True, False)]:
-        for op in OPS:
-            w = make_weight(C, k, generator=g).requires_grad_(requires_grad)
-            b = torch.randn(C, generator=g, dtype=torch.float64).requires_grad_(requires_grad) if bias else None
-            x = make_image(B, C, H, W, generator=g).requires_grad_(requires_grad)
-            if op is torch_backend.logdet:
-                out.append((op, (w, H, W, unit)))
-            elif op is torch_backend.inverse_transpose:
-                out.append((op, (x, w, unit)))
-            else:
-                out.append((op, (x, w, b, unit)))
-    return out
-
-
-def _op_id(value):
-    return getattr(value, "_name", "")
-
-
-@pytest.mark.parametrize("op,args", sample_inputs(), ids=_op_id)
-def test_opcheck(op, args):
-    torch.library.opcheck(op, args)
-
-
-@pytest.mark.parametrize("op,args", sample_inputs(requires_grad=True), ids=_op_id)
-def test_gradcheck_float64(op, args):
-    # Fast mode (a random projection of the Jacobian) costs a few solves instead of two per input element: the
-    # Python wavefront is slow per call, and the full Jacobian of these formulas is checked on the C++ ops.
-    assert torch.autograd.gradcheck(op, args, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
-
-
 @pytest.mark.parametrize("unit", [False, True])
 @pytest.mark.parametrize("which", ["forward", "inverse", "inverse_transpose", "logdet"])
 def test_gradients_match_the_c_plus_plus_backend(which, unit):
@@ -158,53 +88,12 @@ def test_gradients_match_the_c_plus_plus_backend(which, unit):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("unit", [False, True])
-def test_masked_weight_entries_get_exactly_zero_gradient(unit):
-    g = torch.Generator().manual_seed(2)
-    C, k = 5, 3
-    w = make_weight(C, k, generator=g).requires_grad_()
-    x = make_image(2, C, 6, 5, generator=g)
-    mask = reference.weight_mask(C, k, unit)
-    loss = (ck.cinc_conv2d(x, w, unit_diagonal=unit, backend="torch") ** 2).sum()
-    loss = loss + (ck.cinc_conv2d_inverse(x, w, unit_diagonal=unit, backend="torch") ** 2).sum()
-    loss = loss + ck.cinc_logdet(w, 6, 5, unit_diagonal=unit, backend="torch")
-    (gw,) = torch.autograd.grad(loss, w)
-    assert torch.all(gw[mask == 0] == 0)
-    assert torch.all(gw[mask == 1] != 0)
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_torch_compile_fullgraph_matches_eager(layout):
-    g = torch.Generator().manual_seed(4)
-    w = make_weight(6, 3, torch.float32, generator=g)
-    b = torch.randn(6, generator=g)
-    x = with_layout(make_image(2, 6, 7, 5, torch.float32, generator=g), layout)
-
-    def roundtrip(x, w, b):
-        y = ck.cinc_conv2d(x, w, b, backend="torch")
-        return y, ck.cinc_conv2d_inverse(y * 1.5, w, b, backend="torch"), ck.cinc_logdet(w, 7, 5, backend="torch")
-
-    compiled = torch.compile(roundtrip, fullgraph=True, backend="aot_eager")
-    for got, want in zip(compiled(x, w, b), roundtrip(x, w, b)):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-def test_accumulate_float64_solves_in_float64():
-    g = torch.Generator().manual_seed(6)
-    w = make_weight(5, 3, torch.float32, generator=g)
-    y = make_image(2, 5, 9, 8, torch.float32, generator=g)
-    got = ck.cinc_conv2d_inverse(y, w, accumulate=torch.float64, backend="torch")
-    want = reference.inverse(y.double(), w.double())
-    assert got.dtype == torch.float32
-    assert rel_error(got, want) <= RTOL[torch.float32]
-
-
 def test_dtypes_per_device():
-    assert get_backend("torch").dtypes("inverse", "mps") == (torch.float32,)
-    assert torch.float64 not in get_backend("torch").dtypes("forward", "mps")
-    assert get_backend("torch").dtypes("inverse", "cpu") == (torch.float32, torch.float64)
-    assert torch.bfloat16 in get_backend("torch").dtypes("forward", "cuda")
-    assert torch.float16 not in get_backend("torch").dtypes("inverse", "cuda")
+    assert backends.get_backend("torch").dtypes("inverse", "mps") == (torch.float32,)
+    assert torch.float64 not in backends.get_backend("torch").dtypes("forward", "mps")
+    assert backends.get_backend("torch").dtypes("inverse", "cpu") == (torch.float32, torch.float64)
+    assert torch.bfloat16 in backends.get_backend("torch").dtypes("forward", "cuda")
+    assert torch.float16 not in backends.get_backend("torch").dtypes("inverse", "cuda")
 
 
 def test_auto_order_puts_torch_after_the_compiled_backends():
