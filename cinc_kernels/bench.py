@@ -33,6 +33,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ._checks import Range
+from ._cli import ArgumentParser, range_type
 from ._optional import optional_import
 from . import functional as fn
 from . import harness
@@ -523,24 +525,8 @@ def write_results(rows: list, config: BenchConfig, quiet: bool = False) -> dict:
 # the command line
 
 
-class _Parser(argparse.ArgumentParser):
-    """One ``error: ...`` line naming the option, exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}\n")
-
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
-        return value
-
-    return parse
+def _int_at_least(low: int) -> Callable[[str], int]:
+    return range_type(Range(int, low))
 
 
 def _int_list(text: str) -> list:
@@ -562,14 +548,7 @@ def _layer_list(text: str) -> list:
     return names
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (0 <= value < math.inf):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
-    return value
+_seconds = range_type(Range(float, 0))
 
 
 # What --quick sets, for each option the command line did not give.
@@ -578,7 +557,7 @@ QUICK = {"batch": 2, "channels": 4, "size": 8, "sizes": [4, 8], "channel_sweep":
 
 
 def parse_args(argv=None) -> BenchConfig:
-    p = _Parser(prog="python -m cinc_kernels bench",
+    p = ArgumentParser(prog="python -m cinc_kernels bench",
                 description="Invertible layers side by side, and the CInC inverse algorithms.")
     p.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if present)")
     p.add_argument("--backends", default=None, help="comma list (default: auto, then every available one for the "

@@ -22,8 +22,8 @@ import torch
 
 from cinc_kernels.flow.__main__ import main
 from cinc_kernels.flow.train import (
+    RunLock,
     TrainConfig,
-    _RunLock,
     atomic_write_bytes,
     load_checkpoint,
     resolve_device,
@@ -90,7 +90,7 @@ def test_existing_run_is_refused_by_the_command_and_left_byte_identical(run, tmp
 def test_a_second_run_into_a_locked_folder_fails_at_once_naming_the_holder(tmp_path):
     folder = tmp_path / "busy"
     folder.mkdir()
-    lock = _RunLock(str(folder))
+    lock = RunLock(str(folder))
     try:
         before = _snapshot(folder)
         proc = _cli("train", *TINY, "--steps", "2", "--out-dir", str(folder), cwd=tmp_path)
@@ -101,7 +101,7 @@ def test_a_second_run_into_a_locked_folder_fails_at_once_naming_the_holder(tmp_p
     finally:
         lock.release()
     # Released: the folder can be used (the lock of a finished or killed process never lingers).
-    _RunLock(str(folder)).release()
+    RunLock(str(folder)).release()
 
 
 @pytest.mark.parametrize("change, needle", [

@@ -8,31 +8,10 @@ import os
 import sys
 import time
 
-from .train import TrainConfig, resolve_device
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake as one ``error: ...`` line naming the option (exit code 2), no usage dump."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}\n")
-
-
-def _typed(check, name: str):
-    """An argparse ``type`` from a function that raises ``ValueError``/``TypeError`` on bad text."""
-
-    def parse(text: str):
-        try:
-            return check(text)
-        except (TypeError, ValueError) as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    parse.__name__ = name
-    return parse
-
-
-def _range(rng):
-    return _typed(rng.parse, rng.kind.__name__)
+from .._checks import Range
+from .._cli import ArgumentParser, argument_type, range_type
+from .config import FIELD_RANGES, OPTIMIZERS, TEMPERATURE, TrainConfig, check_name
+from .distributed import resolve_device
 
 
 def _folder(text: str) -> str:
@@ -48,8 +27,6 @@ def _existing_file(text: str) -> str:
 
 
 def _device_spec(text: str) -> str:
-    from .train import resolve_device
-
     resolve_device(text)
     return text
 
@@ -59,13 +36,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     from .data import DATASETS
     from .layers import COUPLINGS, PERMUTATIONS
     from .model import PRESETS
-    from .train import FIELD_RANGES, OPTIMIZERS, TEMPERATURE, check_name
 
     defaults = TrainConfig()
     helps = {
         "name": "run name; the output folder defaults to runs/<name>",
         "out_dir": "output folder (checkpoint.pt, config.json, metrics.json, loss.png, samples/)",
-        "data": "digits or photos (bundled, no download), mnist, fashion-mnist, cifar10, imagefolder, imagenet32, imagenet64",
+        "data": "digits or photos (bundled, no download), mnist, fashion-mnist, cifar10, imagefolder, imagenet32, "
+                "imagenet64",
         "data_root": "local folder with the data set's files (never downloaded)",
         "n_bits": "reduce 8-bit data to this many bits (e.g. 5)",
         "image_size": "side length for imagefolder and photos data (a multiple of 2**levels; photos: 32 by default)",
@@ -78,7 +55,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "coupling": "quad or affine",
         "backend": "kernel backend of the convolutions",
         "conv_kwargs": "JSON object of extra conv constructor arguments, e.g. '{\"parametrization\": \"contractive\"}'",
-        "permutation": "reverse (the paper's step: reverse the channels before each coupling), none (ablation) or 1x1 (LU 1x1 conv before the conv)",
+        "permutation": "reverse (the paper's step: reverse the channels before each coupling), none (ablation) or "
+                       "1x1 (LU 1x1 conv before the conv)",
         "steps": "total optimisation steps",
         "batch_size": "images per step per process",
         "optimizer": "adam or adamax",
@@ -98,10 +76,10 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "tensorboard": "also log bits/dim, lr, gradient norm, images/s and sample grids to <out_dir>/tensorboard",
     }
     # What each setting accepts; a setting not listed takes any string.
-    kinds = {name: {"type": _range(rng)} for name, rng in FIELD_RANGES.items()}
+    kinds = {name: {"type": range_type(rng)} for name, rng in FIELD_RANGES.items()}
     kinds.update({
-        "name": {"type": _typed(check_name, "name")},
-        "out_dir": {"type": _typed(_folder, "folder")},
+        "name": {"type": argument_type(check_name, "name")},
+        "out_dir": {"type": argument_type(_folder, "folder")},
         "data": {"choices": DATASETS},
         "preset": {"choices": [*PRESETS, "none"]},
         "conv": {"choices": sorted(LAYERS)},
@@ -109,8 +87,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "permutation": {"choices": PERMUTATIONS},
         "optimizer": {"choices": OPTIMIZERS},
         "conv_kwargs": {"type": _json_object, "default": {}},
-        "temperatures": {"type": _range(TEMPERATURE), "nargs": "+"},
-        "device": {"type": _typed(_device_spec, "device")},
+        "temperatures": {"type": range_type(TEMPERATURE), "nargs": "+"},
+        "device": {"type": argument_type(_device_spec, "device")},
     })
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -173,7 +151,8 @@ def _rank() -> int:
 def _cmd_sample(args) -> int:
     import torch
 
-    from .train import _atomic_write_text, load_model, resolve_device, save_grid
+    from .checkpoint import atomic_write_text, load_model
+    from .plots import save_grid
 
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device, backend=args.backend)
@@ -199,15 +178,16 @@ def _cmd_sample(args) -> int:
     overview = os.path.join(out_dir, "sample_temperatures.png")
     save_grid(torch.cat(rows), overview, nrow=rows[0].shape[0], scale=max(1, 64 // side))
     print(f"rows T={', '.join(f'{t:g}' for t in args.temperatures)} -> {overview}")
-    _atomic_write_text(json.dumps({"checkpoint": args.checkpoint, "step": ckpt["step"], "n": args.n,
+    atomic_write_text(json.dumps({"checkpoint": args.checkpoint, "step": ckpt["step"], "n": args.n,
                                    "device": str(device), "seconds": timings}, indent=2) + "\n",
                        os.path.join(out_dir, "sample_times.json"))
     return 0
 
 
 def _cmd_eval(args) -> int:
+    from .checkpoint import load_model
     from .data import load_data
-    from .train import evaluate, load_model, reconstruction_error, resolve_device
+    from .evaluation import evaluate, reconstruction_error
 
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device, backend=args.backend)
@@ -232,10 +212,12 @@ def _cmd_eval(args) -> int:
 
 def main(argv=None) -> int:
     from .data import DATASETS
-    from .train import FIELD_RANGES, TEMPERATURE, Range, RunInterrupted
+    from .train import RunInterrupted
 
-    count, seed, threads = _range(Range(int, 1)), _range(FIELD_RANGES["seed"]), _range(FIELD_RANGES["threads"])
-    parser = _Parser(prog="python -m cinc_kernels.flow", description="Train, sample and evaluate CInC Flow models.")
+    count, seed = range_type(Range(int, 1)), range_type(FIELD_RANGES["seed"])
+    threads = range_type(FIELD_RANGES["threads"])
+    parser = ArgumentParser(prog="python -m cinc_kernels.flow",
+                            description="Train, sample and evaluate CInC Flow models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a flow (DDP under torchrun)",
@@ -243,13 +225,13 @@ def main(argv=None) -> int:
     _add_train_arguments(p)
     p.set_defaults(func=_cmd_train)
 
-    checkpoint = _typed(_existing_file, "checkpoint")
-    device = _typed(_device_spec, "device")
+    checkpoint = argument_type(_existing_file, "checkpoint")
+    device = argument_type(_device_spec, "device")
     p = sub.add_parser("sample", help="sample grids at several temperatures from a checkpoint")
     p.add_argument("--checkpoint", required=True, type=checkpoint, help="a checkpoint.pt written by train")
     p.add_argument("--n", type=count, default=64, help="images per grid (default 64)")
-    p.add_argument("--temperatures", type=_range(TEMPERATURE), nargs="+", default=[0.5, 0.7, 0.85, 1.0])
-    p.add_argument("--out", default=None, type=_typed(_folder, "folder"),
+    p.add_argument("--temperatures", type=range_type(TEMPERATURE), nargs="+", default=[0.5, 0.7, 0.85, 1.0])
+    p.add_argument("--out", default=None, type=argument_type(_folder, "folder"),
                    help="output folder (default: samples/ beside the checkpoint)")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--device", default="auto", type=device)
@@ -261,8 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, type=checkpoint)
     p.add_argument("--data", default=None, choices=DATASETS, help="data set (default: the one it was trained on)")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--n-bits", type=_range(FIELD_RANGES["n_bits"]), default=None)
-    p.add_argument("--image-size", type=_range(FIELD_RANGES["image_size"]), default=None)
+    p.add_argument("--n-bits", type=range_type(FIELD_RANGES["n_bits"]), default=None)
+    p.add_argument("--image-size", type=range_type(FIELD_RANGES["image_size"]), default=None)
     p.add_argument("--batch-size", type=count, default=256)
     p.add_argument("--seed", type=seed, default=0, help="seed of the dequantisation noise")
     p.add_argument("--device", default="auto", type=device)

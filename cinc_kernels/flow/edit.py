@@ -152,8 +152,11 @@ def _labelled_images(args, data):
 
 
 def _cmd_edit(args) -> int:
+    from .checkpoint import atomic_save, load_model
     from .data import load_data
-    from .train import _eval_noise, atomic_save, load_model, resolve_device, save_grid
+    from .distributed import resolve_device
+    from .evaluation import eval_noise
+    from .plots import save_grid
 
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device, backend=args.backend)
@@ -166,7 +169,7 @@ def _cmd_edit(args) -> int:
 
     def to_input(lv, indices):
         # The same fixed per-image dequantisation noise as the test metric, so a rerun edits the same images.
-        return ((lv.float() + _eval_noise(indices, lv.shape[1:], args.seed)) / data.num_levels).to(device)
+        return ((lv.float() + eval_noise(indices, lv.shape[1:], args.seed)) / data.num_levels).to(device)
 
     x_fit = to_input(levels, list(range(levels.shape[0])))
     directions = attribute_directions(encode_flat(model, x_fit), attributes.to(device), args.method)
