@@ -218,12 +218,19 @@ class CInCFlow(nn.Module):
         return self.decode([None] * (self.num_levels - 1) + [top], temperature, generator)
 
     def num_parameters(self) -> int:
-        """Free parameters: the convolutions count only their free entries (``num_parameters()`` of the layer)."""
+        """Free parameters, each entry once: a submodule with its own ``num_parameters()`` (the convolutions, which
+        count only their free entries) answers for everything inside it, so the layers it is built from (e.g.
+        :class:`~cinc_kernels.nn.EmergingConv2d`'s 1×1 and two CInC convolutions) are not counted again; every
+        other parameter counts all its entries."""
         total, seen = 0, set()
-        for module in self.modules():
-            if module is not self and hasattr(module, "num_parameters") and not isinstance(module, CInCFlow):
+        pending = list(self.children())
+        while pending:
+            module = pending.pop()
+            if hasattr(module, "num_parameters"):
                 total += module.num_parameters()
                 seen.update(id(p) for p in module.parameters())
+            else:
+                pending.extend(module.children())
         return total + sum(p.numel() for p in self.parameters() if id(p) not in seen)
 
 
