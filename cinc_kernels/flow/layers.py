@@ -208,18 +208,25 @@ class ReverseChannels(nn.Module):
         return y.flip(1)
 
 
-PERMUTATIONS = ("reverse", "none", "1x1")
+PERMUTATIONS = ("reverse", "none", "1x1", "paper")
 
 
 class FlowStep(nn.Module):
-    """One step of flow: ActNorm → [LU 1×1] → invertible convolution (by name) → [channel reversal] → coupling.
+    """One step of flow: ActNorm → [LU 1×1 | channel reversal] → invertible convolution (by name) →
+    [channel reversal] → coupling.
 
     ``permutation`` (docs/spec.md §4):
 
-    - ``"reverse"`` (default): reverse the channels between the convolution and the coupling. Our CInC centre tap
-      is lower triangular (output ``c`` reads inputs ``0…c``); the paper's is upper triangular (their mask is flipped
-      on both channel axes), and their coupling conditions on the first half. Our conv followed by the reversal is
-      their conv up to the channel order the coupling sees, so this is the paper's step, not an addition to it.
+    - ``"reverse"`` (default): reverse the channels between the convolution and the coupling, ``R·M``. Our CInC
+      centre tap is lower triangular (output ``c`` reads inputs ``0…c``); the authors' is upper triangular (their
+      mask is flipped on both channel axes), and their coupling conditions on the first half. With the reversal
+      the coupling's channel ``c`` reads inputs ``0…C−1−c`` at the centre tap, so the conditioning half receives
+      the transformed half, as in the authors' step; but ``R·M = (R·M·R)·R``: this is the authors' step with one
+      more channel reversal at its start (equivalently, between every coupling and the next step), so the two
+      flows are not the same family of maps.
+    - ``"paper"``: the authors' step exactly, ``R·M·R`` (reverse, convolve, reverse back) with nothing between
+      steps: their upper triangular convolution, entry for entry (the coupling's channel ``c`` reads inputs
+      ``c…C−1`` of the same pixel). ``R`` is a permutation, so the log-determinant is the convolution's.
     - ``"none"``: ActNorm → conv → coupling with our orientation (an ablation: the conditioning half never
       receives the transformed half through the centre tap).
     - ``"1x1"``: an LU :class:`~cinc_kernels.nn.InvConv1x1` before the convolution (the authors'
@@ -237,12 +244,14 @@ class FlowStep(nn.Module):
             raise ValueError(f"permutation must be one of {', '.join(PERMUTATIONS)}; got {permutation!r}")
         self.actnorm = ActNorm(channels)
         self.mix = make_conv("1x1", channels, backend) if permutation == "1x1" else None
+        self.reverse_in = ReverseChannels() if permutation == "paper" else None
         self.conv = make_conv(conv, channels, backend, **(conv_kwargs or {}))
-        self.permute = ReverseChannels() if permutation == "reverse" else None
+        self.permute = ReverseChannels() if permutation in ("reverse", "paper") else None
         self.coupling = COUPLINGS[coupling](channels, hidden_channels)
 
     def _layers(self):
-        return [m for m in (self.actnorm, self.mix, self.conv, self.permute, self.coupling) if m is not None]
+        return [m for m in (self.actnorm, self.mix, self.reverse_in, self.conv, self.permute, self.coupling)
+                if m is not None]
 
     def forward(self, x: torch.Tensor):
         logdet = x.new_zeros(x.shape[0])
