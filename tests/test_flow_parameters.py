@@ -16,6 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LAYER_CASES = [(name, {}) for name in sorted(LAYERS)] + [
     ("cinc", {"bias": False, "unit_diagonal": True}),
     ("cinc", {"parametrization": "contractive"}),
+    ("cinc", {"init": "rotation"}),
+    ("cinc", {"init": "rotation", "parametrization": "contractive"}),
     ("emerging", {"kernel_size": 3, "unit_diagonal": True}),
     ("autoregressive", {"kernel_size": 5, "bias": False}),
 ]

@@ -1,12 +1,16 @@
 """The flow step's variants (docs/spec.md §4): the authors' exact step (``permutation="paper"``), against a direct
-transcription of their convolution. Tiny float64 problems."""
+transcription of their convolution; the fixed random channel shuffle; CInCConv2d's mixing initialisation. Tiny
+float64 problems."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cinc_kernels.flow.layers import FlowStep
+from cinc_kernels import reference
+from cinc_kernels.flow import CInCFlow
+from cinc_kernels.flow.layers import FlowStep, ShuffleChannels
+from cinc_kernels.nn import INITS, CInCConv2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,3 +81,98 @@ def test_reverse_step_is_the_paper_step_after_one_more_reversal():
     assert torch.allclose(y_ours, y_paper, rtol=0, atol=1e-12)
     assert torch.allclose(ld_ours, ld_paper, rtol=0, atol=1e-12)
     assert not torch.allclose(ours(x)[0], paper(x)[0], atol=1e-3), "the steps are different maps"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# shuffle
+
+
+def test_shuffle_is_a_fixed_permutation_with_an_exact_inverse():
+    torch.manual_seed(0)
+    shuffle = ShuffleChannels(11)
+    perm = shuffle.perm
+    assert sorted(perm.tolist()) == list(range(11)) and perm.tolist() != list(range(11))
+    assert list(shuffle.parameters()) == []
+    x = torch.randn(3, 11, 2, 5, dtype=torch.float64)
+    y, logdet = shuffle(x)
+    assert torch.equal(y, x[:, perm]) and torch.equal(logdet, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(shuffle.inverse(y), x)
+    assert torch.equal(shuffle(x[:0])[0], x[:0])
+    torch.manual_seed(0)
+    assert torch.equal(ShuffleChannels(11).perm, perm), "reproducible under torch.manual_seed"
+
+
+def test_shuffle_is_saved_with_the_weights_and_differs_between_steps(tmp_path):
+    torch.manual_seed(0)
+    model = CInCFlow(1, 2, 3, 6, conv="cinc", coupling="quad", image_size=8, permutation="shuffle").double().eval()
+    perms = [step.permute.perm for level in model.levels for step in level.steps]
+    assert len({tuple(p.tolist()) for p in perms}) > 1
+    state = model.state_dict()
+    assert torch.equal(state["levels.0.steps.0.permute.perm"], perms[0])
+    path = tmp_path / "m.pt"
+    torch.save(state, path)
+    torch.manual_seed(1)  # a fresh model draws other permutations; loading restores the saved ones
+    fresh = CInCFlow.from_config(model.config).double().eval()
+    assert not all(torch.equal(a.permute.perm, b.permute.perm)
+                   for a, b in zip(fresh.levels[0].steps, model.levels[0].steps))
+    fresh.load_state_dict(torch.load(path))
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert torch.equal(fresh.log_prob(x), model.log_prob(x))
+    assert torch.allclose(model.decode(model.encode(x)), x, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# init
+
+
+def test_inits_are_known_and_checked():
+    assert INITS == ("identity", "rotation")
+    with pytest.raises(ValueError, match="init must be one of identity, rotation"):
+        CInCConv2d(4, init="orthogonal")
+
+
+@pytest.mark.parametrize("channels,k,unit_diagonal", [(7, 3, False), (12, 2, True), (1, 3, False), (5, 1, False)])
+def test_rotation_init_mixes_at_log_determinant_zero(channels, k, unit_diagonal):
+    torch.manual_seed(channels)
+    layer = CInCConv2d(channels, k, unit_diagonal=unit_diagonal, init="rotation")
+    centre = reference.masked_weight(layer.weight.detach().double(), unit_diagonal)[:, :, k - 1, k - 1]
+    assert torch.equal(centre.diagonal(), torch.ones(channels, dtype=torch.float64))
+    assert torch.equal(centre, centre.tril())
+    assert float(layer.logdet(5, 3).detach()) == 0.0
+    if channels > 1:
+        # It mixes: far from the identity, with entries up to 1 (partial pivoting bounds them there).
+        off = centre - torch.eye(channels, dtype=torch.float64)
+        assert float(off.abs().max()) > 0.3 and float(off.abs().max()) <= 1.0
+        assert int((off.abs() > 0.05).sum()) >= channels * (channels - 1) // 4
+    x = torch.randn(2, channels, 5, 3, dtype=torch.float64)
+    double = layer.double()
+    y, logdet = double(x)
+    assert torch.equal(logdet, torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(double.inverse(y), x, rtol=0, atol=1e-10)
+    assert "init='rotation'" in repr(layer)
+
+
+def test_inits_are_reproducible_and_the_default_draws_as_before():
+    torch.manual_seed(3)
+    a = CInCConv2d(6, init="rotation").weight.detach()
+    torch.manual_seed(3)
+    assert torch.equal(CInCConv2d(6, init="rotation").weight.detach(), a)
+    # The default is the identity plus N(0, init_scale²) on every free entry, from the same draw as before the
+    # option existed (so seeded runs reproduce).
+    torch.manual_seed(3)
+    w = 1e-2 * torch.randn(6, 6, 3, 3)
+    w[:, :, 2, 2] += torch.eye(6)
+    torch.manual_seed(3)
+    assert torch.equal(CInCConv2d(6).weight.detach(), reference.masked_weight(w.double()).float())
+    # The off-centre taps are the same draw in both inits.
+    torch.manual_seed(3)
+    assert torch.equal(a[:, :, :2], CInCConv2d(6, init="identity").weight.detach()[:, :, :2])
+
+
+def test_rotation_init_in_a_flow_round_trips():
+    torch.manual_seed(0)
+    model = CInCFlow(1, 2, 2, 6, conv="cinc", coupling="affine", image_size=8, permutation="shuffle",
+                     conv_kwargs={"init": "rotation"}).double().eval()
+    assert all(step.conv.init == "rotation" for level in model.levels for step in level.steps)
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.allclose(model.decode(model.encode(x)), x, rtol=0, atol=1e-10)

@@ -23,6 +23,7 @@ __all__ = [
     "PERMUTATIONS",
     "QuadCoupling",
     "ReverseChannels",
+    "ShuffleChannels",
     "Split",
     "Squeeze",
     "make_conv",
@@ -208,7 +209,29 @@ class ReverseChannels(nn.Module):
         return y.flip(1)
 
 
-PERMUTATIONS = ("reverse", "none", "1x1", "paper")
+class ShuffleChannels(nn.Module):
+    """A fixed random channel permutation with no parameters: output channel ``c`` is input channel ``perm[c]``.
+    Volume preserving; the inverse applies ``perm``'s inverse, exactly.
+
+    ``perm`` is drawn at construction from torch's global generator (so ``torch.manual_seed`` reproduces it, and
+    every step of a flow gets its own) and kept as a buffer: it is saved in ``state_dict`` and a checkpoint
+    restores the permutation it was trained with. Shapes: ``(B, C, H, W)`` in and out; ``logdet``: zeros ``(B,)``.
+    """
+
+    perm: torch.Tensor
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("perm", torch.randperm(channels))
+
+    def forward(self, x: torch.Tensor):
+        return x[:, self.perm], x.new_zeros(x.shape[0])
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y[:, torch.argsort(self.perm)]
+
+
+PERMUTATIONS = ("reverse", "none", "1x1", "paper", "shuffle")
 
 
 class FlowStep(nn.Module):
@@ -227,6 +250,8 @@ class FlowStep(nn.Module):
     - ``"paper"``: the authors' step exactly, ``R·M·R`` (reverse, convolve, reverse back) with nothing between
       steps: their upper triangular convolution, entry for entry (the coupling's channel ``c`` reads inputs
       ``c…C−1`` of the same pixel). ``R`` is a permutation, so the log-determinant is the convolution's.
+    - ``"shuffle"``: a fixed random channel permutation (:class:`ShuffleChannels`, one per step, no parameters)
+      between the convolution and the coupling, in place of the reversal.
     - ``"none"``: ActNorm → conv → coupling with our orientation (an ablation: the conditioning half never
       receives the transformed half through the centre tap).
     - ``"1x1"``: an LU :class:`~cinc_kernels.nn.InvConv1x1` before the convolution (the authors'
@@ -246,7 +271,11 @@ class FlowStep(nn.Module):
         self.mix = make_conv("1x1", channels, backend) if permutation == "1x1" else None
         self.reverse_in = ReverseChannels() if permutation == "paper" else None
         self.conv = make_conv(conv, channels, backend, **(conv_kwargs or {}))
-        self.permute = ReverseChannels() if permutation in ("reverse", "paper") else None
+        self.permute: nn.Module | None = None
+        if permutation in ("reverse", "paper"):
+            self.permute = ReverseChannels()
+        elif permutation == "shuffle":
+            self.permute = ShuffleChannels(channels)
         self.coupling = COUPLINGS[coupling](channels, hidden_channels)
 
     def _layers(self):
