@@ -52,6 +52,17 @@ def _with_bias_mask(layer: nn.Module, masks: Masks) -> Masks:
     return masks
 
 
+INITS = ("identity", "rotation")
+"""The starting centre taps of :class:`CInCConv2d` (its ``init`` argument)."""
+
+
+def _rotation_lower(channels: int) -> torch.Tensor:
+    """``L`` of ``Q = P·L·U`` for a random orthogonal ``Q``: unit lower triangular, ``(C, C)`` float32."""
+    rotation, _ = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64))
+    lower: torch.Tensor = torch.linalg.lu(rotation)[1]
+    return lower.float()
+
+
 class CInCConv2d(nn.Module):
     """The CInC convolution as a layer (docs/spec.md §1).
 
@@ -62,7 +73,14 @@ class CInCConv2d(nn.Module):
         unit_diagonal: fix the centre tap's diagonal to ones (log-determinant 0, invertible by construction).
         backend: passed to the functional ops (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``, ``"torch"``,
             ``"reference"``).
-        init_scale: standard deviation of the off-identity initial entries (the layer starts near the identity).
+        init_scale: standard deviation of the random initial entries (every free entry gets N(0, init_scale²)).
+        init: the starting centre tap (:data:`INITS`). ``"identity"``: the identity plus the random entries (the
+            authors' initialisation; the layer starts near the identity, log-determinant near 0).
+            ``"rotation"``: the unit lower-triangular factor ``L`` of the LU factorisation ``Q = P·L·U`` (partial
+            pivoting, so ``|L[o, c]| ≤ 1``) of a random orthogonal ``Q`` (the QR factor of a Gaussian matrix);
+            the other taps as with ``"identity"``. The layer then mixes every channel into the later ones from the
+            first step while its log-determinant is exactly 0 (unit diagonal). Both are drawn from torch's global
+            generator, so ``torch.manual_seed`` makes them reproducible.
         parametrization: ``"none"`` (``weight`` is free) or ``"contractive"``: ``weight`` is
             :class:`cinc_kernels.conditioning.ContractiveTaps` of a free parameter (registered with
             ``torch.nn.utils.parametrize``; the free one is ``parametrizations.weight.original``): the centre tap's
@@ -93,8 +111,10 @@ class CInCConv2d(nn.Module):
                  max_contraction: float = conditioning.DEFAULT_MAX_CONTRACTION,
                  max_log_diagonal: Optional[float] = conditioning.DEFAULT_MAX_LOG_DIAGONAL,
                  max_centre_coupling: Optional[float] = conditioning.DEFAULT_MAX_CENTRE_COUPLING,
-                 check_finite: bool = True, dilation: int = 1):
+                 check_finite: bool = True, dilation: int = 1, init: str = "identity"):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
         if parametrization not in ("none", "contractive"):
             raise ValueError(f"parametrization must be 'none' or 'contractive', got {parametrization!r}")
         for name, value in (("channels", channels), ("kernel_size", kernel_size)):
@@ -111,9 +131,13 @@ class CInCConv2d(nn.Module):
         self.unit_diagonal, self.backend = unit_diagonal, backend
         k = kernel_size
         w = init_scale * torch.randn(channels, channels, k, k)
-        w[:, :, k - 1, k - 1] += torch.eye(channels)
+        if init == "identity":
+            w[:, :, k - 1, k - 1] += torch.eye(channels)
+        else:
+            w[:, :, k - 1, k - 1] = _rotation_lower(channels)
         self.weight = nn.Parameter(w * weight_mask(channels, k, unit_diagonal, dtype=w.dtype))
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        self.init = init
         self.parametrization = parametrization
         if parametrization == "contractive":
             parametrize.register_parametrization(
@@ -240,6 +264,7 @@ class CInCConv2d(nn.Module):
         return (f"{self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}, "
                 f"unit_diagonal={self.unit_diagonal}, backend={self.backend!r}, free_parameters={self.num_parameters()}"
                 + (f", dilation={self.dilation}" if self.dilation != 1 else "")
+                + (f", init={self.init!r}" if self.init != "identity" else "")
                 + (f", parametrization={self.parametrization!r}" if self.parametrization != "none" else ""))
 
 

@@ -3,7 +3,9 @@
 Trains, with one budget (data, model size, steps, batch, seeds), flows that differ only in the convolution, the
 coupling and the permutation each convolution's own flow step carries (see ``CONFIGS``): CInC and autoregressive
 with the paper's step (``permutation="reverse"``), CInC with an LU 1×1 as an ablation, Emerging (whose layer holds
-its 1×1) and Glow's 1×1 with none, FInC with the 1×1 of its own step. For each run it records test bits/dim, free
+its 1×1) and Glow's 1×1 with none, FInC with the 1×1 of its own step; then CInC's step varied (the authors' exact
+step ``"paper"``, a fixed random channel shuffle, ``CInCConv2d(init="rotation")``, labelled e.g.
+``cinc[rotation]+quad+shuffle``). For each run it records test bits/dim (with ``--eval-every``, also its curve), free
 parameters (whole model and convolutions alone), training images/s, and the time to sample 100 images and to
 evaluate their density. Every finished run is appended to ``runs.jsonl`` and the tables are rewritten at once, so an
 interrupted comparison keeps its finished runs and continues where it stopped when started again with the same
@@ -39,16 +41,36 @@ from cinc_kernels.flow import build_model  # noqa: E402
 from cinc_kernels.flow.train import TrainConfig, train  # noqa: E402
 from cinc_kernels.nn import LAYERS  # noqa: E402
 
-# (conv, coupling, permutation): each convolution with the step its own flow uses. Emerging's layer already starts
-# with its LU 1×1 and Glow's step is the 1×1; FInC Flow's step is its four-corner unit with a Glow step (1×1), here
-# placed before the unit (its groups never mix without it).
+# (conv, coupling, permutation[, init]): each convolution with the step its own flow uses. Emerging's layer already
+# starts with its LU 1×1 and Glow's step is the 1×1; FInC Flow's step is its four-corner unit with a Glow step (1×1),
+# here placed before the unit (its groups never mix without it). The rows after them vary CInC's step: the authors'
+# exact step ("paper"), a fixed random shuffle instead of the reversal, and the layer's init (the optional 4th
+# element, CInCConv2d's ``init``; labelled ``cinc[rotation]+quad+reverse``).
 CONFIGS = [("cinc", "quad", "reverse"), ("cinc", "affine", "reverse"), ("cinc", "quad", "1x1"),
            ("emerging", "quad", "none"), ("emerging", "affine", "none"), ("autoregressive", "quad", "reverse"),
-           ("1x1", "quad", "none"), ("finc", "quad", "1x1")]
+           ("1x1", "quad", "none"), ("finc", "quad", "1x1"),
+           ("cinc", "quad", "paper"), ("cinc", "quad", "shuffle"), ("cinc", "quad", "reverse", "rotation"),
+           ("cinc", "quad", "paper", "rotation"), ("cinc", "quad", "shuffle", "rotation"),
+           ("cinc", "affine", "paper"), ("cinc", "affine", "shuffle", "rotation")]
 
 
-def _label(conv: str, coupling: str, permutation: str) -> str:
-    return f"{conv}+{coupling}+{permutation}"
+def _config(entry: tuple) -> tuple[str, str, str, str | None]:
+    """A ``CONFIGS`` entry as ``(conv, coupling, permutation, init)``, ``init`` ``None`` for the layer's default."""
+    conv, coupling, permutation, *rest = entry
+    return conv, coupling, permutation, rest[0] if rest else None
+
+
+def _row_config(row: dict) -> tuple[str, str, str, str | None]:
+    """The configuration a ``runs.jsonl`` row ran (rows from before the init option have none)."""
+    return row["conv"], row["coupling"], row["permutation"], row.get("init")
+
+
+def _label(conv: str, coupling: str, permutation: str, init: str | None = None) -> str:
+    return f"{conv}{f'[{init}]' if init else ''}+{coupling}+{permutation}"
+
+
+def _conv_kwargs(init: str | None) -> dict:
+    return {"init": init} if init else {}
 
 
 def _machine() -> dict:
@@ -132,7 +154,8 @@ def rewrite_report(args) -> None:
         c, h, _ = shapes[b["data"], b["image_size"]]
         model = build_model(b["preset"], in_channels=c, image_size=h, levels=b["levels"],
                             steps_per_level=b["steps_per_level"], hidden_channels=b["hidden_channels"],
-                            conv=r["conv"], coupling=r["coupling"], permutation=r["permutation"])
+                            conv=r["conv"], coupling=r["coupling"], permutation=r["permutation"],
+                            conv_kwargs=_conv_kwargs(r.get("init")))
         r["parameters"], r["conv_parameters"] = model.num_parameters(), _conv_parameters(model)
     _write_all(rows, meta, args.out)
     print(open(os.path.join(args.out, "results.md")).read())
@@ -147,18 +170,19 @@ def run_comparison(args) -> None:
               "steps_per_level": args.steps_per_level, "hidden_channels": args.hidden_channels,
               "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds}
     rows = [r for r in _load_rows(runs_path) if r.get("budget") == budget]
-    done = {(r["conv"], r["coupling"], r["permutation"], r["seed"]) for r in rows}
+    done = {(*_row_config(r), r["seed"]) for r in rows}
     data = load_data(args.data, image_size=args.image_size)
     _log(args, describe(data))
     configs, skipped = [], []
-    for conv, coupling, permutation in CONFIGS:
-        if args.only and _label(conv, coupling, permutation) not in args.only:
+    for entry in CONFIGS:
+        config = _config(entry)
+        if args.only and _label(*config) not in args.only:
             continue
-        if conv not in LAYERS:
-            skipped.append(conv)
-            _log(args, f"skip {conv}: not in cinc_kernels.nn.LAYERS ({sorted(LAYERS)})")
+        if config[0] not in LAYERS:
+            skipped.append(config[0])
+            _log(args, f"skip {config[0]}: not in cinc_kernels.nn.LAYERS ({sorted(LAYERS)})")
             continue
-        configs.append((conv, coupling, permutation))
+        configs.append(config)
     # Seed by seed, so that a comparison stopped early still has every configuration at the seeds it finished.
     todo = [(*c, seed) for seed in args.seeds for c in configs if (*c, seed) not in done]
     _log(args, f"{len(rows)} runs already in {runs_path}; {len(todo)} to go")
@@ -166,14 +190,15 @@ def run_comparison(args) -> None:
             "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]), "skipped_convs": skipped,
             "data_info": data.info}
     started = time.perf_counter()
-    for i, (conv, coupling, permutation, seed) in enumerate(todo):
-        name = f"{conv}-{coupling}-{permutation}-s{seed}"
+    for i, (conv, coupling, permutation, init, seed) in enumerate(todo):
+        name = f"{conv}{f'-{init}' if init else ''}-{coupling}-{permutation}-s{seed}"
         cfg = TrainConfig(name=name, out_dir=os.path.join(args.run_dir, name), data=args.data,
                           image_size=args.image_size, preset=args.preset, levels=args.levels,
                           steps_per_level=args.steps_per_level, hidden_channels=args.hidden_channels, conv=conv,
-                          coupling=coupling, permutation=permutation, steps=args.steps,
-                          batch_size=args.batch_size, lr=args.lr, warmup=min(200, args.steps // 5), seed=seed,
-                          eval_every=args.steps, sample_every=args.steps, checkpoint_every=args.steps,
+                          conv_kwargs=_conv_kwargs(init), coupling=coupling, permutation=permutation,
+                          steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                          warmup=min(200, args.steps // 5), seed=seed, eval_every=args.eval_every or args.steps,
+                          sample_every=args.steps, checkpoint_every=args.steps,
                           device=args.device, threads=args.threads, n_samples=36, temperatures=(0.7,))
         _log(args, f"[{i + 1}/{len(todo)}] {name}: training")
         tic = time.perf_counter()
@@ -182,12 +207,17 @@ def run_comparison(args) -> None:
         model = result["model"]
         rates = result["history"]["images_per_s"]
         sample_s, forward_s = _speed(model, args.n_sample, args.device, args.repeats)
+        history = result["history"]
         row = {"conv": conv, "coupling": coupling, "permutation": permutation, "seed": seed,
                "test_bpd": result["test_bpd"], "parameters": model.num_parameters(),
                "conv_parameters": _conv_parameters(model),
                "train_images_per_s": statistics.median(rates[len(rates) // 10:]), "train_wall_s": wall,
                "sample_s": sample_s, "forward_s": forward_s, "n_sample": args.n_sample,
                "skipped_steps": result["skipped_steps"], "budget": budget, "date": _machine()["date"]}
+        if init:
+            row["init"] = init
+        if args.eval_every:
+            row["test_history"] = {"step": history["test_step"], "bpd": history["test_bpd"]}
         rows.append(row)
         with open(runs_path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -208,6 +238,8 @@ def _write_all(rows, meta, out) -> None:
     summary = _summarise(rows)
     _write_markdown(summary, meta, os.path.join(out, "results.md"))
     _plot(summary, os.path.join(out, "results.png"))
+    if any("curve_step" in s for s in summary):
+        _plot_curves(summary, os.path.join(out, "curves.png"))
 
 
 def _write_csv(rows, meta, path) -> None:
@@ -215,26 +247,34 @@ def _write_csv(rows, meta, path) -> None:
     with open(path, "w") as f:
         f.write(",".join(keys) + "\n")
         for r in rows:
+            conv = r["conv"] + (f"[{r['init']}]" if r.get("init") else "")
             for metric in ("test_bpd", "parameters", "conv_parameters", "train_images_per_s", "sample_s",
                            "forward_s"):
-                f.write(f"{r['conv']},{r['coupling']},{r['permutation']},{r['seed']},{metric},{r[metric]},"
+                f.write(f"{conv},{r['coupling']},{r['permutation']},{r['seed']},{metric},{r[metric]},"
                         f"{meta['machine']['cuda_device'] or meta['machine']['processor']},"
                         f"{meta['machine']['torch']},{meta['machine']['date']}\n")
 
 
 def _summarise(rows) -> list[dict]:
     out = []
-    for conv, coupling, permutation in CONFIGS:
-        group = [r for r in rows if (r["conv"], r["coupling"], r["permutation"]) == (conv, coupling, permutation)]
+    for entry in CONFIGS:
+        config = _config(entry)
+        group = [r for r in rows if _row_config(r) == config]
         if not group:
             continue
-        s = {"conv": conv, "coupling": coupling, "permutation": permutation, "n": len(group)}
+        conv, coupling, permutation, init = config
+        s = {"conv": conv + (f"[{init}]" if init else ""), "coupling": coupling, "permutation": permutation,
+             "n": len(group)}
         for metric in ("test_bpd", "train_images_per_s", "sample_s", "forward_s"):
             values = [r[metric] for r in group]
             s[metric] = statistics.mean(values)
             s[metric + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
         s["parameters"], s["conv_parameters"] = group[0]["parameters"], group[0]["conv_parameters"]
         s["seeds"] = sorted(r["seed"] for r in group)
+        curves = [r["test_history"] for r in group if "test_history" in r]
+        if curves and all(c["step"] == curves[0]["step"] for c in curves):
+            s["curve_step"] = curves[0]["step"]
+            s["curve_bpd"] = [statistics.mean(v) for v in zip(*(c["bpd"] for c in curves))]
         out.append(s)
     return out
 
@@ -259,6 +299,16 @@ def _write_markdown(summary, meta, path) -> None:
                      f"{s['test_bpd']:.4f} ± {s['test_bpd_sd']:.4f} | "
                      f"{s['parameters']:,} | {s['conv_parameters']:,} | {s['train_images_per_s']:.0f} | "
                      f"{s['sample_s']:.4f} | {s['forward_s']:.4f} | {s['sample_s'] / s['forward_s']:.1f} |")
+    curves = [s for s in summary if "curve_step" in s]
+    if curves:
+        steps = max((s["curve_step"] for s in curves), key=len)
+        lines += ["", "Test bits/dim during training (mean over seeds; rows run with `--eval-every`):", "",
+                  "| conv | coupling | step permutation | " + " | ".join(f"step {t}" for t in steps) + " |",
+                  "|---|---|---|" + "---|" * len(steps)]
+        for s in curves:
+            by_step = dict(zip(s["curve_step"], s["curve_bpd"]))
+            cells = [f"{by_step[t]:.4f}" if t in by_step else "" for t in steps]
+            lines.append(f"| {s['conv']} | {s['coupling']} | {s['permutation']} | " + " | ".join(cells) + " |")
     if meta["skipped_convs"]:
         lines.append("")
         lines.append(f"Skipped (not installed): {', '.join(meta['skipped_convs'])}.")
@@ -293,6 +343,25 @@ def _plot(summary, path) -> None:
     for ax in axes:
         ax.tick_params(axis="x", labelsize=8, labelrotation=30)
         ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_curves(summary, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in summary:
+        if "curve_step" in s:
+            ax.plot(s["curve_step"], s["curve_bpd"], "o-", label=f"{s['conv']}+{s['coupling']}+{s['permutation']}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("test bits / dim (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -333,10 +402,14 @@ def main(argv=None) -> None:
     p.add_argument("--steps-per-level", type=int, default=None, help="override the preset's steps per level")
     p.add_argument("--hidden-channels", type=int, default=None, help="override the preset's coupling width")
     p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="also evaluate the test bits/dim every this many steps and record the curve in each row "
+                        "(default: only at the end)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--only", nargs="+", default=None,
-                   help="run only these conv+coupling+permutation configurations, e.g. cinc+affine+reverse")
+                   help="run only these conv+coupling+permutation configurations, e.g. cinc+affine+reverse or "
+                        "cinc[rotation]+quad+shuffle")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n-sample", type=int, default=100, help="images for the sampling/forward timings")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (the best one is kept)")
@@ -351,10 +424,12 @@ def main(argv=None) -> None:
     if args.quick:
         args.preset, args.steps, args.seeds, args.n_sample, args.repeats = "digits-tiny", 20, [0], 16, 1
     if args.only:
-        known = {_label(*c) for c in CONFIGS}
+        known = {_label(*_config(c)) for c in CONFIGS}
         unknown = [o for o in args.only if o not in known]
         if unknown:
             p.error(f"--only: unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    if args.eval_every is not None and args.eval_every < 1:
+        p.error(f"--eval-every must be >= 1, got {args.eval_every}")
     if args.run_dir is None:
         args.run_dir = os.path.join(args.out, "runs")
     if args.threads > 0:

@@ -55,3 +55,34 @@ def test_comparison_appends_runs_resumes_and_rebuilds_its_tables(tmp_path, capsy
     with pytest.raises(SystemExit) as exc:
         compare.main(["--only", "cinc+quad", "--out", out])
     assert exc.value.code == 2 and "--only" in capsys.readouterr().err
+
+
+def test_comparison_rows_with_an_init_and_learning_curves(tmp_path, capsys):
+    compare = _load("compare_convs")
+    labels = {compare._label(*compare._config(c)) for c in compare.CONFIGS}
+    # The rows committed tables already hold keep their labels.
+    assert {"cinc+quad+reverse", "emerging+quad+none", "finc+quad+1x1"} <= labels
+    assert {"cinc+quad+paper", "cinc+quad+shuffle", "cinc[rotation]+quad+reverse"} <= labels
+    out = str(tmp_path / "cmp")
+    only = ["--only", "cinc[rotation]+quad+shuffle", "cinc+quad+paper"]
+    common = ["--preset", "digits-tiny", "--seeds", "0", "--repeats", "1", "--no-progress", "--steps", "4",
+              "--n-sample", "4"]
+    compare.main(common + only + ["--eval-every", "2", "--out", out])
+    rows = [json.loads(line) for line in open(os.path.join(out, "runs.jsonl"))]
+    assert [(r["permutation"], r.get("init")) for r in rows] == [("paper", None), ("shuffle", "rotation")]
+    assert all(r["test_history"]["step"] == [2, 4] and r["test_history"]["bpd"][-1] == r["test_bpd"] for r in rows)
+    md = open(os.path.join(out, "results.md")).read()
+    assert "| cinc[rotation] | quad | shuffle | 1 |" in md and "| step 2 | step 4 |" in md
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 0
+    # Evaluating along the way does not change the run: the same row without --eval-every ends at the same bpd.
+    plain = str(tmp_path / "plain")
+    compare.main(common + ["--only", "cinc+quad+paper", "--out", plain])
+    row = json.loads(open(os.path.join(plain, "runs.jsonl")).readline())
+    assert row["test_bpd"] == rows[0]["test_bpd"] and "test_history" not in row
+    # --report rebuilds the models with their init and permutation: the same counts.
+    compare.main(["--report", "--out", out])
+    again = json.load(open(os.path.join(out, "results.json")))["runs"]
+    assert [r["parameters"] for r in again] == [r["parameters"] for r in rows]
+    with pytest.raises(SystemExit) as exc:
+        compare.main(["--eval-every", "0", "--out", out])
+    assert exc.value.code == 2 and "--eval-every" in capsys.readouterr().err

@@ -90,8 +90,8 @@ def test_default_step_is_the_papers_and_every_permutation_is_known():
     step = FlowStep(4, 4, "cinc", "quad", permutation="1x1")
     assert isinstance(step.mix, LAYERS["1x1"]) and step.permute is None
     assert [type(m).__name__ for m in step._layers()] == ["ActNorm", "InvConv1x1", "CInCConv2d", "QuadCoupling"]
-    with pytest.raises(ValueError, match="permutation must be one of reverse, none, 1x1"):
-        FlowStep(4, 4, permutation="shuffle")
+    with pytest.raises(ValueError, match="permutation must be one of reverse, none, 1x1, paper"):
+        FlowStep(4, 4, permutation="rotate")
 
 
 @pytest.mark.parametrize("permutation", PERMUTATIONS)

@@ -16,6 +16,7 @@ from .layers import (
     FlowStep,
     QuadCoupling,
     ReverseChannels,
+    ShuffleChannels,
     Split,
     Squeeze,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "FlowStep",
     "QuadCoupling",
     "ReverseChannels",
+    "ShuffleChannels",
     "Split",
     "Squeeze",
     "build_model",

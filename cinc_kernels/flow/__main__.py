@@ -55,8 +55,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "coupling": "quad or affine",
         "backend": "kernel backend of the convolutions",
         "conv_kwargs": "JSON object of extra conv constructor arguments, e.g. '{\"parametrization\": \"contractive\"}'",
-        "permutation": "reverse (the paper's step: reverse the channels before each coupling), none (ablation) or "
-                       "1x1 (LU 1x1 conv before the conv)",
+        "permutation": "reverse (reverse the channels before each coupling), paper (the authors' step exactly: "
+                       "reverse, conv, reverse back), shuffle (a fixed random channel permutation before each "
+                       "coupling), none (ablation) or 1x1 (LU 1x1 conv before the conv)",
         "steps": "total optimisation steps",
         "batch_size": "images per step per process",
         "optimizer": "adam or adamax",

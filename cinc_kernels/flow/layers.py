@@ -23,6 +23,7 @@ __all__ = [
     "PERMUTATIONS",
     "QuadCoupling",
     "ReverseChannels",
+    "ShuffleChannels",
     "Split",
     "Squeeze",
     "make_conv",
@@ -208,18 +209,49 @@ class ReverseChannels(nn.Module):
         return y.flip(1)
 
 
-PERMUTATIONS = ("reverse", "none", "1x1")
+class ShuffleChannels(nn.Module):
+    """A fixed random channel permutation with no parameters: output channel ``c`` is input channel ``perm[c]``.
+    Volume preserving; the inverse applies ``perm``'s inverse, exactly.
+
+    ``perm`` is drawn at construction from torch's global generator (so ``torch.manual_seed`` reproduces it, and
+    every step of a flow gets its own) and kept as a buffer: it is saved in ``state_dict`` and a checkpoint
+    restores the permutation it was trained with. Shapes: ``(B, C, H, W)`` in and out; ``logdet``: zeros ``(B,)``.
+    """
+
+    perm: torch.Tensor
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("perm", torch.randperm(channels))
+
+    def forward(self, x: torch.Tensor):
+        return x[:, self.perm], x.new_zeros(x.shape[0])
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y[:, torch.argsort(self.perm)]
+
+
+PERMUTATIONS = ("reverse", "none", "1x1", "paper", "shuffle")
 
 
 class FlowStep(nn.Module):
-    """One step of flow: ActNorm → [LU 1×1] → invertible convolution (by name) → [channel reversal] → coupling.
+    """One step of flow: ActNorm → [LU 1×1 | channel reversal] → invertible convolution (by name) →
+    [channel reversal] → coupling.
 
     ``permutation`` (docs/spec.md §4):
 
-    - ``"reverse"`` (default): reverse the channels between the convolution and the coupling. Our CInC centre tap
-      is lower triangular (output ``c`` reads inputs ``0…c``); the paper's is upper triangular (their mask is flipped
-      on both channel axes), and their coupling conditions on the first half. Our conv followed by the reversal is
-      their conv up to the channel order the coupling sees, so this is the paper's step, not an addition to it.
+    - ``"reverse"`` (default): reverse the channels between the convolution and the coupling, ``R·M``. Our CInC
+      centre tap is lower triangular (output ``c`` reads inputs ``0…c``); the authors' is upper triangular (their
+      mask is flipped on both channel axes), and their coupling conditions on the first half. With the reversal
+      the coupling's channel ``c`` reads inputs ``0…C−1−c`` at the centre tap, so the conditioning half receives
+      the transformed half, as in the authors' step; but ``R·M = (R·M·R)·R``: this is the authors' step with one
+      more channel reversal at its start (equivalently, between every coupling and the next step), so the two
+      flows are not the same family of maps.
+    - ``"paper"``: the authors' step exactly, ``R·M·R`` (reverse, convolve, reverse back) with nothing between
+      steps: their upper triangular convolution, entry for entry (the coupling's channel ``c`` reads inputs
+      ``c…C−1`` of the same pixel). ``R`` is a permutation, so the log-determinant is the convolution's.
+    - ``"shuffle"``: a fixed random channel permutation (:class:`ShuffleChannels`, one per step, no parameters)
+      between the convolution and the coupling, in place of the reversal.
     - ``"none"``: ActNorm → conv → coupling with our orientation (an ablation: the conditioning half never
       receives the transformed half through the centre tap).
     - ``"1x1"``: an LU :class:`~cinc_kernels.nn.InvConv1x1` before the convolution (the authors'
@@ -237,12 +269,18 @@ class FlowStep(nn.Module):
             raise ValueError(f"permutation must be one of {', '.join(PERMUTATIONS)}; got {permutation!r}")
         self.actnorm = ActNorm(channels)
         self.mix = make_conv("1x1", channels, backend) if permutation == "1x1" else None
+        self.reverse_in = ReverseChannels() if permutation == "paper" else None
         self.conv = make_conv(conv, channels, backend, **(conv_kwargs or {}))
-        self.permute = ReverseChannels() if permutation == "reverse" else None
+        self.permute: nn.Module | None = None
+        if permutation in ("reverse", "paper"):
+            self.permute = ReverseChannels()
+        elif permutation == "shuffle":
+            self.permute = ShuffleChannels(channels)
         self.coupling = COUPLINGS[coupling](channels, hidden_channels)
 
     def _layers(self):
-        return [m for m in (self.actnorm, self.mix, self.conv, self.permute, self.coupling) if m is not None]
+        return [m for m in (self.actnorm, self.mix, self.reverse_in, self.conv, self.permute, self.coupling)
+                if m is not None]
 
     def forward(self, x: torch.Tensor):
         logdet = x.new_zeros(x.shape[0])

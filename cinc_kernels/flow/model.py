@@ -57,8 +57,9 @@ class CInCFlow(nn.Module):
         image_size: ``H`` or ``(H, W)`` of the training images; needed only by :meth:`sample` (which also takes it).
         backend: kernel backend passed to the convolutions (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``, …).
         conv_kwargs: extra constructor arguments for the convolution layers (e.g. ``{"kernel_size": 3}``).
-        permutation: ``"reverse"`` (the paper's step, docs/spec.md §4), ``"none"`` (an ablation) or ``"1x1"``
-            (an LU 1×1 convolution before the convolution); see :class:`~cinc_kernels.flow.layers.FlowStep`.
+        permutation: ``"reverse"`` (a reversal before each coupling, docs/spec.md §4), ``"paper"`` (the authors'
+            step exactly), ``"shuffle"`` (a fixed random permutation before each coupling), ``"none"`` (an ablation) or ``"1x1"`` (an LU 1×1 convolution before the convolution);
+            see :class:`~cinc_kernels.flow.layers.FlowStep`.
 
     Shapes: ``x``: ``(B, C, H, W)`` in ``[0, 1)``; :meth:`log_prob` and :meth:`bits_per_dim`: ``(B,)``;
     :meth:`encode`: a list of ``L`` tensors with the shapes of :meth:`latent_shapes`.
@@ -218,12 +219,19 @@ class CInCFlow(nn.Module):
         return self.decode([None] * (self.num_levels - 1) + [top], temperature, generator)
 
     def num_parameters(self) -> int:
-        """Free parameters: the convolutions count only their free entries (``num_parameters()`` of the layer)."""
+        """Free parameters, each entry once: a submodule with its own ``num_parameters()`` (the convolutions, which
+        count only their free entries) answers for everything inside it, so the layers it is built from (e.g.
+        :class:`~cinc_kernels.nn.EmergingConv2d`'s 1×1 and two CInC convolutions) are not counted again; every
+        other parameter counts all its entries."""
         total, seen = 0, set()
-        for module in self.modules():
-            if module is not self and hasattr(module, "num_parameters") and not isinstance(module, CInCFlow):
+        pending = list(self.children())
+        while pending:
+            module = pending.pop()
+            if hasattr(module, "num_parameters"):
                 total += module.num_parameters()
                 seen.update(id(p) for p in module.parameters())
+            else:
+                pending.extend(module.children())
         return total + sum(p.numel() for p in self.parameters() if id(p) not in seen)
 
 
