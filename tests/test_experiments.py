@@ -86,3 +86,37 @@ def test_comparison_rows_with_an_init_and_learning_curves(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         compare.main(["--eval-every", "0", "--out", out])
     assert exc.value.code == 2 and "--eval-every" in capsys.readouterr().err
+
+
+def _fake_run(root, name, conv, permutation, seed, curve, steps=400, **overrides):
+    folder = root / name
+    folder.mkdir(parents=True)
+    config = {"data": "photos", "image_size": None, "n_bits": None, "preset": "cifar10-small", "levels": None,
+              "steps_per_level": 2, "hidden_channels": 32, "steps": steps, "batch_size": 32, "lr": 1e-3,
+              "warmup": 20, "optimizer": "adam", "eval_every": 200, "conv": conv, "conv_kwargs": {},
+              "coupling": "quad", "permutation": permutation, "seed": seed}
+    config.update(overrides)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "metrics.json").write_text(json.dumps({"test_step": [200 * (i + 1) for i in range(len(curve))],
+                                                     "test_bpd": curve}))
+
+
+def test_learning_curves_average_seeds_report_the_gap_and_refuse_mixed_budgets(tmp_path, capsys):
+    curves = _load("learning_curves")
+    runs = tmp_path / "runs"
+    _fake_run(runs, "a0", "cinc", "reverse", 0, [4.4, 3.9])
+    _fake_run(runs, "a1", "cinc", "reverse", 1, [4.2, 3.7])
+    _fake_run(runs, "b0", "emerging", "none", 0, [4.0, 3.6])
+    _fake_run(runs, "c0", "cinc", "shuffle", 0, [4.1], steps=400)  # unfinished: last evaluation before `steps`
+    _fake_run(runs, "d0", "cinc", "reverse", 2, [4.0, 3.5], conv_kwargs={"init": "rotation"})
+    out = tmp_path / "out"
+    assert curves.main(["--runs", str(runs), "--out", str(out)]) == 0
+    table = (out / "curves.md").read_text()
+    assert "| 400 | 3.800 ± 0.100 | 3.600 ± 0.000 | 3.500 ± 0.000 |" in table
+    assert "cinc+quad+reverse: +0.200" in table and "cinc[rotation]+quad+reverse: -0.100" in table
+    assert "shuffle" not in table
+    rows = (out / "curves.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 * 2 and (out / "curves.png").stat().st_size > 0
+    _fake_run(runs, "e0", "1x1", "none", 0, [4.0, 3.9], lr=3e-3)
+    with pytest.raises(SystemExit, match="e0 differs .* in lr"):
+        curves.main(["--runs", str(runs), "--out", str(out)])
