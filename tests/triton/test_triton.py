@@ -35,7 +35,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 
 
 def _inputs(case, dtype, seed):
-    B, C, H, W, k, bias, unit = case
+    B, C, H, W, k, bias, _unit = case
     g = torch.Generator().manual_seed(seed)
     w = make_weight(C, k, dtype, DEVICE, generator=g)
     b = torch.randn(C, generator=g, dtype=torch.float64).to(dtype=dtype, device=DEVICE) if bias else None
@@ -106,6 +106,7 @@ def test_autotuner_prunes_to_the_launchers_configs(dtype, monkeypatch):
     """The GPU autotuner's pruning hook keeps exactly the configurations forward_launches lists (which the
     ahead-of-time check compiles), here for an A100's limit, where float64 loses the widest ones."""
     import triton
+
     from cinc_kernels.triton import kernels
 
     monkeypatch.setattr(kernels, "device_shared_limit", lambda device: kernels.SHARED_LIMIT[80])
