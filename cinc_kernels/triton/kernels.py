@@ -70,7 +70,7 @@ def _cinc_forward_gemm_kernel(  # type: ignore[no-untyped-def]
     x_pix = x_ptr + b * stride_xb + i * stride_xh + j * stride_xw
     # One flat loop over (tap, channel chunk), taps outer, with run-time shifts: the pipeliner then keeps
     # num_stages copies of one x tile and one weight tile, whatever k is. Taps unrolled at compile time inside the
-    # channel loop made shared memory grow with k², past every GPU's per-block limit from k = 5 on.
+    # channel loop would need shared memory growing with k², past every GPU's per-block limit from k = 5 on.
     n_chunks = tl.cdiv(C, BLOCK_C)
     for step in range(ksize * ksize * n_chunks):
         tap = step // n_chunks
@@ -174,7 +174,8 @@ def _cinc_inverse_wavefront_kernel(  # type: ignore[no-untyped-def]
                 w_mask = k_ok[:, None] & c_ok[None, :]
                 # Per tap only a scalar shift changes (the neighbour's offset and the tap's weight offset), which
                 # keeps the loop body short; that matters most for the interpreter, which pays per operation.
-                # A run-time loop, not unrolled: unrolled, the 48 taps of k = 7 took minutes to compile for sm_80.
+                # A run-time loop, not unrolled: unrolling copies the loop body once per tap (48 times at
+                # k = 7), and the compile time with it.
                 for tap in range(ksize * ksize - 1):  # the centre tap is the last one, k·k - 1
                     a = tap // ksize
                     bb = tap % ksize
