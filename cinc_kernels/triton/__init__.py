@@ -9,24 +9,25 @@ test suite checks them.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any
 
 import torch
 
 from ..backends import FLOATS, HALVES, Backend, register_backend
 
+_OPS: dict[str, Any] = {}
+_IMPORT_ERROR: str | None = None
+INTERPRETED: bool = False
 try:
     from . import kernels, ops
 
-    _IMPORT_ERROR: Optional[str] = None
-    INTERPRETED: bool = kernels.INTERPRETED
-except ImportError as exc:  # triton missing (or too old for torch.library.triton_op)
-    ops = None
+    _OPS = dict(ops.OPS)
+    INTERPRETED = kernels.INTERPRETED
+except ImportError as exc:  # triton is not installed, or does not import
     _IMPORT_ERROR = str(exc)
-    INTERPRETED = False
 
 
-def unavailable() -> Optional[str]:
+def unavailable() -> str | None:
     """``None`` when the Triton kernels can run here, else why not and what to do about it."""
     if _IMPORT_ERROR is not None:
         return f"triton did not import ({_IMPORT_ERROR}); `pip install triton` (it comes with CUDA builds of torch)"
@@ -39,7 +40,7 @@ def unavailable() -> Optional[str]:
 register_backend(
     Backend(
         name="triton",
-        ops=dict(ops.OPS) if ops is not None else {},
+        ops=_OPS,
         # The interpreter runs the kernels on CPU tensors; compiled kernels need CUDA ones.
         device_types=("cuda", "cpu") if INTERPRETED else ("cuda",),
         # float32 / float64 for every op; the forward also takes float16 / bfloat16 (float32 accumulation).

@@ -3,17 +3,25 @@ Importing this module imports ``triton`` and nothing else (no torch).
 
 Notation: ``x``/``y`` are ``(B, C, H, W)`` with any strides (element strides are passed, so channels-last and
 strided views need no copy); ``weight`` is ``(C, C, k, k)`` contiguous, read raw: every kernel applies the mask
-(the centre tap ``(k-1, k-1)`` lower triangular, unit diagonal if asked) itself. Outputs are contiguous NCHW.
+(the centre tap ``(k-1, k-1)`` lower triangular, unit diagonal if asked) itself; ``bias`` is ``(C,)`` contiguous.
+Outputs are contiguous NCHW.
+
+Offsets into an image are int64: one image (or one strided view) may span more than 2³¹ elements, and triton types
+an integer argument that fits as int32, so a product of two such arguments would wrap. Offsets into the weight stay
+int32 (the launchers refuse a weight of 2³¹ elements or more), as do loop counters bounded by H + W.
 
 Supported: triton 3.6 to 3.8. Both compile every launch below for sm_80 and sm_90 ahead of time
-(``make triton-aot``, :mod:`.aot`); 3.6 needs ``out_dtype`` on every float64 ``tl.dot`` (it defaults to float32).
+(``tools/triton_aot.py``); 3.6 needs ``out_dtype`` on every float64 ``tl.dot`` (it defaults to float32).
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors with numpy (that is how CI tests them).
 """
+# The @triton.jit kernels are untyped to mypy (triton ships no type information, and a kernel's arguments are
+# triton values, not Python ones); the launch planning below them is typed.
+# mypy: disable-error-code="import-untyped, untyped-decorator"
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
+from typing import Any
 
 import triton
 import triton.language as tl
@@ -22,7 +30,7 @@ import triton.language as tl
 # k and the two flags are run-time arguments: one compiled kernel serves every k, bias and mask (ahead of time
 # too), and they are not specialised on the value 1, which triton does to integer arguments by default.
 @triton.jit(do_not_specialize=["ksize", "has_bias", "unit_diagonal"])
-def _cinc_forward_gemm_kernel(
+def _cinc_forward_gemm_kernel(  # type: ignore[no-untyped-def]
     # pointers
     x_ptr, weight_ptr, bias_ptr, y_ptr,
     # sizes and flags
@@ -43,10 +51,14 @@ def _cinc_forward_gemm_kernel(
     """
     pid_p = tl.program_id(0).to(tl.int64)
     pid_o = tl.program_id(1)
-    HW = H * W
+    # tl.cast also takes an argument triton specialised to the constant 1.
+    HW = tl.cast(H, tl.int64) * W
+    stride_xc = tl.cast(stride_xc, tl.int64)
+    stride_xh = tl.cast(stride_xh, tl.int64)
+    stride_xw = tl.cast(stride_xw, tl.int64)
 
-    pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # flat (b, i, j), int64
-    pix_ok = pix < (pid_p * 0 + B) * HW  # B·H·W in int64: it may pass 2³¹ where C·H·W does not
+    pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # flat (b, i, j)
+    pix_ok = pix < B * HW
     b = pix // HW
     i = (pix % HW) // W
     j = pix % W
@@ -58,9 +70,9 @@ def _cinc_forward_gemm_kernel(
     x_pix = x_ptr + b * stride_xb + i * stride_xh + j * stride_xw
     # One flat loop over (tap, channel chunk), taps outer, with run-time shifts: the pipeliner then keeps
     # num_stages copies of one x tile and one weight tile, whatever k is. Taps unrolled at compile time inside the
-    # channel loop made shared memory grow with k², past every GPU's per-block limit from k = 5 on.
+    # channel loop would need shared memory growing with k², past every GPU's per-block limit from k = 5 on.
     n_chunks = tl.cdiv(C, BLOCK_C)
-    for step in range(0, ksize * ksize * n_chunks):
+    for step in range(ksize * ksize * n_chunks):
         tap = step // n_chunks
         cc = (step % n_chunks) * BLOCK_C + offs_c
         c_ok = cc < C
@@ -84,7 +96,7 @@ def _cinc_forward_gemm_kernel(
 
 
 @triton.jit(do_not_specialize=["ksize", "has_bias"])
-def _cinc_inverse_wavefront_kernel(
+def _cinc_inverse_wavefront_kernel(  # type: ignore[no-untyped-def]
     # pointers
     src_ptr, weight_ptr, bias_ptr, centre_inv_ptr, out_ptr,
     # sizes and flags
@@ -105,8 +117,11 @@ def _cinc_inverse_wavefront_kernel(
     ``BLOCK_C`` ≥ C holds all channels of a pixel; ``BLOCK_K`` is the reduction chunk of the tap GEMMs.
     """
     b = tl.program_id(0).to(tl.int64)
-    HW = H * W
-    row = b * 0 + W  # the row pitch as int64, so per-tap offsets need no int32 overflow checks
+    HW = tl.cast(H, tl.int64) * W
+    row = tl.cast(W, tl.int64)  # the row pitch
+    stride_sc = tl.cast(stride_sc, tl.int64)
+    stride_sh = tl.cast(stride_sh, tl.int64)
+    stride_sw = tl.cast(stride_sw, tl.int64)
     offs_p = tl.arange(0, BLOCK_P)
     offs_c = tl.arange(0, BLOCK_C)
     offs_k = tl.arange(0, BLOCK_K)
@@ -159,7 +174,8 @@ def _cinc_inverse_wavefront_kernel(
                 w_mask = k_ok[:, None] & c_ok[None, :]
                 # Per tap only a scalar shift changes (the neighbour's offset and the tap's weight offset), which
                 # keeps the loop body short; that matters most for the interpreter, which pays per operation.
-                # A run-time loop, not unrolled: unrolled, the 48 taps of k = 7 took minutes to compile for sm_80.
+                # A run-time loop, not unrolled: unrolling copies the loop body once per tap (48 times at
+                # k = 7), and the compile time with it.
                 for tap in range(ksize * ksize - 1):  # the centre tap is the last one, k·k - 1
                     a = tap // ksize
                     bb = tap % ksize
@@ -189,16 +205,51 @@ def _cinc_inverse_wavefront_kernel(
         tl.debug_barrier()
 
 
+@triton.jit(do_not_specialize=["ksize", "unit_diagonal"])
+def _cinc_centre_inverse_kernel(  # type: ignore[no-untyped-def]
+    # pointers
+    weight_ptr, out_ptr,
+    # sizes and flags
+    C, ksize, unit_diagonal,
+    # meta-parameters
+    BLOCK_C: tl.constexpr,
+):
+    """``out = L⁻¹`` (``C × C``, row-major, in ``out``'s dtype) for the masked centre tap ``L`` of ``weight``, in one
+    program: forward substitution row by row in float64, rounded once on the store.
+
+    Row ``i`` of ``L⁻¹`` is ``(e_i - Σ_{j<i} L[i, j] · row_j) / L[i, i]``; the rows solved so far stay in registers
+    (rows not yet solved are 0, so the sum may run over all of them), and row ``i`` of ``L`` is read from the
+    weight (a vector load), not extracted from a register tile. A zero on the diagonal gives inf/NaN rows: the
+    launcher checks for it where that costs no device-to-host synchronisation.
+    """
+    rows = tl.arange(0, BLOCK_C)
+    cols = tl.arange(0, BLOCK_C)
+    centre = ksize * ksize - 1
+    solved = tl.zeros([BLOCK_C, BLOCK_C], dtype=tl.float64)
+    for i in range(C):
+        # L[i, j] for j < i (the strict lower triangle; the diagonal is the divisor below).
+        l_row = tl.load(weight_ptr + (i * C + rows) * (ksize * ksize) + centre, mask=rows < i, other=0.0)
+        diag = tl.load(weight_ptr + (i * C + i) * (ksize * ksize) + centre).to(tl.float64)
+        diag = tl.where(unit_diagonal != 0, 1.0, diag)
+        e_i = (cols == i).to(tl.float64)
+        row = (e_i - tl.sum(l_row.to(tl.float64)[:, None] * solved, axis=0)) / diag
+        solved = tl.where(rows[:, None] == i, row[None, :], solved)
+    ok = (rows[:, None] < C) & (cols[None, :] < C)
+    tl.store(out_ptr + rows[:, None] * C + cols[None, :], solved.to(out_ptr.dtype.element_ty), mask=ok)
+
+
 @triton.jit(do_not_specialize=["ksize"])
-def _cinc_logdet_reduce_kernel(
+def _cinc_logdet_reduce_kernel(  # type: ignore[no-untyped-def]
     # pointers
     weight_ptr, out_ptr,
     # sizes
-    C, HW, ksize,
+    C, ksize,
     # meta-parameters
     ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """``out = H·W·Σ_c log|weight[c, c, k-1, k-1]|`` in one program (``-inf`` when a diagonal entry is 0)."""
+    """``out = Σ_c log|weight[c, c, k-1, k-1]|`` in one program (``-inf`` when a diagonal entry is 0). The
+    launcher multiplies by H·W in the output dtype: a float kernel argument would be float32 even for float64, and
+    an integer H·W can wrap."""
     offs = tl.arange(0, BLOCK_C)
     total = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
     for c0 in range(0, C, BLOCK_C):
@@ -206,7 +257,7 @@ def _cinc_logdet_reduce_kernel(
         ok = cc < C
         diag = tl.load(weight_ptr + ((cc * C + cc) * ksize + ksize - 1) * ksize + ksize - 1, mask=ok, other=1.0)
         total += tl.where(ok, tl.log(tl.abs(diag.to(ACC_DTYPE))), 0.0)
-    tl.store(out_ptr, (tl.sum(total, axis=0) * HW).to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr, tl.sum(total, axis=0).to(out_ptr.dtype.element_ty))
 
 
 # By class name, so that importing this module needs nothing beyond triton (the interpreter's module imports numpy):
@@ -226,25 +277,31 @@ WAVEFRONT_DTYPES = ("float32", "float64")
 # Per-block shared memory (opt-in maximum, bytes) of the compute capabilities the ahead-of-time check targets.
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
 
+# Offsets into the weight are int32 (see the module docstring): the launchers refuse a weight this large or larger.
+MAX_WEIGHT_ELEMENTS = 2**31
+
+# (BLOCK_P, BLOCK_O, BLOCK_C, num_warps, num_stages) of a forward launch.
+ForwardConfig = tuple[int, int, int, int, int]
+
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    kernel: object  # a @triton.jit function of this module
-    constexprs: tuple  # (name, value) pairs, in the kernel's argument order
+    kernel: Any  # a @triton.jit function of this module
+    constexprs: tuple[tuple[str, Any], ...]  # (name, value) pairs, in the kernel's argument order
     num_warps: int
     num_stages: int
 
     @property
-    def meta(self) -> dict:
+    def meta(self) -> dict[str, Any]:
         return dict(self.constexprs)
 
 
-def _launch(kernel, constexprs: dict, num_warps: int, num_stages: int) -> Launch:
+def _launch(kernel: Any, constexprs: dict[str, Any], num_warps: int, num_stages: int) -> Launch:
     names = [n for n in kernel.arg_names if n in constexprs]
     return Launch(kernel, tuple((n, constexprs[n]) for n in names), num_warps, num_stages)
 
 
-def _acc_dtype(dtype: str):
+def _acc_dtype(dtype: str) -> Any:
     return tl.float64 if dtype == "float64" else tl.float32
 
 
@@ -253,9 +310,8 @@ def _dot_precision(dtype: str, allow_tf32: bool) -> str:
     return "tf32" if dtype == "float32" and allow_tf32 else "ieee"
 
 
-# Forward block sizes the GPU autotuner tries, (BLOCK_P, BLOCK_O, BLOCK_C, num_warps, num_stages); all tiles ≥ 16
-# because tl.dot needs that on NVIDIA GPUs.
-FORWARD_CONFIGS = (
+# Forward block sizes the GPU autotuner tries; all tiles ≥ 16 because tl.dot needs that on NVIDIA GPUs.
+FORWARD_CONFIGS: tuple[ForwardConfig, ...] = (
     (64, 16, 16, 4, 3),
     (64, 32, 16, 4, 3),
     (128, 16, 16, 4, 3),
@@ -269,7 +325,7 @@ FORWARD_CONFIGS = (
 # The fixed configuration: the interpreter's (autotuning there would time numpy), or a GPU's when
 # CINC_TRITON_AUTOTUNE=0 (the GPU test run, which spends its minutes on tests rather than on compiling every
 # configuration for every test shape).
-FORWARD_FIXED = (16, 16, 16, 4, 1) if INTERPRETED else (64, 32, 16, 4, 3)
+FORWARD_FIXED: ForwardConfig = (16, 16, 16, 4, 1) if INTERPRETED else (64, 32, 16, 4, 3)
 AUTOTUNE = not INTERPRETED and os.environ.get("CINC_TRITON_AUTOTUNE", "1") != "0"
 
 
@@ -284,7 +340,7 @@ def forward_shared_bytes(block_p: int, block_o: int, block_c: int, num_stages: i
     return max(pipeline, block_p * block_o * acc)
 
 
-def forward_block_configs(C: int, dtype: str, shared_limit: Optional[int]) -> list:
+def forward_block_configs(C: int, dtype: str, shared_limit: int | None) -> list[ForwardConfig]:
     """The autotune configurations the launcher lets the autotuner try for ``C`` channels: channel tiles no wider
     than the next power of two ≥ C (wider ones only add zeros), and, given a per-block limit, only those whose
     shared memory fits. Never empty: the narrowest configuration fits every supported target."""
@@ -295,22 +351,23 @@ def forward_block_configs(C: int, dtype: str, shared_limit: Optional[int]) -> li
     return kept or [FORWARD_CONFIGS[0]]
 
 
-def forward_constexprs(dtype: str, allow_tf32: bool) -> dict:
+def forward_constexprs(dtype: str, allow_tf32: bool) -> dict[str, Any]:
     """The forward's compile-time arguments other than the block sizes (k, bias and mask are run-time ones).
     Under the interpreter bfloat16 operands are widened to float32: its numpy matmul has no bfloat16 (it would
     multiply the raw bits)."""
     dot_dtype = "float32" if (INTERPRETED and dtype == "bfloat16") else dtype
-    return dict(DOT_DTYPE=_TL_DTYPE[dot_dtype], ACC_DTYPE=_acc_dtype(dtype),
-                DOT_PRECISION=_dot_precision(dot_dtype, allow_tf32))
+    return {"DOT_DTYPE": _TL_DTYPE[dot_dtype], "ACC_DTYPE": _acc_dtype(dtype),
+            "DOT_PRECISION": _dot_precision(dot_dtype, allow_tf32)}
 
 
-def forward_launches(C: int, dtype: str, allow_tf32: bool, shared_limit: Optional[int],
-                     autotune: bool = AUTOTUNE) -> list:
+def forward_launches(C: int, dtype: str, allow_tf32: bool, shared_limit: int | None,
+                     autotune: bool = AUTOTUNE) -> list[Launch]:
     """Every launch the forward may run for C channels and this dtype (any k, bias, mask): the autotuner's
     candidates, or the fixed one."""
     constexprs = forward_constexprs(dtype, allow_tf32)
     configs = forward_block_configs(C, dtype, shared_limit) if autotune else [FORWARD_FIXED]
-    return [_launch(_cinc_forward_gemm_kernel, dict(constexprs, BLOCK_P=p, BLOCK_O=o, BLOCK_C=c), warps, stages)
+    return [_launch(_cinc_forward_gemm_kernel, {**constexprs, "BLOCK_P": p, "BLOCK_O": o, "BLOCK_C": c},
+                    warps, stages)
             for p, o, c, warps, stages in configs]
 
 
@@ -336,9 +393,8 @@ def wavefront_launch(C: int, H: int, W: int, dtype: str, adjoint: bool) -> Launc
     block_c = channel_block(C)
     return _launch(
         _cinc_inverse_wavefront_kernel,
-        dict(ADJOINT=adjoint, ACC_DTYPE=_acc_dtype(dtype),
-             DOT_PRECISION=_dot_precision(dtype, False), BLOCK_P=wavefront_pixel_block(H, W, block_c),
-             BLOCK_C=block_c, BLOCK_K=min(block_c, 32)),
+        {"ADJOINT": adjoint, "ACC_DTYPE": _acc_dtype(dtype), "DOT_PRECISION": _dot_precision(dtype, False),
+         "BLOCK_P": wavefront_pixel_block(H, W, block_c), "BLOCK_C": block_c, "BLOCK_K": min(block_c, 32)},
         num_warps=4 if block_c <= 64 else 8, num_stages=1)
 
 
@@ -347,8 +403,8 @@ def wavefront_shared_bytes(block_p: int, block_c: int, block_k: int, dtype: str)
     tap GEMM (``BLOCK_P × BLOCK_K`` neighbours, ``BLOCK_K × BLOCK_C`` weights) and the solve (``BLOCK_P × BLOCK_C``
     residuals, ``BLOCK_C × BLOCK_C`` for L⁻¹). Up to 64 channels L⁻¹ is loaded once before the diagonal loop and
     the compiler keeps both dots' buffers live (sum); wider, it is loaded after the tap loop and the buffers are
-    shared (max): 163,840 B at 128 channels of float64, as compiled. No pipelining (``num_stages=1``).
-    The ahead-of-time check asserts it is ≥ what the compiler allocates."""
+    shared (max), which keeps 128 channels of float64 within an A100's limit. No pipelining (``num_stages=1``).
+    The ahead-of-time check asserts it is ≥ what the compiler allocates (``tools/results/triton_aot.csv``)."""
     acc = 8 if dtype == "float64" else 4
     taps = block_p * block_k + block_k * block_c
     solve = block_p * block_c + block_c * block_c
@@ -367,6 +423,22 @@ def wavefront_max_channels(dtype: str, shared_limit: int) -> int:
         block_c = wider
 
 
+def centre_inverse_launch(C: int) -> Launch:
+    """The launch that computes L⁻¹ for the inverse and its adjoint: one program, whose ``BLOCK_C × BLOCK_C``
+    float64 tile of solved rows is spread over more warps as it grows. The weight's and the output's dtypes are
+    those of the pointers, so one compiled kernel per tile width serves both."""
+    block_c = channel_block(C)
+    return _launch(_cinc_centre_inverse_kernel, {"BLOCK_C": block_c},
+                   num_warps=max(4, min(16, block_c // 8)), num_stages=1)
+
+
+def centre_inverse_shared_bytes(block_c: int, num_warps: int) -> int:
+    """An upper bound on the centre inverse's shared memory: its one cross-warp reduction (a sum over the rows of the
+    float64 tile) exchanges at most one partial sum per warp and column. The ahead-of-time check asserts it is ≥
+    what the compiler allocates."""
+    return block_c * num_warps * 8
+
+
 def logdet_shared_bytes(block_c: int, dtype: str) -> int:
     """The reduction's scratch: at most one value per channel of the tile (in practice a few per warp)."""
     return block_c * (8 if dtype == "float64" else 4)
@@ -378,19 +450,19 @@ LOGDET_BLOCK_C = 256
 
 
 def logdet_launch(C: int, dtype: str) -> Launch:
-    return _launch(_cinc_logdet_reduce_kernel, dict(ACC_DTYPE=_acc_dtype(dtype), BLOCK_C=LOGDET_BLOCK_C),
+    return _launch(_cinc_logdet_reduce_kernel, {"ACC_DTYPE": _acc_dtype(dtype), "BLOCK_C": LOGDET_BLOCK_C},
                    num_warps=4, num_stages=1)
 
 
-def device_shared_limit(device) -> Optional[int]:
+def device_shared_limit(device: Any) -> int | None:
     """A CUDA device's per-block shared memory (the opt-in maximum, which triton checks a launch against); ``None``
     for the interpreter's CPU tensors, which have no such limit."""
     if device.type != "cuda":
         return None
-    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+    return int(triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"])
 
 
-def _prune_forward_configs(configs, named_args, **kwargs):
+def _prune_forward_configs(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
     """The autotuner's candidates: exactly :func:`forward_block_configs` for this C, dtype and GPU."""
     dtype = str(named_args["x_ptr"].dtype).replace("torch.", "")
     wanted = set(forward_block_configs(int(named_args["C"]), dtype, device_shared_limit(named_args["x_ptr"].device)))
@@ -398,10 +470,12 @@ def _prune_forward_configs(configs, named_args, **kwargs):
                                    c.num_stages) in wanted]
 
 
-# The GPU autotunes per (C, H, W, k, bias, dtype) among forward_block_configs(C, dtype, this GPU's limit).
+# The GPU autotunes per (B, C, H, W, k, bias, dtype) among forward_block_configs(C, dtype, this GPU's limit). B is
+# in the key because the grid has B·H·W / BLOCK_P programs: the tile that keeps every SM busy at B = 1 is not the
+# one that does at B = 256.
 cinc_forward_gemm_kernel = triton.autotune(
     configs=[triton.Config({"BLOCK_P": p, "BLOCK_O": o, "BLOCK_C": c}, num_warps=warps, num_stages=stages)
              for p, o, c, warps, stages in FORWARD_CONFIGS],
-    key=["C", "H", "W", "ksize", "has_bias"],
+    key=["B", "C", "H", "W", "ksize", "has_bias"],
     prune_configs_by={"early_config_prune": _prune_forward_configs},
 )(_cinc_forward_gemm_kernel)

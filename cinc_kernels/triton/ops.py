@@ -5,18 +5,17 @@ The four ops have the signatures of the ``cinc`` ops (csrc/cinc_ops.cpp). They a
 through them as opaque calls, like the C++ ops; their gradients are the shared formulas of
 :mod:`cinc_kernels.registration`, which call these same ops.
 
-Why not ``torch.library.triton_op`` + ``wrap_triton`` (which let Inductor see the kernels): (1) the inverse must
-refuse a singular weight, a data-dependent check that cannot run while a ``triton_op`` body is traced with fake
-tensors, and (2) under ``TRITON_INTERPRET=1`` torch's ``wrap_triton`` hands back the raw interpreted kernel, which
+Why not ``torch.library.triton_op`` + ``wrap_triton`` (which let Inductor see the kernels): (1) on CPU tensors the
+inverse refuses a singular weight, a data-dependent check that cannot run while a ``triton_op`` body is traced with
+fake tensors, and (2) under ``TRITON_INTERPRET=1`` torch's ``wrap_triton`` hands back the raw interpreted kernel, which
 then runs on fake tensors and fails, so a ``triton_op`` could not be compiled in CI at all. Opaque ops keep one
 code path that CI traces and runs.
 Importing this module imports ``triton``.
 """
 import contextlib
-from typing import Optional
+from typing import Any
 
 import torch
-import triton
 
 from .. import registration
 from ..backends import get_backend
@@ -34,11 +33,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _shared_limit(t: torch.Tensor) -> Optional[int]:
+def _shared_limit(t: torch.Tensor) -> int | None:
     return kernels.device_shared_limit(t.device)
 
 
-def _device_of(t: torch.Tensor, arg: str):
+def _device_of(t: torch.Tensor, arg: str) -> contextlib.AbstractContextManager[Any]:
     """Triton launches on the current CUDA device: make it the tensor's (a no-op for the interpreter's CPU tensors).
     Compiled kernels cannot read CPU memory: say so, naming the argument, rather than fail inside Triton."""
     if t.is_cuda:
@@ -49,53 +48,86 @@ def _device_of(t: torch.Tensor, arg: str):
     return contextlib.nullcontext()
 
 
+def _check_weight_size(weight: torch.Tensor) -> None:
+    """The kernels index the weight with int32 offsets (image offsets are int64): refuse a weight they cannot
+    address, before anything is copied."""
+    if weight.numel() >= kernels.MAX_WEIGHT_ELEMENTS:
+        raise ValueError(f"weight: the Triton kernels take fewer than 2**31 weight elements; got {weight.numel()} "
+                         f"(C = {weight.shape[0]}, k = {weight.shape[-1]}); backend='torch' takes any size")
+
+
+def _bias_arg(bias: torch.Tensor | None, weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The bias as the kernels read it, ``C`` consecutive elements: a strided view (``b[::2]``) or an expanded one
+    (``torch.tensor(.5).expand(C)``, also what ``vmap`` hands over) is copied. Without a bias the kernels still
+    need a valid pointer, which they never read."""
+    if bias is None:
+        return weight, False
+    return bias.contiguous(), True
+
+
+def _singular_check_is_free(weight: torch.Tensor) -> bool:
+    """Whether the launchers may look at the weight's values: on the CPU (the interpreter) that costs nothing; on a
+    GPU it would stall the stream on a device-to-host copy and break CUDA-graph capture."""
+    return weight.device.type == "cpu"
+
+
 def centre_inverse(weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
-    """``L⁻¹`` for the masked centre tap ``L`` (``C × C``, row-major), computed in float64 and rounded once to the
-    accumulation dtype (float64 for float64 weights, else float32).
+    """``L⁻¹`` for the masked centre tap ``L`` of a contiguous ``weight`` (``C × C``, row-major), computed on the
+    device in one launch, in float64, and rounded once to the accumulation dtype (float64 for float64 weights, else
+    float32). No device-to-host synchronisation, so an inverse can be captured in a CUDA graph.
 
-    Raises ``ValueError`` when ``L`` has a zero on its diagonal (the map is singular). With ``unit_diagonal`` it
-    cannot be, and the check (a device-to-host sync) is skipped.
+    Raises ``ValueError`` when ``L`` has a zero on its diagonal (the map is singular) and the weight is on the CPU
+    (the interpreter), where checking costs no synchronisation. On a GPU the check would stall the stream, so, as
+    with the CUDA backend, a singular ``L`` gives inf/NaN in ``L⁻¹`` and in the solve. With ``unit_diagonal`` ``L``
+    cannot be singular.
 
-    The kernels multiply by ``L⁻¹`` (one small GEMM per diagonal chunk) instead of substituting channel by channel
-    (C dependent steps). Accuracy does not decide between them: in float32 on the CPU (C=12, 6×6, k=3),
-    ``inverse(forward(x))`` erred 1.2e-7 / 2.3e+0 / 1.8e+24 with ``L⁻¹`` against 2.3e-7 / 4.1e+0 / 9.8e+23 for the C++
-    substitution at cond(L) = 8 / 2.5e3 / 3.7e5: where one loses every digit, so does the other (M⁻¹ itself
-    amplifies). Speed on a GPU is still unmeasured.
+    The wavefront multiplies by ``L⁻¹`` (one small GEMM per diagonal chunk) instead of substituting channel by
+    channel: the GEMM has no chain of C dependent steps and keeps every thread of the program busy. Accuracy does not
+    decide between the two: the error of either grows with the conditioning of ``L``, and ``L`` is a diagonal block
+    of ``M``, so ``‖M⁻¹‖ ≥ ‖L⁻¹‖``: an ``L`` bad enough to set them apart already costs the inverse those digits
+    through ``M⁻¹`` itself (docs/conditioning.md).
     """
-    k = weight.shape[-1]
-    C = weight.shape[0]
-    L = weight[:, :, k - 1, k - 1].double().tril(-1 if unit_diagonal else 0)
-    eye = torch.eye(C, dtype=torch.float64, device=weight.device)
-    if unit_diagonal:
-        L = L + eye
-    elif bool((L.diagonal() == 0).any()):
+    C, k = weight.shape[0], weight.shape[-1]
+    singular = (not unit_diagonal and _singular_check_is_free(weight)
+                and bool((weight[:, :, k - 1, k - 1].diagonal() == 0).any()))
+    if singular:
         raise ValueError("weight: the centre tap has a zero on its diagonal, the convolution is singular")
-    inv = torch.linalg.solve_triangular(L, eye, upper=False)
-    return inv.to(torch.float64 if weight.dtype == torch.float64 else torch.float32).contiguous()
+    out = torch.empty((C, C), dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32,
+                      device=weight.device)
+    if C == 0:
+        return out
+    launch = kernels.centre_inverse_launch(C)
+    with _device_of(weight, "weight"):
+        launch.kernel[(1,)](weight, out, C, k, int(unit_diagonal),
+                            **launch.meta, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    return out
 
 
-def forward_launches(x: torch.Tensor, C: int) -> list:
+def forward_launches(x: torch.Tensor, C: int) -> list[kernels.Launch]:
     """The launches the forward may run for ``x`` (:func:`.kernels.forward_launches` for its dtype and GPU)."""
     allow_tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
     return kernels.forward_launches(C, _dtype_name(x.dtype), allow_tf32, _shared_limit(x))
 
 
-def launch_forward(x, weight, bias, unit_diagonal: bool, launch: Optional[kernels.Launch] = None) -> torch.Tensor:
+def launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, unit_diagonal: bool,
+                   launch: kernels.Launch | None = None) -> torch.Tensor:
     """The forward's launch. ``launch`` (one of :func:`forward_launches`) bypasses the autotuner so a test can run
     every configuration it may pick; by default the GPU autotunes and the interpreter uses its fixed
     configuration."""
     B, C, H, W = x.shape
     k = weight.shape[-1]
+    _check_weight_size(weight)
     y = torch.empty((B, C, H, W), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
     weight = weight.contiguous()
-    has_bias = bias is not None
+    bias_arg, has_bias = _bias_arg(bias, weight)
 
-    def grid(meta):
-        return (triton.cdiv(B * H * W, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_O"]))
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return (-(-B * H * W // meta["BLOCK_P"]), -(-C // meta["BLOCK_O"]))
 
     candidates = forward_launches(x, C)
+    kernel: Any
     if launch is None and kernels.AUTOTUNE:
         # The autotuner's own pruning keeps exactly the block sizes of `candidates` (kernels._prune_forward_configs).
         kernel, meta = kernels.cinc_forward_gemm_kernel, {
@@ -105,7 +137,7 @@ def launch_forward(x, weight, bias, unit_diagonal: bool, launch: Optional[kernel
         kernel, meta = launch.kernel, dict(launch.meta, num_warps=launch.num_warps, num_stages=launch.num_stages)
     with _device_of(x, "x"):
         kernel[grid](
-            x, weight, bias if has_bias else weight, y,
+            x, weight, bias_arg, y,
             B, C, H, W, k, int(has_bias), int(unit_diagonal),
             *x.stride(),
             **meta,
@@ -114,7 +146,7 @@ def launch_forward(x, weight, bias, unit_diagonal: bool, launch: Optional[kernel
 
 
 @torch.library.custom_op(f"{NAMESPACE}::forward", mutates_args=())
-def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], unit_diagonal: bool) -> torch.Tensor:
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, unit_diagonal: bool) -> torch.Tensor:
     """``y = M x + bias``. ``x: (B, C, H, W)`` any strides, ``weight: (C, C, k, k)``, ``bias: (C,)`` or None;
     returns contiguous ``(B, C, H, W)`` of ``x``'s dtype (float32 / float64 / float16 / bfloat16)."""
     return launch_forward(x, weight, bias, unit_diagonal)
@@ -130,7 +162,10 @@ def _other_backend_hint(t: torch.Tensor) -> str:
     return f"backend={name!r} takes any C" + (" (in float64, slowly)" if name == "reference" else "")
 
 
-def _wavefront(src, weight, bias, unit_diagonal: bool, adjoint: bool) -> torch.Tensor:
+def _wavefront(src: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, unit_diagonal: bool,
+               adjoint: bool) -> torch.Tensor:
+    """The inverse's or the adjoint's launches: ``L⁻¹`` (:func:`centre_inverse`), then the wavefront. Two launches,
+    no device-to-host synchronisation."""
     B, C, H, W = src.shape
     k = weight.shape[-1]
     arg = "y" if not adjoint else "g"
@@ -140,16 +175,21 @@ def _wavefront(src, weight, bias, unit_diagonal: bool, adjoint: bool) -> torch.T
             f"{arg}: the Triton {'adjoint' if adjoint else 'inverse'} keeps a C × C block in shared memory, which "
             f"holds at most {kernels.wavefront_max_channels(_dtype_name(src.dtype), limit)} channels of "
             f"{_dtype_name(src.dtype)} on this GPU; got C = {C}. {_other_backend_hint(src)}")
+    # The kernel counts anti-diagonals in int32.
+    if H + W > 2**31:
+        raise ValueError(f"{arg}: the Triton {'adjoint' if adjoint else 'inverse'} takes images with H + W ≤ 2**31; "
+                         f"got H = {H}, W = {W}")
+    _check_weight_size(weight)
+    weight = weight.contiguous()
     centre_inv = centre_inverse(weight, unit_diagonal)
     out = torch.empty((B, C, H, W), dtype=src.dtype, device=src.device)
     if out.numel() == 0:
         return out
-    weight = weight.contiguous()
-    has_bias = bias is not None
+    bias_arg, has_bias = _bias_arg(bias, weight)
     launch = kernels.wavefront_launch(C, H, W, _dtype_name(src.dtype), adjoint)
     with _device_of(src, arg):
         launch.kernel[(B,)](
-            src, weight, bias if has_bias else weight, centre_inv, out,
+            src, weight, bias_arg, centre_inv, out,
             C, H, W, k, int(has_bias),
             *src.stride(),
             **launch.meta, num_warps=launch.num_warps, num_stages=launch.num_stages,
@@ -158,9 +198,10 @@ def _wavefront(src, weight, bias, unit_diagonal: bool, adjoint: bool) -> torch.T
 
 
 @torch.library.custom_op(f"{NAMESPACE}::inverse", mutates_args=())
-def inverse(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], unit_diagonal: bool) -> torch.Tensor:
-    """``x = M⁻¹ (y - bias)``, one launch, one program per image. ``(B, C, H, W) ->`` contiguous same, float32 /
-    float64. ``ValueError`` if the centre tap is singular."""
+def inverse(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, unit_diagonal: bool) -> torch.Tensor:
+    """``x = M⁻¹ (y - bias)``: one program per image walks the anti-diagonals. ``(B, C, H, W) ->`` contiguous same,
+    float32 / float64. ``ValueError`` if the centre tap is singular and the tensors are on the CPU (interpreter); on
+    a GPU a singular centre tap gives inf/NaN (:func:`centre_inverse`)."""
     return _wavefront(y, weight, bias, unit_diagonal, adjoint=False)
 
 
@@ -179,9 +220,10 @@ def logdet(weight: torch.Tensor, height: int, width: int, unit_diagonal: bool) -
     C, k = weight.shape[0], weight.shape[-1]
     launch = kernels.logdet_launch(C, _dtype_name(weight.dtype))
     with _device_of(weight, "weight"):
-        launch.kernel[(1,)](weight.contiguous(), out, C, 1, k,
+        launch.kernel[(1,)](weight.contiguous(), out, C, k,
                             **launch.meta, num_warps=launch.num_warps, num_stages=launch.num_stages)
-    # Scaled by H·W as a float afterwards: the int64 product of two huge sizes would wrap (2^32 × 2^32 = 0).
+    # H·W as a float, in the output's dtype: an integer product of two huge sizes would wrap (2^32 × 2^32 = 0), and a
+    # float kernel argument would be float32.
     return out * (float(height) * float(width))
 
 
