@@ -7,28 +7,19 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from .._checks import Range
 from .._cli import ArgumentParser, argument_type, range_type
+from ._arguments import add_model_data_arguments, checkpoint_type, device_type, folder_type
 from .config import FIELD_RANGES, OPTIMIZERS, TEMPERATURE, TrainConfig, check_name
 from .distributed import resolve_device
 
+if TYPE_CHECKING:
+    import torch
 
-def _folder(text: str) -> str:
-    if os.path.exists(text) and not os.path.isdir(text):
-        raise ValueError(f"{text!r} is a file, not a folder")
-    return text
-
-
-def _existing_file(text: str) -> str:
-    if not os.path.isfile(text):
-        raise ValueError(f"{text!r} does not exist" if not os.path.exists(text) else f"{text!r} is not a file")
-    return text
-
-
-def _device_spec(text: str) -> str:
-    resolve_device(text)
-    return text
+    from .model import CInCFlow
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,7 +71,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     kinds = {name: {"type": range_type(rng)} for name, rng in FIELD_RANGES.items()}
     kinds.update({
         "name": {"type": argument_type(check_name, "name")},
-        "out_dir": {"type": argument_type(_folder, "folder")},
+        "out_dir": {"type": folder_type},
         "data": {"choices": DATASETS},
         "preset": {"choices": [*PRESETS, "none"]},
         "conv": {"choices": sorted(LAYERS)},
@@ -89,7 +80,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "optimizer": {"choices": OPTIMIZERS},
         "conv_kwargs": {"type": _json_object, "default": {}},
         "temperatures": {"type": range_type(TEMPERATURE), "nargs": "+"},
-        "device": {"type": argument_type(_device_spec, "device")},
+        "device": {"type": device_type},
     })
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -149,35 +140,77 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+# Images drawn per call of the model in ``sample``: the command's memory is this chunk's plus one row of the grid,
+# whatever --n is.
+SAMPLE_CHUNK = 256
+
+
+def _grid_scale(n: int, image_size: tuple[int, int]) -> int:
+    """The pixel scale of ``sample``'s grids: images 64 pixels high where the grid stays within
+    :data:`~.plots.MAX_GRID_PIXELS`, fewer where it would not; ``ValueError`` naming ``--n`` when no scale fits."""
+    from .plots import MAX_GRID_PIXELS, largest_scale
+
+    scale = largest_scale(n, image_size, max(1, 64 // image_size[0]))
+    if scale is None:
+        most = MAX_GRID_PIXELS // ((image_size[0] + 1) * (image_size[1] + 1))
+        while most > 1 and largest_scale(most, image_size, 1) is None:
+            most -= 1
+        raise ValueError(f"--n {n}: one grid of {n} images of {image_size[0]}×{image_size[1]} pixels would be larger "
+                         f"than {MAX_GRID_PIXELS:,} pixels, more than PIL or an image viewer opens; use --n {most} "
+                         f"or fewer")
+    return scale
+
+
+def _sample_chunks(model: CInCFlow, n: int, temperature: float, generator: torch.Generator, seconds: list[float],
+                   first: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``n`` samples in chunks of :data:`SAMPLE_CHUNK`, each chunk's time appended to ``seconds`` and the first
+    chunk's first ten images to ``first``."""
+    import torch
+
+    device = model.top_mean.device
+    for start in range(0, n, SAMPLE_CHUNK):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        tic = time.perf_counter()
+        images = model.sample(min(SAMPLE_CHUNK, n - start), temperature, generator=generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - tic)
+        if not first:
+            first.append(images[:10].to("cpu", copy=True))  # a copy: a view would keep the whole chunk
+        yield images
+
+
 def _cmd_sample(args) -> int:
     import torch
 
     from .checkpoint import atomic_write_text, load_model
-    from .plots import save_grid
+    from .plots import save_grid, write_grid
 
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device, backend=args.backend)
+    if model.image_size is None:
+        raise ValueError(f"checkpoint {args.checkpoint!r} does not record its model's image size")
+    scale = _grid_scale(args.n, model.image_size)
+    if scale < max(1, 64 // model.image_size[0]):
+        print(f"note: pixels drawn {scale}×{scale} so that a grid of {args.n} images stays viewable",
+              file=sys.stderr)
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "samples")
     os.makedirs(out_dir, exist_ok=True)
     timings, rows = {}, []
-    side = model.image_size[0] if model.image_size else 32
     for t in args.temperatures:
         generator = torch.Generator(device=device).manual_seed(args.seed)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        tic = time.perf_counter()
-        images = model.sample(args.n, t, generator=generator)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - tic
+        seconds: list[float] = []
+        first: list[torch.Tensor] = []  # the first ten images, for the overview
+        chunks = _sample_chunks(model, args.n, t, generator, seconds, first)
         path = os.path.join(out_dir, f"sample_T{t:.2f}.png")
-        save_grid(images, path, scale=max(1, 64 // side))
-        timings[f"{t:.2f}"] = seconds
-        rows.append(images[:10])
-        print(f"T={t:.2f}: {args.n} images in {seconds:.3f} s -> {path}")
+        write_grid(chunks, args.n, path, scale=scale)
+        timings[f"{t:.2f}"] = sum(seconds)
+        rows.append(torch.cat(first)[:10])
+        print(f"T={t:.2f}: {args.n} images in {sum(seconds):.3f} s -> {path}")
     # One overview: a row of (up to) ten images per temperature, same noise in every row.
     overview = os.path.join(out_dir, "sample_temperatures.png")
-    save_grid(torch.cat(rows), overview, nrow=rows[0].shape[0], scale=max(1, 64 // side))
+    save_grid(torch.cat(rows), overview, nrow=rows[0].shape[0], scale=max(1, 64 // model.image_size[0]))
     print(f"rows T={', '.join(f'{t:g}' for t in args.temperatures)} -> {overview}")
     atomic_write_text(json.dumps({"checkpoint": args.checkpoint, "step": ckpt["step"], "n": args.n,
                                    "device": str(device), "seconds": timings}, indent=2) + "\n",
@@ -187,20 +220,15 @@ def _cmd_sample(args) -> int:
 
 def _cmd_eval(args) -> int:
     from .checkpoint import load_model
-    from .data import load_data
-    from .evaluation import evaluate, reconstruction_error
+    from .evaluation import data_for_model, evaluate, reconstruction_error
 
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device, backend=args.backend)
-    cfg = ckpt.get("config", {})
-    name = args.data or cfg.get("data", "digits")
-    root = args.data_root if args.data_root is not None else cfg.get("data_root")
-    n_bits = cfg.get("n_bits") if args.data is None else args.n_bits
-    image_size = args.image_size if args.image_size is not None else cfg.get("image_size")
-    data = load_data(name, root, n_bits=n_bits, image_size=image_size)
+    data = data_for_model(ckpt, data=args.data, data_root=args.data_root, n_bits=args.n_bits,
+                          image_size=args.image_size)
     tic = time.perf_counter()
     bpd = evaluate(model, data.test, data.num_levels, batch_size=args.batch_size, device=device, seed=args.seed)
-    report = {"checkpoint": args.checkpoint, "step": ckpt["step"], "data": name, "test_images": len(data.test),
+    report = {"checkpoint": args.checkpoint, "step": ckpt["step"], "data": data.name, "test_images": len(data.test),
               "test_bits_per_dim": bpd}
     if args.reconstruction:
         # decode(encode(x)) against x on the same test images: how exactly this checkpoint inverts.
@@ -212,7 +240,6 @@ def _cmd_eval(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .data import DATASETS
     from .train import RunInterrupted
 
     count, seed = range_type(Range(int, 1)), range_type(FIELD_RANGES["seed"])
@@ -226,13 +253,13 @@ def main(argv=None) -> int:
     _add_train_arguments(p)
     p.set_defaults(func=_cmd_train)
 
-    checkpoint = argument_type(_existing_file, "checkpoint")
-    device = argument_type(_device_spec, "device")
+    checkpoint, device = checkpoint_type, device_type
     p = sub.add_parser("sample", help="sample grids at several temperatures from a checkpoint")
     p.add_argument("--checkpoint", required=True, type=checkpoint, help="a checkpoint.pt written by train")
-    p.add_argument("--n", type=count, default=64, help="images per grid (default 64)")
+    p.add_argument("--n", type=count, default=64,
+                   help=f"images per grid (default 64), drawn {SAMPLE_CHUNK} at a time: memory does not grow with --n")
     p.add_argument("--temperatures", type=range_type(TEMPERATURE), nargs="+", default=[0.5, 0.7, 0.85, 1.0])
-    p.add_argument("--out", default=None, type=argument_type(_folder, "folder"),
+    p.add_argument("--out", default=None, type=folder_type,
                    help="output folder (default: samples/ beside the checkpoint)")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--device", default="auto", type=device)
@@ -242,10 +269,7 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("eval", help="test bits/dim of a checkpoint (and, with --reconstruction, its round trip)")
     p.add_argument("--checkpoint", required=True, type=checkpoint)
-    p.add_argument("--data", default=None, choices=DATASETS, help="data set (default: the one it was trained on)")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--n-bits", type=range_type(FIELD_RANGES["n_bits"]), default=None)
-    p.add_argument("--image-size", type=range_type(FIELD_RANGES["image_size"]), default=None)
+    add_model_data_arguments(p)
     p.add_argument("--batch-size", type=count, default=256)
     p.add_argument("--seed", type=seed, default=0, help="seed of the dequantisation noise")
     p.add_argument("--device", default="auto", type=device)

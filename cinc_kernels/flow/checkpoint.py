@@ -2,12 +2,14 @@
 checkpoints with a sha256 of every entry, and the model saved in a checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import inspect
 import io
 import os
-from typing import Any, Optional, Protocol
+from collections.abc import Iterator
+from typing import Any, BinaryIO, Optional, Protocol
 
 import torch
 
@@ -19,6 +21,7 @@ __all__ = [
     "atomic_save",
     "atomic_write_bytes",
     "atomic_write_text",
+    "atomic_writer",
     "load_checkpoint",
     "load_model",
     "save_checkpoint",
@@ -31,14 +34,16 @@ class DiskFullError(RuntimeError):
     """The disk filled up while writing ``path`` (the previous version of the file, if any, is intact)."""
 
 
-def atomic_write_bytes(data: bytes, path: str) -> None:
-    """Write ``data`` to a temporary file in ``path``'s folder, flush it to disk, then rename it over ``path``: a
-    crash at any moment leaves either the old file or the new one, never a torn one."""
+@contextlib.contextmanager
+def atomic_writer(path: str) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: it is a temporary file in ``path``'s folder, flushed to disk and
+    renamed over ``path`` when the block ends, so a crash at any moment leaves either the old file or the new one,
+    never a torn one (and a file too large to hold in memory can be streamed)."""
     folder, base = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{base}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -49,6 +54,12 @@ def atomic_write_bytes(data: bytes, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_bytes(data: bytes, path: str) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_writer`."""
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_save(obj: object, path: str) -> None:

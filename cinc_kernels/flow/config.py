@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import os
+import types
+import typing
 from typing import Any, Optional, Sequence
 
 from .._checks import Range
@@ -154,7 +157,8 @@ def check_config(cfg: TrainConfig) -> None:
 def _check_conv_kwargs(conv: str, kwargs: dict[str, Any]) -> None:
     from ..nn import LAYERS
 
-    params = inspect.signature(LAYERS[conv]).parameters
+    layer: type = LAYERS[conv]
+    params = inspect.signature(layer).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
     # channels and backend come from the flow itself.
@@ -164,6 +168,39 @@ def _check_conv_kwargs(conv: str, kwargs: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(f"conv_kwargs: {conv} does not take {', '.join(map(repr, unknown))}; it accepts "
                          f"{', '.join(accepted)}")
+    try:
+        constructor = next(vars(c)["__init__"] for c in layer.__mro__ if "__init__" in vars(c))
+        hints = typing.get_type_hints(constructor)
+    except (NameError, TypeError, AttributeError):  # an annotation this Python cannot evaluate: the layer checks that argument itself
+        hints = {}
+    for key, value in kwargs.items():
+        _check_annotated(f"conv_kwargs: {key}", value, hints.get(key))
+
+
+def _check_annotated(name: str, value: Any, hint: Any) -> None:
+    """``value`` against a constructor annotation (``bool``, ``int``, ``float``, ``str`` or an optional one), so that
+    a JSON value of the wrong kind is refused by name instead of being taken for true (``"no"``) or truncated;
+    floats must be finite. Other annotations are left to the layer."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return
+    kinds = [k for k in allowed if k in (bool, int, float, str)]
+    if not kinds or len(kinds) != len([k for k in allowed if k is not type(None)]):
+        return
+    for kind in kinds:
+        if kind is bool and isinstance(value, bool):
+            return
+        if kind is str and isinstance(value, str):
+            return
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            return
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    expected = " or ".join([words[k] for k in kinds] + (["null"] if type(None) in allowed else []))
+    raise TypeError(f"{name} must be {expected}, got {value!r}")
 
 
 def _plain(value: object) -> Any:

@@ -12,8 +12,9 @@ Every data set yields ``(image, label)`` with ``image`` a ``uint8`` tensor ``(C,
   no download. Each photo's right-hand quarter is the test region, the rest the training region, so no training patch
   overlaps a test patch; training patches are taken at half-patch stride and flipped left-right at random.
 - ``imagefolder``: any folder of ``<class>/<image>`` files (``<root>/train`` and ``<root>/test`` if both exist,
-  otherwise a fixed 90/10 split), centre-cropped and resized to ``image_size``. Every file is opened once at
-  start-up; unreadable ones are skipped with a warning that names them.
+  otherwise a fixed 90/10 split), centre-cropped and resized to ``image_size``. Every file is decoded once at
+  start-up; unreadable ones (a broken compressed stream included) are skipped with a warning that names them.
+  16-bit pixels keep their top 8 bits.
 - ``imagenet32``, ``imagenet64``: the downsampled ImageNet of Chrabaszcz, Loshchilov and Hutter (2017) as it is
   distributed, ``.npz`` batches ``train_data_batch_<n>.npz`` and ``val_data.npz`` anywhere under the root, each
   with ``data`` ``(N, 3·S·S)`` uint8 (channel-planar: all red, then green, then blue, rows of ``S``) and
@@ -22,13 +23,14 @@ Every data set yields ``(image, label)`` with ``image`` a ``uint8`` tensor ``(C,
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import dataclasses
 import glob
 import math
 import os
 import re
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -279,18 +281,36 @@ class _FolderImages(Dataset):
         return self.folder.samples[self.indices[i]][0]
 
 
-def _to_rgb(image):
-    return image.convert("RGB")
+def _load_rgb(path: str) -> Any:
+    """The image file ``path`` as an 8-bit RGB PIL image, decoded in full. 16-bit grey pixels keep their top 8 bits
+    (PIL's own conversion would saturate everything above 255 to white; PIL reduces 16-bit colour itself); integer or
+    float pixels of no fixed range are refused (``ValueError``) rather than guessed at."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        mode = image.mode
+        if mode in ("I;16", "I;16L", "I;16B", "I;16N") or (mode == "I" and image.format == "PNG"):
+            # (older Pillows read a 16-bit grey PNG as I)
+            pixels = np.asarray(image).astype(np.uint32) >> 8
+            return Image.fromarray(pixels.astype(np.uint8)).convert("RGB")
+        if mode in ("I", "F") or mode.startswith(("I;", "F;")):
+            raise ValueError(f"{'float' if mode.startswith('F') else 'integer'} pixels of mode {mode} have no fixed "
+                             f"range to scale to 8 bits; convert the file to 8 or 16 bits per channel")
+        return image.convert("RGB")
 
 
 def _unreadable(path: str) -> Optional[str]:
-    """Why PIL cannot read the image file ``path`` (``None`` when it can): its header and structure are checked,
-    the pixels are not decoded (that would double the start-up time of a large folder)."""
+    """Why the image file ``path`` cannot be used (``None`` when it can): PIL checks its structure and chunk
+    checksums, then every pixel is decoded, since a broken compressed stream passes the check and shows only when
+    decoded."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             image.verify()
+        _load_rgb(path)
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, … for damaged files
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -299,7 +319,10 @@ def _unreadable(path: str) -> Optional[str]:
 def _drop_unreadable(folder, path: str) -> None:
     """Remove the files PIL cannot read from an ImageFolder, warning once with their names and number, so that a
     damaged file fails nobody mid-run (and always the same files are skipped on resume)."""
-    bad = [(p, why) for p, _ in folder.samples if (why := _unreadable(p)) is not None]
+    # PIL decodes without holding the GIL, so threads decode files side by side.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        reasons = list(pool.map(_unreadable, [p for p, _ in folder.samples]))
+    bad = [(p, why) for (p, _), why in zip(folder.samples, reasons) if why is not None]
     if not bad:
         return
     bad_paths = {p for p, _ in bad}
@@ -323,7 +346,6 @@ def _image_folder(root: str, image_size: Optional[int], n_bits: Optional[int]) -
         raise FileNotFoundError(f"imagefolder: data root {root!r} is not a directory; expected {root}/<class>/<image> "
                                 f"files, or {root}/train/<class>/<image> and {root}/test/<class>/<image>")
     transform = transforms.Compose([
-        transforms.Lambda(_to_rgb),
         transforms.Resize(image_size),
         transforms.CenterCrop(image_size),
         transforms.PILToTensor(),
@@ -331,7 +353,7 @@ def _image_folder(root: str, image_size: Optional[int], n_bits: Optional[int]) -
 
     def folder(path):
         try:
-            found = datasets.ImageFolder(path, transform=transform)
+            found = datasets.ImageFolder(path, transform=transform, loader=_load_rgb)
         except (FileNotFoundError, RuntimeError) as exc:
             raise FileNotFoundError(f"imagefolder: no images under {path!r} (expected {path}/<class>/<image> with "
                                     f"a known image extension): {exc}") from None

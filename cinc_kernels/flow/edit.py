@@ -22,11 +22,18 @@ from typing import Sequence
 
 import torch
 
+from .._checks import Range
+from .._cli import range_type
+from ._arguments import add_model_data_arguments, checkpoint_type, device_type, folder_type
+from .config import FIELD_RANGES
 from .model import CInCFlow, flatten_latents, unflatten_latents
 
 __all__ = ["METHODS", "attribute_directions", "edit_images", "encode_flat", "read_attribute_csv"]
 
 METHODS = ("correlation", "mean-difference")
+# α counts standard deviations (correlation) or class-mean distances (mean-difference) along a direction; a hundred
+# of either is already far outside anything the flow was trained on.
+ALPHA = Range(float, -100.0, 100.0)
 
 
 def attribute_directions(latents: torch.Tensor, attributes: torch.Tensor, method: str = "correlation",
@@ -153,18 +160,14 @@ def _labelled_images(args, data):
 
 def _cmd_edit(args) -> int:
     from .checkpoint import atomic_save, load_model
-    from .data import load_data
     from .distributed import resolve_device
-    from .evaluation import eval_noise
+    from .evaluation import data_for_model, eval_noise
     from .plots import save_grid
 
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device, backend=args.backend)
-    cfg = ckpt.get("config", {})
-    data = load_data(args.data or cfg.get("data", "digits"),
-                     args.data_root if args.data_root is not None else cfg.get("data_root"),
-                     n_bits=cfg.get("n_bits") if args.data is None else args.n_bits,
-                     image_size=args.image_size if args.image_size is not None else cfg.get("image_size"))
+    data = data_for_model(ckpt, data=args.data, data_root=args.data_root, n_bits=args.n_bits,
+                          image_size=args.image_size)
     levels, attributes, names = _labelled_images(args, data)
 
     def to_input(lv, indices):
@@ -182,14 +185,21 @@ def _cmd_edit(args) -> int:
     if bad:
         raise ValueError(f"--images must be test-set indices in 0…{len(data.test) - 1}, got {bad}")
     x = to_input(torch.stack([data.test[i][0] for i in test_indices]), [10**9 + i for i in test_indices])
+    strips = {}
+    for name in chosen:
+        strips[name] = edit_images(model, x, directions[names.index(name)], args.alphas)
+        finite = torch.isfinite(strips[name]).flatten(2).all(dim=2).all(dim=0)
+        if not bool(finite.all()):
+            too_far = [a for a, ok in zip(args.alphas, finite.tolist()) if not ok]
+            raise ValueError(f"--alphas {' '.join(f'{a:g}' for a in too_far)}: moving along {name!r} that far gives "
+                             f"non-finite images (the latents leave the range the flow can invert); use smaller "
+                             f"--alphas")
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "edits")
     os.makedirs(out_dir, exist_ok=True)
     side = data.shape[1]
     for name in chosen:
-        k = names.index(name)
-        strips = edit_images(model, x, directions[k], args.alphas)
         path = os.path.join(out_dir, f"edit_{args.method}_{name}.png")
-        save_grid(strips.flatten(0, 1), path, nrow=len(args.alphas), scale=max(1, 64 // side))
+        save_grid(strips[name].flatten(0, 1), path, nrow=len(args.alphas), scale=max(1, 64 // side))
         print(f"{name}: {len(test_indices)} images × α in {list(args.alphas)} -> {path}")
     atomic_save({"names": names, "method": args.method, "directions": directions.cpu()},
                 os.path.join(out_dir, f"directions_{args.method}.pt"))
@@ -202,22 +212,24 @@ def add_edit_parser(sub) -> None:
                        description="Compute a latent direction per attribute from labelled training images (class "
                                    "labels, or a CSV of per-image attributes with imagefolder data), then write one "
                                    "PNG strip per attribute: rows are test images, columns are α.")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", default=None, help="data set (default: the one the model was trained on)")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--n-bits", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--checkpoint", required=True, type=checkpoint_type, help="a checkpoint.pt written by train")
+    add_model_data_arguments(p)
     p.add_argument("--attributes", default=None,
                    help="CSV of per-image attributes (header: image name, attribute names), matched by file name")
     p.add_argument("--attribute", nargs="+", default=None, help="attributes to edit (default: all)")
     p.add_argument("--method", choices=METHODS, default="correlation")
-    p.add_argument("--alphas", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0, 2.0])
-    p.add_argument("--images", type=int, nargs="+", default=[0, 1, 2, 3], help="test-set indices to edit")
-    p.add_argument("--n-fit", type=int, default=5000, help="training images used to compute the directions")
-    p.add_argument("--out", default=None, help="output folder (default: edits/ beside the checkpoint)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--alphas", type=range_type(ALPHA), nargs="+", default=[-2.0, -1.0, 0.0, 1.0, 2.0],
+                   help=f"how far to move each image along the direction (each {ALPHA.describe()}; default "
+                        f"-2 -1 0 1 2)")
+    p.add_argument("--images", type=range_type(Range(int, 0)), nargs="+", default=[0, 1, 2, 3],
+                   help="test-set indices to edit")
+    p.add_argument("--n-fit", type=range_type(Range(int, 2)), default=5000,
+                   help="training images used to compute the directions")
+    p.add_argument("--out", default=None, type=folder_type, help="output folder (default: edits/ beside the checkpoint)")
+    p.add_argument("--seed", type=range_type(FIELD_RANGES["seed"]), default=0)
+    p.add_argument("--device", default="auto", type=device_type)
     p.add_argument("--backend", default=None)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (0: PyTorch's default)")
+    p.add_argument("--threads", type=range_type(FIELD_RANGES["threads"]), default=1,
+                   help="CPU threads (0: PyTorch's default)")
     p.set_defaults(func=_cmd_edit)
 

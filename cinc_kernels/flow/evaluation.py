@@ -7,10 +7,47 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .data import ImageData, load_data
 from .distributed import all_reduce_sum, rank_and_world
 from .model import CInCFlow
 
-__all__ = ["eval_noise", "evaluate", "reconstruction_error"]
+__all__ = ["data_for_model", "eval_noise", "evaluate", "reconstruction_error"]
+
+
+def _trained_levels(ckpt: dict[str, Any]) -> int | None:
+    """The number of pixel levels the checkpoint's model was trained on (``None`` where the checkpoint does not
+    say)."""
+    data = ckpt.get("data")
+    if isinstance(data, dict) and isinstance(data.get("num_levels"), int):
+        return int(data["num_levels"])
+    n_bits = (ckpt.get("config") or {}).get("n_bits")
+    return 2 ** n_bits if isinstance(n_bits, int) else None
+
+
+def data_for_model(ckpt: dict[str, Any], *, data: str | None = None, data_root: str | None = None,
+                   n_bits: int | None = None, image_size: int | None = None) -> ImageData:
+    """The data a checkpoint's model is evaluated or edited on (``eval``/``edit``): ``data`` (default: the run's),
+    from ``data_root`` and at ``image_size`` (default: the run's), reduced to the bits per pixel the model was
+    trained at, whichever data set it is.
+
+    Bits/dim depend on the number of pixel levels, so an ``n_bits`` that differs from the model's, or data whose
+    levels differ, is refused (``ValueError`` naming ``--n-bits`` or ``--data``) instead of reporting a number
+    that compares with nothing.
+    """
+    cfg = ckpt.get("config") or {}
+    levels = _trained_levels(ckpt)
+    if n_bits is not None and levels is not None and 2 ** n_bits != levels:
+        raise ValueError(f"--n-bits {n_bits}: the model was trained on {levels} levels per pixel, not "
+                         f"{2 ** n_bits}; its bits/dim at another number of levels mean nothing. Leave --n-bits out "
+                         f"to use the model's")
+    name = data or cfg.get("data", "digits")
+    loaded = load_data(name, data_root if data_root is not None else cfg.get("data_root"),
+                       n_bits=n_bits if n_bits is not None else cfg.get("n_bits"),
+                       image_size=image_size if image_size is not None else cfg.get("image_size"))
+    if levels is not None and loaded.num_levels != levels:
+        raise ValueError(f"--data {name}: these images have {loaded.num_levels} levels per pixel, the model was "
+                         f"trained on {levels}; its bits/dim on them mean nothing")
+    return loaded
 
 
 def eval_noise(indices: Sequence[int], shape: Sequence[int], seed: int) -> torch.Tensor:

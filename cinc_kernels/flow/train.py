@@ -184,9 +184,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     signals = _StopSignals()
     writer = None
     try:
+        # Start-up: everything that can refuse the run, up to the model's first forward pass. Nothing is written
+        # before it has passed, so a refused run leaves the folder as it found it (and the next run is not taken
+        # for a second one), and --overwrite deletes the old run only once the new one can start.
         try:
             data = data or load_data(cfg.data, cfg.data_root, n_bits=cfg.n_bits, image_size=cfg.image_size)
             state = _start(cfg, data, device, rank, world, resume, ckpt_path)
+            writer_class = _tensorboard_writer_class() if cfg.tensorboard and rank == 0 else None
         except BaseException:
             if lock is not None:
                 release_unused_folder(lock, out_dir, created)
@@ -200,8 +204,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                 saved["data_info"] = data.info
                 print(describe(data), file=sys.stderr)
             atomic_write_text(json.dumps(saved, indent=2) + "\n", os.path.join(out_dir, "config.json"))
-            if cfg.tensorboard:
-                writer = _tensorboard_writer(out_dir, state["step"])
+            if writer_class is not None:
+                # purge_step drops events a killed run logged after its last checkpoint, which the resumed run
+                # logs again.
+                start = state["step"]
+                writer = writer_class(os.path.join(out_dir, "tensorboard"), purge_step=start if start > 0 else None)
         signals.install()
         return _run(cfg, data, device, rank, world, state, out_dir, ckpt_path, progress, signals, writer)
     finally:
@@ -237,19 +244,19 @@ class _StopSignals:
         self._previous = {}
 
 
-def _tensorboard_writer(out_dir: str, step: int) -> Any:
+def _tensorboard_writer_class() -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise RuntimeError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
-    # purge_step drops events a killed run logged after its last checkpoint, which the resumed run logs again.
-    return SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=step if step > 0 else None)
+    return SummaryWriter
 
 
 def _start(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int, world: int, resume: bool,
            ckpt_path: str) -> dict[str, Any]:
-    """The model, optimiser, schedule, noise and history to train from: new, or restored from the checkpoint
-    after checking that resuming continues the run exactly. Writes nothing."""
+    """The model, optimiser, schedule, noise and history to train from: new (ActNorm initialised on the first
+    batch), or restored from the checkpoint after checking that resuming continues the run exactly. Every check of
+    the run's start-up happens here or before; it writes nothing."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_from_config(cfg, data).to(device)
     optimizer = _make_optimizer(cfg, model.parameters())
@@ -286,8 +293,48 @@ def _start(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int, w
                       file=sys.stderr)
     elif resume and rank == 0:
         print(f"no checkpoint at {ckpt_path}; starting a new run", file=sys.stderr)
+    _batches_per_epoch(cfg, data, world)
+    if step == 0:
+        _initialise(cfg, data, model, device, rank, world)
     return {"model": model, "optimizer": optimizer, "scheduler": scheduler, "noise": noise, "history": history,
             "step": step}
+
+
+def _initialise(cfg: TrainConfig, data: ImageData, model: CInCFlow, device: torch.device, rank: int,
+                world: int) -> None:
+    """ActNorm's data-dependent initialisation on the first batch, before DDP wraps the model (DDP then broadcasts
+    rank 0's statistics to every rank), with its own noise generator so that the training noise stream stays
+    untouched. A model whose log-likelihood is not finite there would only ever skip its steps: refused."""
+    first = next(_batches(cfg, data, device, rank, world, 0)).to(device)
+    init_noise = torch.Generator(device=device).manual_seed(cfg.seed)
+    with torch.no_grad():
+        log_prob = model.train()(dequantize(first, data.num_levels, init_noise))
+    (bad,) = all_reduce_sum([float(not bool(torch.isfinite(log_prob).all()))], device)
+    if bad:
+        raise ValueError(f"the new model's log-likelihood of the first batch is not finite, so no step could train "
+                         f"it; check the model settings (conv {cfg.conv!r}, conv_kwargs {cfg.conv_kwargs}, preset "
+                         f"{cfg.preset!r})")
+
+
+def _batches_per_epoch(cfg: TrainConfig, data: ImageData, world: int) -> int:
+    count = len(data.train) // (cfg.batch_size * world)
+    if count < 1:
+        raise ValueError(f"batch_size {cfg.batch_size} × {world} processes exceeds the {len(data.train)} "
+                         f"training images")
+    return count
+
+
+def _batches(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int, world: int,
+             start: int) -> Iterator[torch.Tensor]:
+    """This rank's training batches (uint8 levels) from step ``start`` on, epoch after epoch."""
+    epoch, offset = divmod(start, _batches_per_epoch(cfg, data, world))
+    while True:
+        lists = _epoch_batches(data.train, cfg.batch_size, epoch, cfg.seed, rank, world)[offset:]
+        loader = DataLoader(data.train, batch_sampler=lists, num_workers=cfg.num_workers,
+                            pin_memory=device.type == "cuda")
+        for levels, _ in loader:
+            yield levels
+        epoch, offset = epoch + 1, 0
 
 
 def _run(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int, world: int, state: dict[str, Any],
@@ -296,29 +343,6 @@ def _run(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int, wor
     noise, history, step = state["noise"], state["history"], state["step"]
     n_bits = data.n_bits
     dims = math.prod(data.shape)
-    batches_per_epoch = len(data.train) // (cfg.batch_size * world)
-    if batches_per_epoch < 1:
-        raise ValueError(f"batch_size {cfg.batch_size} × {world} processes exceeds the {len(data.train)} "
-                         f"training images")
-
-    def batches_from(start: int) -> Iterator[torch.Tensor]:
-        epoch, offset = divmod(start, batches_per_epoch)
-        while True:
-            lists = _epoch_batches(data.train, cfg.batch_size, epoch, cfg.seed, rank, world)[offset:]
-            loader = DataLoader(data.train, batch_sampler=lists, num_workers=cfg.num_workers,
-                                pin_memory=device.type == "cuda")
-            for levels, _ in loader:
-                yield levels
-            epoch, offset = epoch + 1, 0
-
-    if step == 0:
-        # ActNorm's data-dependent initialisation, before DDP wraps the model: DDP then broadcasts rank 0's
-        # statistics to every rank. Its own noise generator keeps the training noise stream untouched.
-        first = next(batches_from(0)).to(device)
-        init_noise = torch.Generator(device=device).manual_seed(cfg.seed)
-        with torch.no_grad():
-            model.train()(dequantize(first, data.num_levels, init_noise))
-
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
@@ -367,7 +391,7 @@ def _run(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int, wor
         tqdm = optional_import("tqdm", "flow", "the progress bar").tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, unit="step", dynamic_ncols=True)
-    stream = batches_from(step)
+    stream = _batches(cfg, data, device, rank, world, step)
     smoothed_bpd: Optional[float] = None
     smoothed_rate: Optional[float] = None
     skipped = 0
