@@ -5,8 +5,12 @@
 // kOutGroup output channels; it walks the input channels in chunks of kInChunk, staging the chunk's input tile
 // (with its k-1 halo above and to the left, zeros outside the image) and the matching masked weights in shared
 // memory. Each thread keeps kOutGroup accumulators for its pixel; every weight read is a warp-wide broadcast
-// (float32: two 16-byte loads per tap for the 8 output channels).
-// float16/bfloat16 load and store in their own type and accumulate in float32 (at::opmath_type).
+// (float32: two 16-byte loads per tap for the 8 output channels). k = 3 has its own path: staging indices fixed
+// before the channel loop, the taps unrolled, and the chunks double-buffered so that the next chunk's loads overlap
+// the current chunk's arithmetic.
+// float16/bfloat16 load and store in their own type and stage and accumulate in float32 (at::opmath_type). Where
+// cuDNN has faster arithmetic (float16/bfloat16, float32 with TF32 allowed) backend="auto" runs cuDNN instead
+// (cinc_kernels/backends.py).
 //
 // Log-determinant: one block sums log|L[c, c]| in float64 and writes H·W times it: no host sync, -inf for a zero
 // on the diagonal (as the CPU kernel).
