@@ -30,11 +30,11 @@ def precision():
     saved = [getattr(owner, name) for owner, name in SETTINGS]
 
     def set_precision(conv: str, cudnn: str = "none", every_backend: str = "none") -> None:
-        for (owner, name), value in zip(reversed(SETTINGS), (every_backend, cudnn, conv)):
+        for (owner, name), value in zip(reversed(SETTINGS), (every_backend, cudnn, conv), strict=True):
             setattr(owner, name, value)
 
     yield set_precision
-    for (owner, name), value in zip(reversed(SETTINGS), reversed(saved)):
+    for (owner, name), value in zip(reversed(SETTINGS), reversed(saved), strict=True):
         setattr(owner, name, value)
 
 
