@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import operator
 from typing import Callable, Mapping, Optional, Union
 
 import torch
@@ -37,7 +38,8 @@ class Backend:
     install, else why not and how to fix it. ``device_unsupported(device)`` returns ``None`` when it can run on that
     device, else why not (``auto`` then skips it with a one-time warning). ``skip_warning()`` returns what ``auto``
     warns once when it passes over an unavailable backend that should have been there (a compiled extension that did
-    not load), else ``None``.
+    not load), else ``None``. ``auto_declines(op, dtype)`` returns ``True`` where ``auto`` should pass it over for the
+    next backend of the order, which is faster there (asked at every call, so it can follow run-time switches).
     """
 
     name: str
@@ -48,6 +50,7 @@ class Backend:
     public: bool = True
     device_unsupported: Callable[[torch.device], Optional[str]] = lambda device: None
     skip_warning: Callable[[], Optional[str]] = lambda: None
+    auto_declines: Callable[[str, torch.dtype], bool] = lambda op, dtype: False
 
     def runs_on(self, device_type: str) -> bool:
         return not self.device_types or device_type in self.device_types
@@ -71,11 +74,10 @@ AUTO_ORDER: dict[tuple[str, str], list[str]] = {
     ("cpu", "inverse"): ["cpu", "reference"],
     ("cpu", "inverse_transpose"): ["cpu", "reference"],
     ("cpu", "logdet"): ["cpu", "reference"],
-    # CUDA forward: cuDNN on the masked weight first until benchmarks/gpu_check.sh has measured our direct kernel
-    # against it on the H200 (no GPU was available when the kernels were written; see results/gpu/ once it ran).
-    # Inverse: both the CUDA and the Triton backends solve in one launch per call; CUDA first is a guess until
-    # benchmarks/bench_gpu.py (which times both side by side) has run on a GPU.
-    ("cuda", "forward"): ["_aten", "cuda", "triton", "reference"],
+    # CUDA forward: our direct kernel, except where cuDNN on the masked weight has faster arithmetic to use
+    # (_cudnn_forward_is_faster). Inverse: the CUDA and the Triton backends both solve in one launch per call;
+    # benchmarks/bench_gpu.py times them side by side.
+    ("cuda", "forward"): ["cuda", "_aten", "triton", "reference"],
     ("cuda", "inverse"): ["cuda", "triton", "reference"],
     ("cuda", "inverse_transpose"): ["cuda", "triton", "reference"],
     ("cuda", "logdet"): ["cuda", "triton", "reference"],
@@ -131,7 +133,7 @@ def select(name: str, op: str, device: torch.device, dtype: torch.dtype, arg: st
                 if warning is not None:
                     _extension.warn_once(warning)
                 continue
-            if dtype not in b.dtypes(op, device.type):
+            if dtype not in b.dtypes(op, device.type) or b.auto_declines(op, dtype):
                 continue
             why = b.device_unsupported(device)
             if why is not None:
@@ -227,6 +229,25 @@ def _extension_skip_warning() -> Optional[str]:
             f"({_extension.ERROR}); {_extension.BUILD_HINT}")
 
 
+def _cudnn_conv_allows_tf32() -> bool:
+    """Whether cuDNN may run float32 convolutions in TF32 (torch's default): the most specific ``fp32_precision``
+    setting that is not ``"none"`` decides (convolutions, then cuDNN, then every backend); all ``"none"`` means IEEE
+    float32, which is also what ``torch.backends.cudnn.allow_tf32 = False`` sets."""
+    # (torch's type stubs do not declare these settings, so they are read by name.)
+    settings = operator.attrgetter("cudnn.conv.fp32_precision", "cudnn.fp32_precision", "fp32_precision")
+    for precision in settings(torch.backends):
+        if precision != "none":
+            return bool(precision == "tf32")
+    return False
+
+
+def _cudnn_forward_is_faster(op: str, dtype: torch.dtype) -> bool:
+    """Where ``auto`` leaves the CUDA forward to cuDNN: float16/bfloat16, which cuDNN multiplies on tensor cores and
+    our forward on CUDA cores, and float32 when TF32 is allowed (tensor cores again, at TF32's precision, which the
+    user chose). Float32 in IEEE and float64 have no faster arithmetic than ours."""
+    return op == "forward" and (dtype in HALVES or (dtype == torch.float32 and _cudnn_conv_allows_tf32()))
+
+
 # The dtypes mirror the AT_DISPATCH lists of csrc/cpu/ and csrc/cuda/.
 register_backend(Backend(name="cpu", ops=_extension.OPS, device_types=("cpu",), unavailable=_cpu_unavailable,
                          skip_warning=_extension_skip_warning))
@@ -239,5 +260,6 @@ register_backend(
         unavailable=_cuda_unavailable,
         device_unsupported=_extension.cuda_device_unsupported,
         skip_warning=_extension_skip_warning,
+        auto_declines=_cudnn_forward_is_faster,
     )
 )

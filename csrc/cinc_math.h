@@ -1,5 +1,5 @@
 // The arithmetic of one output pixel of a CInC convolution (docs/spec.md §1), for the CPU kernels
-// (csrc/cpu/cinc_cpu.cpp) and the CUDA kernels (csrc/cuda/).
+// (csrc/cpu/) and the CUDA kernels (csrc/cuda/).
 //
 // Who runs what (the scheduling — threads, wavefront, shared memory — is each backend's own):
 //   both backends  weight_offset, masked_weight, solve_lower_in_place (the CUDA wavefront builds L⁻¹ with it),

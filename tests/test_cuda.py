@@ -21,7 +21,7 @@ from .cases import RTOL, assert_rel_close, make_image, make_weight
 
 OPS = ("forward", "inverse", "inverse_transpose", "logdet")
 HAS_GPU = torch.cuda.is_available()
-needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (none is visible); run benchmarks/gpu_check.sh on one")
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (none is visible); run tools/gpu_check.sh on one")
 
 
 def _cuda_built() -> bool:

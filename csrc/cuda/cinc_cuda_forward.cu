@@ -1,18 +1,17 @@
-// The forward y = M x + bias and the log-determinant on CUDA.
+// The forward y = M x + bias on CUDA: a direct convolution with the top-left padding and the mask applied while
+// loading, so there is no padded copy of x and no masked copy of the weight. A block computes a tile of output pixels
+// of one image for kOutGroup output channels; it walks the input channels in chunks of kInChunk, staging the chunk's
+// input tile (with its k-1 halo above and to the left, zeros outside the image) and the matching masked weights in
+// shared memory. Each thread keeps kOutGroup accumulators for its pixel; every weight read is a warp-wide broadcast
+// (float32: two 16-byte loads per tap for the 8 output channels). k = 3 has its own path: staging indices fixed
+// before the channel loop, the taps unrolled, and the chunks double-buffered so that the next chunk's loads overlap
+// the current chunk's arithmetic.
+// float16/bfloat16 load and store in their own type and stage and accumulate in float32 (at::opmath_type). Where
+// cuDNN has faster arithmetic (float16/bfloat16, float32 with TF32 allowed) backend="auto" runs cuDNN instead
+// (cinc_kernels/backends.py).
 //
-// Forward: a direct convolution with the top-left padding and the mask applied while loading, so there is no padded
-// copy of x and no masked copy of the weight. A block computes a tile of output pixels of one image for
-// kOutGroup output channels; it walks the input channels in chunks of kInChunk, staging the chunk's input tile
-// (with its k-1 halo above and to the left, zeros outside the image) and the matching masked weights in shared
-// memory. Each thread keeps kOutGroup accumulators for its pixel; every weight read is a warp-wide broadcast
-// (float32: two 16-byte loads per tap for the 8 output channels).
-// float16/bfloat16 load and store in their own type and accumulate in float32 (at::opmath_type).
-//
-// Log-determinant: one block sums log|L[c, c]| in float64 and writes H·W times it: no host sync, -inf for a zero
-// on the diagonal (as the CPU kernel).
-//
-// The kernels and their launch configuration are in cinc_forward_kernel.cuh (tests/cuda_emulation/ runs them as
-// written on CPU threads); this file is the torch glue.
+// The kernel and its launch configuration are in cinc_forward_kernel.cuh (tests/cuda_emulation/ runs them as written
+// on CPU threads); this file is the torch glue.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -79,26 +78,6 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& weight, const std
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cinc_forward_cuda",
                                   [&] { run_forward<scalar_t>(x, w, bc, unit_diagonal, y); });
   return y;
-}
-
-at::Tensor logdet_cuda(const at::Tensor& weight, int64_t height, int64_t width, bool unit_diagonal) {
-  check_logdet_args(weight, height, width);
-  TORCH_CHECK(weight.is_cuda(), "weight must be a CUDA tensor for the CUDA kernels, got ", weight.device());
-  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
-              "the CUDA logdet supports float32 and float64, got weight of dtype ", weight.scalar_type());
-  const c10::cuda::CUDAGuard guard(weight.device());
-  // Not height * width == 0: that int64 product wraps to 0 at 2^32 × 2^32.
-  if (unit_diagonal || height == 0 || width == 0 || weight.size(0) == 0) return at::zeros({}, weight.options());
-  at::Tensor out = at::empty({}, weight.options());
-  const at::Tensor w = weight.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.get_device()).stream();
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "cinc_logdet_cuda", [&] {
-    logdet_kernel<scalar_t><<<1, kLogdetThreads, kLogdetSharedBytes, stream>>>(
-        w.data_ptr<scalar_t>(), w.size(0), static_cast<int>(w.size(3)),
-        static_cast<double>(height) * static_cast<double>(width), out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
 }
 
 }  // namespace cuda
