@@ -54,7 +54,8 @@ def test_sdist_ships_every_source_and_header(sdist):
     shipped = {name[len(top) + 1:] for name in names}
     missing = [path for path in _git_files("csrc", "cinc_kernels", "tests") if path not in shipped]
     assert not missing, f"the sdist lacks {missing}"
-    for required in ("setup.py", "pyproject.toml", "MANIFEST.in", "cinc_kernels/py.typed"):
+    for required in ("setup.py", "pyproject.toml", "MANIFEST.in", "cinc_kernels/py.typed", "LICENSE", "CITATION.cff",
+                     "CHANGELOG.md", "requirements.txt", "requirements-test.txt"):
         assert required in shipped
     # The packager's build record and binaries stay out: the sdist is built anew for the installing torch.
     assert not [n for n in shipped if n.endswith((".so", ".pyd", ".o", "_build_info.json"))]
