@@ -6,8 +6,9 @@
 PYTHON ?= python3
 export CINC_CUDA ?= auto
 # Test processes run in parallel (pytest-xdist): `auto` is one per CPU core; JOBS=0 runs them in one process.
+# pytest-benchmark's plugin stays off: the suite has no benchmarks (benchmarks/ has), and it warns under xdist.
 JOBS ?= auto
-PYTEST := $(PYTHON) -m pytest -q -p no:cacheprovider -n $(JOBS)
+PYTEST := $(PYTHON) -m pytest -q -p no:cacheprovider -p no:benchmark -n $(JOBS)
 BUILD_LOG := build/build.log
 # One line per compiled file on the terminal; the compiler command lines go to $(BUILD_LOG).
 export NO_MKDOCS_2_WARNING := 1
@@ -41,7 +42,8 @@ demo: build
 	$(PYTHON) -m cinc_kernels bench
 	@echo
 	@echo "What next:"
-	@echo "  - runs/bench/: this run's table (layers.md), its rows (layers.csv) and plots (layers_vs_*.png, inverse_algorithms.png)"
+	@echo "  - runs/bench/: this run's table (layers.md), its rows (layers.csv) and plots (layers_vs_*.png,"
+	@echo "    inverse_algorithms.png)"
 	@echo "  - train CInC Flow on the bundled digits (a few minutes on 2 CPU cores), then sample from it:"
 	@echo "      $(PYTHON) -m cinc_kernels.flow train"
 	@echo "      $(PYTHON) -m cinc_kernels.flow sample --checkpoint runs/digits/checkpoint.pt"

@@ -525,7 +525,7 @@ def test_sdist_installs_into_a_fresh_venv(tmp_path, sdist):
 
 @install
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-def test_make_test_install_passes_inside_a_users_virtual_environment(tmp_path, wheel):
+def test_make_test_install_passes_inside_a_users_venv(tmp_path, wheel):
     """What a new user does: make a venv, activate it, run make. The Makefile's install check then runs with that
     venv's python and makes its own environments from inside it (reusing the wheel instead of a second build)."""
     venv = tmp_path / "user-venv"
