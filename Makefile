@@ -1,36 +1,98 @@
-# Two commands do everything on a fresh machine: `make demo` (the main job) and `make test` (the whole suite).
-# Both install what they need and are safe to run again.
+# `make demo` (the main job), `make test` (the quick, complete check a contributor runs) and `make check` (everything
+# CI runs: `make test` plus the slower and wider checks). Each installs what it needs and is safe to run again.
+#
+# They use the Python that `python3` names: the active virtual environment or conda environment, else the system's.
+# Another one: `make test PYTHON=path/to/venv/bin/python` (no need to activate it).
 PYTHON ?= python3
 export CINC_CUDA ?= auto
+# Test processes run in parallel (pytest-xdist): `auto` is one per CPU core; JOBS=0 runs them in one process.
+# pytest-benchmark's plugin stays off: the suite has no benchmarks (benchmarks/ has), and it warns under xdist.
+JOBS ?= auto
+PYTEST := $(PYTHON) -m pytest -q -p no:cacheprovider -p no:benchmark -n $(JOBS)
+BUILD_LOG := build/build.log
+# One line per compiled file on the terminal; the compiler command lines go to $(BUILD_LOG).
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: deps build demo test test-triton test-install typecheck bench clean triton-aot triton36-env
+.PHONY: deps deps-test build demo test test-suite test-triton check lint typecheck test-install docs bench clean \
+        triton-aot triton36-env
+
+PIP_REFUSED := echo "error: pip could not install the requirements into $(PYTHON) (see above). If it says" \
+	"externally-managed-environment, make a virtual environment that sees the system's packages and run make" \
+	"there: python3 -m venv --system-site-packages .venv && . .venv/bin/activate && make $(MAKECMDGOALS)" >&2; exit 1
 
 deps:
-	$(PYTHON) -m pip install -q -r requirements.txt
+	@$(PYTHON) -m pip install -q -r requirements.txt || { $(PIP_REFUSED); }
+
+deps-test:
+	@$(PYTHON) -m pip install -q -r requirements-test.txt || { $(PIP_REFUSED); }
 
 # Incremental (ninja) in-place build of cinc_kernels._C: the commands below run from the repository root.
 # To import cinc_kernels from anywhere, also run `pip install --no-build-isolation -e .` once (a full rebuild).
 build: deps
-	$(PYTHON) setup.py -q build_ext --inplace
+	@echo "building cinc_kernels._C (CINC_CUDA=$(CINC_CUDA)); the compiler's output goes to $(BUILD_LOG)"
+	@CINC_BUILD_LOG=$(BUILD_LOG) $(PYTHON) setup.py -q build_ext --inplace
+	@echo "built: $$(ls cinc_kernels/_C*.so cinc_kernels/_C*.pyd 2>/dev/null | head -n 1)"
 
 # After the versions and the self-check: the layers side by side on this machine's default device (CUDA if present),
 # ending with the table and the paths of the CSV and plots, written to runs/bench/ (untracked); the committed results
-# in benchmarks/results/ change only by an explicit benchmark run (`make bench`). About 16 s with --threads 1 on the
-# (busy) 2-core build machine; with 2 threads on a machine that other jobs load, OpenMP stalls stretch it to ~3 min.
+# in benchmarks/results/ change only by an explicit benchmark run (`make bench`).
 demo: build
 	$(PYTHON) -m cinc_kernels info
 	$(PYTHON) -m cinc_kernels check
 	$(PYTHON) -m cinc_kernels bench
+	@echo
+	@echo "What next:"
+	@echo "  - runs/bench/: this run's table (layers.md), its rows (layers.csv) and plots (layers_vs_*.png,"
+	@echo "    inverse_algorithms.png)"
+	@echo "  - train CInC Flow on the bundled digits (a few minutes on 2 CPU cores), then sample from it:"
+	@echo "      $(PYTHON) -m cinc_kernels.flow train"
+	@echo "      $(PYTHON) -m cinc_kernels.flow sample --checkpoint runs/digits/checkpoint.pt"
+	@echo "    and look at runs/digits/loss.png and runs/digits/samples/"
+	@echo "  - make test: the test suite; README.md and docs/ (make docs builds the site into site/) for the rest"
+
+# The quick, complete check: the suite, its docstring examples and the Triton kernels under Triton's CPU interpreter.
+test: deps-test build
+	$(MAKE) --no-print-directory test-suite
+	$(MAKE) --no-print-directory test-triton
+
+# The whole suite but tests/triton, in parallel. The install tests (tests/test_packaging.py, full builds into fresh
+# environments) skip here: `make test-install` runs them.
+test-suite:
+	$(PYTEST) tests --ignore=tests/triton
 
 # The Triton kernels run under Triton's CPU interpreter, which must be switched on before triton is imported:
 # hence a second pytest process. It collects the whole suite but keeps only tests/triton and the shared bodies that
 # run on every backend (tests taking `backend` and `device`, tests/conftest.py), now for the Triton backend.
-test: build
-	$(PYTHON) -m pytest -q tests --ignore=tests/triton
-	$(MAKE) --no-print-directory test-triton
-	$(MAKE) --no-print-directory triton-aot
+test-triton:
+	TRITON_INTERPRET=1 $(PYTEST) tests
+
+# Everything CI runs (.ci/run), in order of cost: stops at the first failure.
+check: test
+	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory typecheck
+	$(MAKE) --no-print-directory docs
+	$(MAKE) --no-print-directory triton-aot
 	$(MAKE) --no-print-directory test-install
+
+lint:
+	$(PYTHON) -m ruff check .
+
+# The package, strictly typed (it ships py.typed); which files and how strictly: [tool.mypy] in pyproject.toml.
+typecheck:
+	$(PYTHON) -m mypy
+
+# The documentation site (mkdocs.yml: docs/ and the API reference from the docstrings) into site/ (untracked);
+# --strict: a broken link or a docstring the reference cannot read fails it. Read it with `mkdocs serve`.
+docs:
+	$(PYTHON) -m mkdocs build --strict -q
+
+# The sdist and the cp310-abi3 wheel, each installed into a fresh virtual environment that sees this Python's
+# packages (torch), and checked with `python -m cinc_kernels check` from outside the repository; then the same check
+# run through this Makefile from inside a virtual environment, reusing the wheel. Two full CPU builds: minutes.
+# INSTALL_TESTS narrows them (a pytest -k expression).
+INSTALL_TESTS ?= venv
+test-install:
+	CINC_TEST_INSTALL=1 $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_packaging.py -k "$(INSTALL_TESTS)"
 
 # The committed CPU results: the CPU ops against ATen's convolution, training steps and the flow's sampling/density
 # ratio (benchmarks/results/cpu_ops.*), then the layers side by side (benchmarks/results/layers.*).
@@ -38,23 +100,11 @@ bench: build
 	$(PYTHON) benchmarks/bench_cpu_ops.py
 	$(PYTHON) -m cinc_kernels bench --device cpu --out benchmarks/results
 
-test-triton:
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests
-
-# The sdist and the cp310-abi3 wheel, each installed into a fresh virtual environment (reusing the installed torch)
-# and checked with `python -m cinc_kernels check` from outside the repository: two full CPU builds, a few minutes.
-test-install:
-	CINC_TEST_INSTALL=1 $(PYTHON) -m pytest -q tests/test_packaging.py -k venv
-
-# The public modules, strictly typed (the package ships py.typed).
-typecheck:
-	$(PYTHON) -m mypy
-
 # Every Triton launch the launchers can choose, compiled ahead of time for sm_80 and sm_90 (no GPU needed) and checked
 # against the per-block shared-memory limits: with the installed triton and with 3.6, the oldest supported, from a
 # side environment that holds triton alone. Compiled kernels are cached in .cache/triton-aot, so a rerun only reads
-# the cache. One row per launch and version goes to $(TRITON_AOT_CSV): under .cache/ when `make test` runs it; the
-# committed table changes only when asked: `make triton-aot TRITON_AOT_CSV=benchmarks/results/triton_aot.csv`.
+# the cache. One row per launch and version goes to $(TRITON_AOT_CSV): under .cache/ when `make check` runs it; the
+# committed table changes only when asked: `make triton-aot TRITON_AOT_CSV=tools/results/triton_aot.csv`.
 TRITON36_ENV := .cache/triton36
 TRITON_AOT_CSV ?= .cache/triton_aot.csv
 TRITON_AOT := env -u TRITON_INTERPRET TRITON_CACHE_DIR=$(CURDIR)/.cache/triton-aot
@@ -68,8 +118,8 @@ $(TRITON36_ENV)/.installed:
 
 triton-aot: triton36-env
 	mkdir -p $(dir $(TRITON_AOT_CSV))
-	$(TRITON_AOT) $(PYTHON) cinc_kernels/triton/aot.py --csv $(TRITON_AOT_CSV)
-	$(TRITON_AOT) $(TRITON36_ENV)/bin/python cinc_kernels/triton/aot.py --csv $(TRITON_AOT_CSV) --append
+	$(TRITON_AOT) $(PYTHON) tools/triton_aot.py --csv $(TRITON_AOT_CSV)
+	$(TRITON_AOT) $(TRITON36_ENV)/bin/python tools/triton_aot.py --csv $(TRITON_AOT_CSV) --append
 
 clean:
-	rm -rf build dist *.egg-info cinc_kernels/*.so cinc_kernels/_build_info.json
+	rm -rf build dist site *.egg-info cinc_kernels/*.so cinc_kernels/_build_info.json

@@ -7,21 +7,26 @@ Knobs (environment variables):
   TORCH_CUDA_ARCH_LIST     the GPU architectures; by default 8.0;8.6;8.9;9.0+PTX plus those of the visible GPUs,
                            less what this nvcc cannot compile. The +PTX lets newer GPUs JIT-compile the kernels.
   CINC_DEBUG=1             -O0 -g builds.
+  CINC_BUILD_LOG=PATH      quiet build (what `make build` uses): the compiler command lines and messages go to PATH,
+                           the terminal shows one line per compiled file, and the log's end if the build fails.
 The build writes cinc_kernels/_build_info.json (torch, CUDA, archs, compiler, OpenMP), printed by
 ``python -m cinc_kernels info`` and checked at import against the running torch.
 
 The extension uses only the stable Python C API (it registers its ops through TORCH_LIBRARY, not pybind11), so the
 wheel is tagged ``cp310-abi3``: one wheel per platform and torch version serves every Python from 3.10 on.
 """
+import contextlib
 import datetime
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 
 from setuptools import find_packages, setup
 
@@ -29,6 +34,66 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = ("8.0", "8.6", "8.9", "9.0+PTX")
 # Oldest CPython whose stable ABI the extension is compiled against (0x030A0000 = 3.10).
 LIMITED_API = ("cp310", "0x030A0000")
+
+
+# ninja's status line before each command torch has it run verbosely: "[3/9] c++ ... -c /abs/csrc/cpu/x.cpp -o ...".
+NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\] .* -c (\S+)(?: |$)")
+
+
+@contextlib.contextmanager
+def quiet_output(log_path, mode="a"):
+    """Sends everything this process and its children (ninja, the compilers) write to stdout and stderr to
+    ``log_path`` (opened with ``mode``); the terminal gets one ``[i/n] compiling file`` line per compiled file and,
+    if the block fails, the last 100 lines of the log and its path.
+
+    The redirection is of the file descriptors, not of ``sys.stdout``: torch runs ninja with the process's fd 1.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 1)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    terminal = os.fdopen(os.dup(saved_out), "w")
+    tail = []
+
+    def pump():
+        with open(log_path, mode) as log, os.fdopen(read_end, errors="replace") as pipe:
+            for line in pipe:
+                log.write(line)
+                log.flush()
+                tail.append(line)
+                del tail[:-100]
+                step = NINJA_STEP.match(line)
+                if step:
+                    done, total, source = step.groups()
+                    terminal.write(f"  [{done}/{total}] compiling {os.path.relpath(source, ROOT)}\n")
+                    terminal.flush()
+                elif line.startswith("ninja: no work to do"):
+                    terminal.write("  nothing to recompile\n")
+                    terminal.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Closing the pipe's last write ends lets the reader finish the log.
+        os.dup2(saved_out, 1)
+        os.dup2(saved_err, 2)
+        os.close(saved_out)
+        os.close(saved_err)
+        reader.join()
+        if failed:
+            terminal.write("".join(tail))
+            terminal.write(f"\nthe build failed; the whole compiler output is in {log_path}\n")
+        terminal.close()
 
 
 def _is_toolkit(root):
@@ -113,7 +178,10 @@ with_cuda = want_cuda(cuda_home)
 if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
     os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(cuda_home)
 
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+BUILD_LOG = os.environ.get("CINC_BUILD_LOG")
+# Importing cpp_extension warns about the CUDA runtime on machines without one: part of the log, not the terminal.
+with quiet_output(BUILD_LOG, "w") if BUILD_LOG else contextlib.nullcontext():
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 
 def nvidia_pip_includes():
@@ -209,7 +277,8 @@ class BuildExtensionWithInfo(BuildExtension):
     """Writes _build_info.json beside the extension it builds (and only then: an sdist must not rewrite it)."""
 
     def run(self):
-        super().run()
+        with quiet_output(BUILD_LOG) if BUILD_LOG else contextlib.nullcontext():
+            super().run()
         # In place (and editable installs, which import from the source tree) beside the source; otherwise into the
         # build tree the wheel is packed from, leaving the checkout's own build record alone.
         in_source = self.inplace or getattr(self, "editable_mode", False)

@@ -10,12 +10,11 @@ See docs/spec.md for the math and README.md for the tour. ``import cinc_kernels`
 """
 from . import reference, registration  # noqa: F401  (registration: fake + autograd for torch.ops.cinc.*)
 from ._extension import build_info
+from ._version import __version__ as __version__
 from .backends import available_backends, register_backend
 from .conditioning import inverse_gain
 from .functional import cinc_conv2d, cinc_conv2d_inverse, cinc_conv2d_inverse_transpose, cinc_logdet
 from . import torch_backend as _torch_backend  # noqa: F401  (registers backend="torch", after the compiled ones)
-
-__version__ = "0.1.0"
 
 from .nn import LAYERS, AutoregressiveConv2d, CInCConv2d, EmergingConv2d, FInCConv2d, InvConv1x1
 

@@ -1,7 +1,8 @@
-"""``python -m cinc_kernels info | check | bench``."""
+"""``python -m cinc_kernels info | check | bench`` (installed as the ``cinc-kernels`` command too)."""
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -30,13 +31,20 @@ def info() -> None:
         print(f"    {backend.name:<10} {'available' if why is None else 'unavailable: ' + why}")
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own options and --help: cinc_kernels.bench parses them
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m cinc_kernels", description=__doc__)
+    # Usage lines name the command the user typed: the console script, or the module form.
+    prog = "cinc-kernels" if os.path.basename(sys.argv[0]) == "cinc-kernels" else "python -m cinc_kernels"
+    parser = argparse.ArgumentParser(prog=prog,
+                                     description="Versions and build, the self-check against the float64 reference, "
+                                                 "and the layers benchmark.")
+    parser.add_argument("--version", action="version", version=f"cinc_kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build and the available backends")
     sub.add_parser("check", help="every available backend against the float64 reference")

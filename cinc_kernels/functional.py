@@ -112,6 +112,18 @@ def cinc_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
     Returns:
         ``y``: ``(B, C, H, W)``, same dtype and device as ``x``.
+
+    Example:
+        >>> import torch, cinc_kernels as ck
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(2, 3, 5, 7, generator=g)
+        >>> w = 0.1 * torch.randn(3, 3, 3, 3, generator=g)
+        >>> w[:, :, 2, 2] += torch.eye(3)  # the centre tap: a well-conditioned lower triangle
+        >>> y = ck.cinc_conv2d(x, w)
+        >>> y.shape
+        torch.Size([2, 3, 5, 7])
+        >>> torch.allclose(ck.cinc_conv2d_inverse(y, w), x, atol=1e-5)
+        True
     """
     check_image(x, weight, bias, "x")
     check_unit_diagonal(unit_diagonal)
@@ -208,6 +220,13 @@ def cinc_logdet(weight: torch.Tensor, height: int, width: int, *, unit_diagonal:
 
     Returns:
         A 0-dim tensor of ``weight``'s dtype; ``-inf`` when the centre tap has a zero on its diagonal.
+
+    Example:
+        >>> import math, torch, cinc_kernels as ck
+        >>> w = torch.zeros(4, 4, 3, 3, dtype=torch.float64)
+        >>> w[:, :, 2, 2] = 2 * torch.eye(4)  # every pixel scales each of its 4 channels by 2
+        >>> math.isclose(ck.cinc_logdet(w, 5, 6).item(), 5 * 6 * 4 * math.log(2))
+        True
     """
     check_weight(weight)
     check_unit_diagonal(unit_diagonal)

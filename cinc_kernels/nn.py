@@ -104,6 +104,16 @@ class CInCConv2d(nn.Module):
         name: how warnings refer to the layer (a container may set it, e.g. ``"level1.step3.conv"``).
 
     Shapes: ``x``, ``y``: ``(B, C, H, W)``; ``logdet``: ``(B,)``.
+
+    Example:
+        >>> import torch, cinc_kernels as ck
+        >>> layer = ck.CInCConv2d(8, kernel_size=3)
+        >>> x = torch.randn(4, 8, 16, 12)
+        >>> y, logdet = layer(x)
+        >>> y.shape, logdet.shape
+        (torch.Size([4, 8, 16, 12]), torch.Size([4]))
+        >>> torch.allclose(layer.inverse(y), x, atol=1e-5)
+        True
     """
 
     def __init__(self, channels: int, kernel_size: int = 3, bias: bool = True, unit_diagonal: bool = False,

@@ -38,7 +38,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def pytest_configure(config):
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        # pytest-xdist runs several test processes (`make test`: one per core). Each keeping PyTorch's default of one
+        # thread per core would oversubscribe the cores, and OpenMP threads then spin on the tests' tiny ops: a
+        # float64 gradcheck of the torch backend took minutes instead of seconds. Tests of thread counts set their own.
+        torch.set_num_threads(max(1, _cores() // int(workers)))
     config.addinivalue_line("markers", "custom_ops: only backends whose ops are torch.library custom ops")
     config.addinivalue_line("markers", "fast_paths: every backend but the float64 reference")
     config.addinivalue_line("markers", "gpu_only: only backends on CUDA tensors (kernels compiled for a GPU)")

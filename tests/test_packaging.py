@@ -1,6 +1,8 @@
 """How the package installs: the sdist's contents, the import-time torch check, the GPU arch check, the warned
-fallbacks, the optional dependencies, and (with ``CINC_TEST_INSTALL=1``, as ``make test-install`` runs it) a wheel
-and an sdist installed into fresh virtual environments and checked from outside the repository.
+fallbacks, the optional dependencies, the parts every package carries (licence, citation, changelog, one version,
+console scripts), and (with ``CINC_TEST_INSTALL=1``, as ``make test-install`` runs it) a wheel and an sdist installed
+into fresh virtual environments and checked from outside the repository, and that check run through the Makefile
+from inside a virtual environment.
 """
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ import dataclasses
 import glob
 import importlib
 import os
+import re
 import runpy
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -19,7 +23,7 @@ import pytest
 import torch
 
 import cinc_kernels as ck
-from cinc_kernels import _extension, backends
+from cinc_kernels import _extension, _version, backends
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +54,8 @@ def test_sdist_ships_every_source_and_header(sdist):
     shipped = {name[len(top) + 1:] for name in names}
     missing = [path for path in _git_files("csrc", "cinc_kernels", "tests") if path not in shipped]
     assert not missing, f"the sdist lacks {missing}"
-    for required in ("setup.py", "pyproject.toml", "MANIFEST.in", "cinc_kernels/py.typed"):
+    for required in ("setup.py", "pyproject.toml", "MANIFEST.in", "cinc_kernels/py.typed", "LICENSE", "CITATION.cff",
+                     "CHANGELOG.md", "requirements.txt", "requirements-test.txt"):
         assert required in shipped
     # The packager's build record and binaries stay out: the sdist is built anew for the installing torch.
     assert not [n for n in shipped if n.endswith((".so", ".pyd", ".o", "_build_info.json"))]
@@ -153,6 +158,33 @@ def test_default_arch_list(setup_namespace, nvcc, gpus, expected, monkeypatch):
     assert namespace["default_arch_list"]("/unused") == expected
     archs = _extension.parse_archs(expected)
     assert all(_extension.archs_cover(archs, gpu) for gpu in gpus)
+
+
+NINJA_LINES = ("[1/2] c++ -MMD -MF x.o.d -O3 -c -c /src/csrc/cinc_ops.cpp -o /b/cinc_ops.o -O3 -std=c++20\n"
+               "[2/2] /usr/local/cuda/bin/nvcc -c /src/csrc/cuda/cinc_cuda.cu -o /b/cinc_cuda.o\n")
+
+
+def test_the_quiet_build_shows_progress_and_logs_the_commands(setup_namespace, tmp_path, capfd):
+    log = tmp_path / "build" / "build.log"
+    with setup_namespace["quiet_output"](str(log)):
+        # As ninja does: a child process writing to the inherited file descriptors.
+        subprocess.run(["sh", "-c", f"printf '{NINJA_LINES}'; echo 'a compiler warning' >&2"], check=True)
+    shown = capfd.readouterr()
+    assert shown.out.splitlines() == [f"  [1/2] compiling {os.path.relpath('/src/csrc/cinc_ops.cpp', ROOT)}",
+                                      f"  [2/2] compiling {os.path.relpath('/src/csrc/cuda/cinc_cuda.cu', ROOT)}"]
+    assert shown.err == ""
+    text = log.read_text()
+    assert NINJA_LINES in text and "a compiler warning" in text
+
+
+def test_a_failed_quiet_build_shows_the_end_of_its_log(setup_namespace, tmp_path, capfd):
+    log = tmp_path / "build.log"
+    with pytest.raises(subprocess.CalledProcessError):
+        with setup_namespace["quiet_output"](str(log)):
+            subprocess.run(["sh", "-c", "echo 'x.cpp:3:1: error: expected ;' >&2; exit 1"], check=True)
+    shown = capfd.readouterr().out
+    assert "x.cpp:3:1: error: expected ;" in shown and str(log) in shown
+    assert "x.cpp:3:1: error: expected ;" in log.read_text()
 
 
 def test_sass_without_ptx_does_not_cover_a_newer_major():
@@ -281,21 +313,145 @@ def test_a_feature_without_its_library_names_the_extra(blocked, call, monkeypatc
 
 
 # --------------------------------------------------------------------------------------------------------------
+# what every package carries: licence, citation, changelog, one version, console scripts
+
+
+def _pyproject() -> dict:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml on Python 3.10 needs tomli")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def _read(name: str) -> str:
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_the_version_lives_in_one_place():
+    project = _pyproject()
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "cinc_kernels._version.__version__"}
+    assert ck.__version__ == _version.__version__
+    assert re.fullmatch(r"\d+\.\d+\.\d+([ab]|rc)?\d*", ck.__version__), ck.__version__
+    literal = re.compile(r"[\"']" + re.escape(ck.__version__) + r"[\"']")
+    sources = ["setup.py", "pyproject.toml"] + [
+        os.path.relpath(os.path.join(folder, name), ROOT)
+        for folder, _, names in os.walk(os.path.join(ROOT, "cinc_kernels")) for name in names if name.endswith(".py")]
+    others = [path for path in sources if path != os.path.join("cinc_kernels", "_version.py")
+              and literal.search(_read(path))]
+    assert not others, f"the version is written out again in {others}"
+
+
+def test_license_is_the_mit_licence_pyproject_declares():
+    project = _pyproject()["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    text = _read("LICENSE")
+    assert text.startswith("MIT License\n")
+    assert re.search(r"^Copyright \(c\) \d{4} The cinc_kernels authors$", text, re.M)
+    assert "WITHOUT WARRANTY OF ANY KIND" in text
+
+
+def test_citation_names_the_paper_and_this_version():
+    yaml = pytest.importorskip("yaml", reason="reading CITATION.cff needs PyYAML (requirements-test.txt has it)")
+    cff = yaml.safe_load(_read("CITATION.cff"))
+    assert cff["cff-version"] == "1.2.0" and cff["type"] == "software"
+    assert cff["version"] == ck.__version__ and cff["license"] == _pyproject()["project"]["license"]
+    paper = cff["preferred-citation"]
+    assert paper["title"].startswith("CInC Flow: Characterizable Invertible 3×3 Convolution")
+    assert [a["family-names"] for a in paper["authors"]] == ["Nagar", "Dufraisse", "Varma"]
+    assert paper["year"] == 2021 and "UAI" in paper["conference"]["name"]
+
+
+def test_changelog_keeps_a_changelog_with_this_version():
+    text = _read("CHANGELOG.md")
+    versions = re.findall(r"^## \[([^\]]+)\](?: - (\d{4}-\d{2}-\d{2}))?", text, re.M)
+    assert versions and versions[0][0] == "Unreleased", versions
+    assert ck.__version__ in [v for v, _ in versions], f"CHANGELOG.md has no section for {ck.__version__}"
+    dates = [d for v, d in versions[1:]]
+    assert all(dates) and dates == sorted(dates, reverse=True), "released sections need dates, newest first"
+    sections = set(re.findall(r"^### (\w+)", text, re.M))
+    assert sections and sections <= {"Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"}, sections
+
+
+def _entry_point(spec: str):
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _call(func, argv: list[str]) -> int:
+    try:
+        code = func(argv)
+    except SystemExit as exc:  # argparse's --help and --version
+        code = exc.code
+    return 0 if code is None else code
+
+
+@pytest.mark.parametrize("script,commands", [("cinc-kernels", ["info", "check", "bench"]),
+                                             ("cinc-flow", ["train", "sample", "eval", "edit"])])
+def test_console_scripts_answer_version_and_help(script, commands, monkeypatch, capsys):
+    func = _entry_point(_pyproject()["project"]["scripts"][script])
+    monkeypatch.setattr(sys, "argv", [os.path.join("venv", "bin", script)])
+    assert _call(func, ["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"cinc_kernels {ck.__version__}"
+    assert _call(func, ["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert usage.startswith(f"usage: {script} ")
+    assert all(command in usage for command in commands), usage
+
+
+@pytest.mark.parametrize("module,script", [("cinc_kernels", "cinc-kernels"), ("cinc_kernels.flow", "cinc-flow")])
+def test_the_module_forms_name_themselves_in_usage(module, script, capsys, monkeypatch):
+    func = _entry_point(_pyproject()["project"]["scripts"][script])
+    monkeypatch.setattr(sys, "argv", [os.path.join(module.replace(".", os.sep), "__main__.py")])
+    assert _call(func, ["--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m {module} ")
+
+
+# --------------------------------------------------------------------------------------------------------------
 # installs into fresh virtual environments (each a full C++ build: `make test-install`)
 
 install = pytest.mark.skipif(os.environ.get("CINC_TEST_INSTALL") != "1",
-                             reason="a full C++ build each; run by `make test-install` (part of `make test`), "
+                             reason="a full C++ build each; run by `make test-install` (part of `make check`), "
                                     "or set CINC_TEST_INSTALL=1")
 
 
-def _venv(path) -> str:
-    """A fresh virtual environment that sees the installed torch (not the checkout); returns its python.
+def _site_dirs() -> list[str]:
+    """The folders this interpreter imports installed packages from, in its order: its environment's site-packages,
+    those it sees through ``--system-site-packages`` or a ``.pth`` file, the user's. Never the checkout."""
+    return [p for p in sys.path
+            if os.path.basename(os.path.normpath(p)) in ("site-packages", "dist-packages") and os.path.isdir(p)]
 
-    Without its own pip: ensurepip would also put its bundled setuptools (65.5 on Python 3.11, too old for the
-    project's metadata) in front of the installed one.
+
+def _without_pythonpath() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def _venv(path) -> str:
+    """A fresh virtual environment that sees the packages of the Python running this (torch), not the checkout;
+    returns its python.
+
+    ``--system-site-packages`` would not do: inside a virtual environment (a user's first step) it shows the *base*
+    interpreter's packages, not that environment's, so the user's torch would be missing. A ``.pth`` file naming this
+    interpreter's site folders works wherever it stands (system Python, venv, conda). Plain folder lines, so the
+    ``.pth`` files inside them (an editable install of this checkout) stay out. Without its own pip: ensurepip would
+    also put its bundled setuptools (65.5 on Python 3.11, too old for the project's metadata) in front of the
+    installed one.
     """
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(path)], check=True)
-    return os.path.join(str(path), "bin", "python")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    python = os.path.join(str(path), "Scripts" if os.name == "nt" else "bin", "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(purelib, "_outer_site_packages.pth"), "w") as f:
+        f.write("".join(folder + "\n" for folder in _site_dirs()))
+    found = subprocess.run([python, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True,
+                           env=_without_pythonpath())
+    if found.returncode != 0 or found.stdout.strip() != torch.__version__:
+        pytest.skip(f"a fresh virtual environment cannot see this Python's torch {torch.__version__} (at "
+                    f"{os.path.dirname(torch.__file__)}, outside its site folders {_site_dirs()})")
+    return python
 
 
 def _pip(python: str, *args: str) -> None:
@@ -305,7 +461,7 @@ def _pip(python: str, *args: str) -> None:
 
 
 def _check_outside_repository(python: str, venv, cwd) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = _without_pythonpath()
     where = subprocess.run([python, "-c", "import cinc_kernels; print(cinc_kernels.__file__)"], cwd=cwd,
                            capture_output=True, text=True, env=env)
     assert where.returncode == 0, where.stderr
@@ -313,17 +469,35 @@ def _check_outside_repository(python: str, venv, cwd) -> None:
     check = subprocess.run([python, "-m", "cinc_kernels", "check"], cwd=cwd, capture_output=True, text=True, env=env)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "all backends agree" in check.stdout and " cpu " in check.stdout and " torch " in check.stdout
+    for script in ("cinc-kernels", "cinc-flow"):
+        version = subprocess.run([os.path.join(os.path.dirname(python), script), "--version"], cwd=cwd,
+                                 capture_output=True, text=True, env=env)
+        assert version.returncode == 0, version.stderr
+        assert version.stdout.strip() == f"cinc_kernels {ck.__version__}"
+
+
+WHEEL_ENV = "CINC_TEST_WHEEL"
+
+
+@pytest.fixture(scope="module")
+def wheel(request, tmp_path_factory) -> str:
+    """The cp310-abi3 wheel built from the sdist, or the one ``CINC_TEST_WHEEL`` names (already built)."""
+    given = os.environ.get(WHEEL_ENV)
+    if given:
+        return given
+    sdist_path = request.getfixturevalue("sdist")
+    wheels = tmp_path_factory.mktemp("wheels")
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-index", "--no-deps",
+                          "--no-build-isolation", "-w", str(wheels), sdist_path], capture_output=True, text=True,
+                         env={**os.environ, "CINC_CUDA": "0"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (path,) = glob.glob(str(wheels / "*.whl"))
+    return path
 
 
 @install
-def test_wheel_is_abi3_and_installs_into_a_fresh_venv(tmp_path, sdist):
-    wheels = tmp_path / "wheels"
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-index", "--no-deps",
-                          "--no-build-isolation", "-w", str(wheels), sdist], capture_output=True, text=True,
-                         env={**os.environ, "CINC_CUDA": "0"})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    (wheel,) = glob.glob(str(wheels / "*.whl"))
-    assert os.path.basename(wheel).startswith("cinc_kernels-0.1.0-cp310-abi3-"), wheel
+def test_wheel_is_abi3_and_installs_into_a_fresh_venv(tmp_path, wheel):
+    assert os.path.basename(wheel).startswith(f"cinc_kernels-{ck.__version__}-cp310-abi3-"), wheel
     venv = tmp_path / "venv"
     python = _venv(venv)
     _pip(python, wheel)
@@ -347,3 +521,47 @@ def test_sdist_installs_into_a_fresh_venv(tmp_path, sdist):
     python = _venv(venv)
     _pip(python, sdist)
     _check_outside_repository(python, venv, tmp_path)
+
+
+@install
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_test_install_passes_inside_a_users_venv(tmp_path, wheel):
+    """What a new user does: make a venv, activate it, run make. The Makefile's install check then runs with that
+    venv's python and makes its own environments from inside it (reusing the wheel instead of a second build)."""
+    venv = tmp_path / "user-venv"
+    python = _venv(venv)
+    env = {**_without_pythonpath(), "VIRTUAL_ENV": str(venv), WHEEL_ENV: wheel,
+           "PATH": os.path.dirname(python) + os.pathsep + os.environ.get("PATH", "")}
+    env.pop("PYTHON", None)  # so the Makefile's `python3` is the activated venv's, first on PATH
+    assert os.path.isfile(os.path.join(os.path.dirname(python), "python3"))
+    done = subprocess.run(["make", "--no-print-directory", "-C", ROOT, "test-install", "INSTALL_TESTS=wheel_is_abi3"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"\b1 passed\b", done.stdout), done.stdout[-3000:]
+
+
+def test_a_venv_made_inside_a_venv_sees_that_venvs_packages(tmp_path):
+    """The install tests' environments see what the Python running them sees, also when that Python is itself a
+    virtual environment holding packages its base interpreter lacks (as a user's torch)."""
+    outer = _venv(tmp_path / "outer")
+    only_outer = tmp_path / "outer-only" / "site-packages"
+    (only_outer / "only_in_the_outer_venv").mkdir(parents=True)
+    (only_outer / "only_in_the_outer_venv" / "__init__.py").write_text("")
+    purelib = subprocess.run([outer, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(purelib, "only_outer.pth"), "w") as f:
+        f.write(f"{only_outer}\n")
+    make_inner = (f"import sys; sys.path.insert(0, {ROOT!r}); from tests.test_packaging import _venv; "
+                  f"print(_venv({str(tmp_path / 'inner')!r}))")
+    made = subprocess.run([outer, "-c", make_inner], cwd=tmp_path, capture_output=True, text=True,
+                          env=_without_pythonpath())
+    assert made.returncode == 0, made.stderr[-3000:]
+    inner = made.stdout.strip().splitlines()[-1]
+    assert inner.startswith(str(tmp_path / "inner"))
+    probe = subprocess.run([inner, "-c", "import only_in_the_outer_venv, torch; print(torch.__version__)"],
+                           cwd=tmp_path, capture_output=True, text=True, env=_without_pythonpath())
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert probe.stdout.strip() == torch.__version__
+    where = subprocess.run([inner, "-c", "import cinc_kernels; print(cinc_kernels.__file__)"], cwd=tmp_path,
+                           capture_output=True, text=True, env=_without_pythonpath())
+    assert where.returncode != 0 or not where.stdout.strip().startswith(ROOT + os.sep), "it imports the checkout"

@@ -1,4 +1,5 @@
-"""``python -m cinc_kernels.flow train | sample | eval | edit`` — see ``--help`` of each command."""
+"""``python -m cinc_kernels.flow train | sample | eval | edit`` (installed as the ``cinc-flow`` command too) — see
+``--help`` of each command."""
 from __future__ import annotations
 
 import argparse
@@ -240,12 +241,15 @@ def _cmd_eval(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .. import __version__
     from .train import RunInterrupted
 
     count, seed = range_type(Range(int, 1)), range_type(FIELD_RANGES["seed"])
     threads = range_type(FIELD_RANGES["threads"])
-    parser = ArgumentParser(prog="python -m cinc_kernels.flow",
-                            description="Train, sample and evaluate CInC Flow models.")
+    # Usage lines name the command the user typed: the console script, or the module form.
+    prog = "cinc-flow" if os.path.basename(sys.argv[0]) == "cinc-flow" else "python -m cinc_kernels.flow"
+    parser = ArgumentParser(prog=prog, description="Train, sample and evaluate CInC Flow models.")
+    parser.add_argument("--version", action="version", version=f"cinc_kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a flow (DDP under torchrun)",
