@@ -256,10 +256,9 @@ def test_sample_streams_chunks_into_the_same_grid_torchvision_draws(digits_run, 
     from PIL import Image
     from torchvision.utils import save_image
 
-    import cinc_kernels.flow.__main__ as cli
+    from cinc_kernels.flow import plots
     from cinc_kernels.flow.checkpoint import load_model
     from cinc_kernels.flow.model import CInCFlow
-    from cinc_kernels.flow.plots import grid_tensor
 
     ckpt = str(digits_run / "checkpoint.pt")
     model, _ = load_model(ckpt)
@@ -273,14 +272,14 @@ def test_sample_streams_chunks_into_the_same_grid_torchvision_draws(digits_run, 
         calls.append(n)
         return real_sample(self, n, *args, **kwargs)
 
-    monkeypatch.setattr(cli, "SAMPLE_CHUNK", 7)
+    monkeypatch.setattr(plots, "SAMPLE_CHUNK", 7)
     monkeypatch.setattr(CInCFlow, "sample", counting_sample)
     assert main(["sample", "--checkpoint", ckpt, "--n", "30", "--temperatures", "0.7", "--seed", "5",
                  "--out", str(tmp_path)]) == 0
     assert calls == [7, 7, 7, 7, 2]
     written = np.asarray(Image.open(tmp_path / "sample_T0.70.png").convert("RGB"))
     buffer = io.BytesIO()
-    save_image(grid_tensor(reference, None, 1, 8), buffer, format="png", padding=0)
+    save_image(plots.grid_tensor(reference, None, 1, 8), buffer, format="png", padding=0)
     np.testing.assert_array_equal(written, np.asarray(Image.open(buffer).convert("RGB")))
     assert written.shape == (5 * 72 + 8, 6 * 72 + 8, 3)  # 30 images: 6 columns, 5 rows, the last one short
 
@@ -325,6 +324,13 @@ def test_sample_shrinks_the_pixels_or_refuses_a_grid_too_large_to_view(digits_ru
     most = int(err.split("use --n ")[1].split()[0])
     assert plots.largest_scale(most, (8, 8), 1) == 1 and plots.largest_scale(most + 1, (8, 8), 1) is None
     assert not (tmp_path / "large").exists()
+
+
+def test_train_refuses_n_samples_whose_grid_is_too_large_to_view(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "1", "--n-samples", "2000000", "--out-dir", str(out)]) == 2
+    _one_error_line(capsys.readouterr().err, "n_samples 2000000", "pixels")
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -20,8 +20,6 @@ from .distributed import resolve_device
 if TYPE_CHECKING:
     import torch
 
-    from .model import CInCFlow
-
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     from ..nn import LAYERS
@@ -141,44 +139,12 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-# Images drawn per call of the model in ``sample``: the command's memory is this chunk's plus one row of the grid,
-# whatever --n is.
-SAMPLE_CHUNK = 256
-
-
-def _grid_scale(n: int, image_size: tuple[int, int]) -> int:
-    """The pixel scale of ``sample``'s grids: images 64 pixels high where the grid stays within
-    :data:`~.plots.MAX_GRID_PIXELS`, fewer where it would not; ``ValueError`` naming ``--n`` when no scale fits."""
-    from .plots import MAX_GRID_PIXELS, largest_scale
-
-    scale = largest_scale(n, image_size, max(1, 64 // image_size[0]))
-    if scale is None:
-        most = MAX_GRID_PIXELS // ((image_size[0] + 1) * (image_size[1] + 1))
-        while most > 1 and largest_scale(most, image_size, 1) is None:
-            most -= 1
-        raise ValueError(f"--n {n}: one grid of {n} images of {image_size[0]}×{image_size[1]} pixels would be larger "
-                         f"than {MAX_GRID_PIXELS:,} pixels, more than PIL or an image viewer opens; use --n {most} "
-                         f"or fewer")
-    return scale
-
-
-def _sample_chunks(model: CInCFlow, n: int, temperature: float, generator: torch.Generator, seconds: list[float],
-                   first: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """``n`` samples in chunks of :data:`SAMPLE_CHUNK`, each chunk's time appended to ``seconds`` and the first
-    chunk's first ten images to ``first``."""
-    import torch
-
-    device = model.top_mean.device
-    for start in range(0, n, SAMPLE_CHUNK):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        tic = time.perf_counter()
-        images = model.sample(min(SAMPLE_CHUNK, n - start), temperature, generator=generator)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - tic)
+def _keeping_first(batches: Iterator[torch.Tensor], first: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``batches`` passed through, a copy of the first one's first ten images put in ``first`` (a view would keep the
+    whole chunk)."""
+    for images in batches:
         if not first:
-            first.append(images[:10].to("cpu", copy=True))  # a copy: a view would keep the whole chunk
+            first.append(images[:10].to("cpu", copy=True))
         yield images
 
 
@@ -186,13 +152,13 @@ def _cmd_sample(args) -> int:
     import torch
 
     from .checkpoint import atomic_write_text, load_model
-    from .plots import save_grid, write_grid
+    from .plots import grid_scale, sample_batches, save_grid, write_grid
 
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device, backend=args.backend)
     if model.image_size is None:
         raise ValueError(f"checkpoint {args.checkpoint!r} does not record its model's image size")
-    scale = _grid_scale(args.n, model.image_size)
+    scale = grid_scale(args.n, model.image_size, "--n")
     if scale < max(1, 64 // model.image_size[0]):
         print(f"note: pixels drawn {scale}×{scale} so that a grid of {args.n} images stays viewable",
               file=sys.stderr)
@@ -203,11 +169,11 @@ def _cmd_sample(args) -> int:
         generator = torch.Generator(device=device).manual_seed(args.seed)
         seconds: list[float] = []
         first: list[torch.Tensor] = []  # the first ten images, for the overview
-        chunks = _sample_chunks(model, args.n, t, generator, seconds, first)
+        chunks = _keeping_first(sample_batches(model, args.n, t, generator, seconds), first)
         path = os.path.join(out_dir, f"sample_T{t:.2f}.png")
         write_grid(chunks, args.n, path, scale=scale)
         timings[f"{t:.2f}"] = sum(seconds)
-        rows.append(torch.cat(first)[:10])
+        rows.append(first[0])
         print(f"T={t:.2f}: {args.n} images in {sum(seconds):.3f} s -> {path}")
     # One overview: a row of (up to) ten images per temperature, same noise in every row.
     overview = os.path.join(out_dir, "sample_temperatures.png")
@@ -242,6 +208,7 @@ def _cmd_eval(args) -> int:
 
 def main(argv=None) -> int:
     from .. import __version__
+    from .plots import SAMPLE_CHUNK
     from .train import RunInterrupted
 
     count, seed = range_type(Range(int, 1)), range_type(FIELD_RANGES["seed"])

@@ -1,20 +1,26 @@
-"""Pictures of a run: sample grids and the training curve, written atomically (torchvision and matplotlib are the
-``flow`` extra's; a missing one is named)."""
+"""Pictures of a run: sample grids (drawn in chunks and streamed into the PNG, so that memory does not grow with the
+number of samples) and the training curve, written atomically (torchvision and matplotlib are the ``flow`` extra's;
+a missing one is named)."""
 from __future__ import annotations
 
 import io
 import math
 import struct
+import time
 import zlib
-from collections.abc import Iterable
-from typing import BinaryIO, Optional
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Optional
 
 import torch
 
 from .._optional import optional_import
 from .checkpoint import atomic_write_bytes, atomic_writer
 
-__all__ = ["MAX_GRID_PIXELS", "grid_shape", "grid_tensor", "largest_scale", "plot_history", "save_grid", "write_grid"]
+if TYPE_CHECKING:
+    from .model import CInCFlow
+
+__all__ = ["MAX_GRID_PIXELS", "SAMPLE_CHUNK", "grid_scale", "grid_shape", "grid_tensor", "largest_scale",
+           "plot_history", "sample_batches", "save_grid", "write_grid"]
 
 
 def grid_tensor(images: torch.Tensor, nrow: Optional[int], padding: int, scale: int) -> torch.Tensor:
@@ -54,6 +60,43 @@ def largest_scale(count: int, image_size: tuple[int, int], scale: int, nrow: int
         if height * width <= MAX_GRID_PIXELS:
             return s
     return None
+
+
+def grid_scale(count: int, image_size: tuple[int, int], option: str) -> int:
+    """The pixel scale of a grid of ``count`` samples of ``image_size``: images 64 pixels high where the grid stays
+    within :data:`MAX_GRID_PIXELS`, smaller where it would not; ``ValueError`` naming ``option`` (the setting that
+    chose ``count``) when not even one pixel per pixel fits."""
+    scale = largest_scale(count, image_size, max(1, 64 // image_size[0]))
+    if scale is None:
+        most = MAX_GRID_PIXELS // ((image_size[0] + 1) * (image_size[1] + 1))
+        while most > 1 and largest_scale(most, image_size, 1) is None:
+            most -= 1
+        raise ValueError(f"{option} {count}: one grid of {count} images of {image_size[0]}×{image_size[1]} pixels "
+                         f"would be larger than {MAX_GRID_PIXELS:,} pixels, more than PIL or an image viewer opens; "
+                         f"use {option} {most} or fewer")
+    return scale
+
+
+# Samples drawn per call of the model for a grid: memory holds this chunk and one row of the grid, whatever the
+# number of samples.
+SAMPLE_CHUNK = 256
+
+
+def sample_batches(model: CInCFlow, count: int, temperature: float, generator: torch.Generator,
+                   seconds: list[float] | None = None) -> Iterator[torch.Tensor]:
+    """``count`` samples of ``model`` at ``temperature``, :data:`SAMPLE_CHUNK` at a time from ``generator`` (for
+    :func:`write_grid`); each chunk's sampling time is appended to ``seconds``."""
+    device = model.top_mean.device
+    for start in range(0, count, SAMPLE_CHUNK):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tic = time.perf_counter()
+        images = model.sample(min(SAMPLE_CHUNK, count - start), temperature, generator=generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if seconds is not None:
+            seconds.append(time.perf_counter() - tic)
+        yield images
 
 
 def _rgb_levels(images: torch.Tensor) -> torch.Tensor:

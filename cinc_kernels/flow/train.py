@@ -57,7 +57,7 @@ from .data import ImageData, dequantize, describe, load_data, random_horizontal_
 from .distributed import all_reduce_sum, barrier, gather, init_distributed, resolve_device
 from .evaluation import eval_noise, evaluate, reconstruction_error
 from .model import CInCFlow, build_model
-from .plots import grid_tensor, save_grid
+from .plots import grid_scale, grid_tensor, sample_batches, save_grid, write_grid
 from .plots import plot_history as _plot_history
 from .run_folder import (
     RunLock,
@@ -189,8 +189,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         # for a second one), and --overwrite deletes the old run only once the new one can start.
         try:
             data = data or load_data(cfg.data, cfg.data_root, n_bits=cfg.n_bits, image_size=cfg.image_size)
-            state = _start(cfg, data, device, rank, world, resume, ckpt_path)
+            sample_scale = grid_scale(cfg.n_samples, (data.shape[1], data.shape[2]), "n_samples")
             writer_class = _tensorboard_writer_class() if cfg.tensorboard and rank == 0 else None
+            state = _start(cfg, data, device, rank, world, resume, ckpt_path)
+            state["sample_scale"] = sample_scale
         except BaseException:
             if lock is not None:
                 release_unused_folder(lock, out_dir, created)
@@ -378,10 +380,13 @@ def _run(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int, wor
             model.eval()
             for t in cfg.temperatures:
                 g = torch.Generator(device=device).manual_seed(sample_generator_seed)
-                images = model.sample(cfg.n_samples, t, generator=g)
-                scale = max(1, 64 // data.shape[1])
-                save_grid(images, os.path.join(out_dir, "samples", f"step_{step:06d}_T{t:.2f}.png"), scale=scale)
-                if writer is not None:
+                path = os.path.join(out_dir, "samples", f"step_{step:06d}_T{t:.2f}.png")
+                batches = sample_batches(model, cfg.n_samples, t, g)
+                if writer is None:
+                    write_grid(batches, cfg.n_samples, path, scale=state["sample_scale"])
+                else:  # TensorBoard takes the grid whole
+                    images = torch.cat(list(batches))
+                    write_grid([images], cfg.n_samples, path, scale=state["sample_scale"])
                     writer.add_image(f"samples/T{t:.2f}", grid_tensor(images, None, 1, 1), step)
             model.train()
         barrier()
