@@ -22,7 +22,9 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["FrEIAConv", "NormflowsConv", "ZukoConv", "ZukoConvTransform", "image_flow", "make_layer"]
+# The adapter classes are built on first use (module ``__getattr__``): their base classes come from the optional
+# libraries.
+__all__ = ["FrEIAConv", "NormflowsConv", "ZukoConv", "ZukoConvTransform", "image_flow", "make_layer"]  # noqa: F822
 
 # Names other libraries and papers use for the same layer.
 _ALIASES = {"glow1x1": "1x1"}

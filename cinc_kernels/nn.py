@@ -175,7 +175,8 @@ class CInCConv2d(nn.Module):
     def _forward_runs_on_aten(self, x: torch.Tensor) -> bool:
         # When the backend the functional op would pick is ATen's convolution (backend="auto" on CPU and CUDA), the
         # layer runs it itself, so that the training step is the convolution plus two small ops: the mask is one
-        # selection by a cached mask (so NaN in a masked entry is inert), and the log-determinant (docs/spec.md §1: H·W·Σ log|L[c,c]|) is read off the
+        # selection by a cached mask (so NaN in a masked entry is inert), and the log-determinant (docs/spec.md §1:
+        # H·W·Σ log|L[c,c]|) is read off the
         # masked weight by autograd-native ops instead of a custom op with a Python backward.
         return (self.backend == "auto" and isinstance(x, torch.Tensor) and x.dtype == self.weight.dtype
                 and select("auto", "forward", x.device, x.dtype).name == "_aten")

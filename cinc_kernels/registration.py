@@ -2,7 +2,8 @@
 
 The gradients of docs/spec.md §1 are written once here. Each formula calls other ops of the same backend (the
 inverse's backward is its adjoint solve, and back), so a backend whose ops are ``torch.library`` custom ops gets
-autograd in both modes (installed as each op's ``Autograd`` dispatch kernel) and ``torch.compile`` support by handing its four ops to :func:`register`. Importing this module does so for
+autograd in both modes (installed as each op's ``Autograd`` dispatch kernel) and ``torch.compile`` support by
+handing its four ops to :func:`register`. Importing this module does so for
 the C++ ops ``torch.ops.cinc.*``; the Triton backend registers ``torch.ops.cinc_triton.*`` when it is first loaded.
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, unit_diagonal: b
 
 def conv_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
     """``∂⟨grad_y, M x⟩/∂weight``, zero on the masked entries. ``x, grad_y: (B, C, H, W) -> (C, C, k, k)``."""
-    C, k = weight.shape[0], weight.shape[-1]
+    k = weight.shape[-1]
     if x.numel() == 0:
         return torch.zeros_like(weight)
     xp = F.pad(x, (k - 1, 0, k - 1, 0))

@@ -4,7 +4,8 @@ A test that takes ``backend`` and ``device`` arguments (and does not parametrise
 case of this process (:data:`tests.cases.MAIN_PROCESS_BACKENDS`, or :data:`tests.cases.INTERPRETER_PROCESS_BACKENDS`
 when ``TRITON_INTERPRET=1``); one that also takes ``dtype`` without parametrising it runs for float32 and float64.
 Markers narrow the cases: ``custom_ops`` (backends whose ops are ``torch.library`` custom ops), ``fast_paths``
-(every backend but the reference, which the bodies compare with) and ``gpu_only`` (backends on CUDA tensors). The interpreter process runs only those shared
+(every backend but the reference, which the bodies compare with) and ``gpu_only`` (backends on CUDA tensors). The
+interpreter process runs only those shared
 bodies and ``tests/triton``; everything else already ran in the main process.
 """
 from __future__ import annotations

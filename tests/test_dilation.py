@@ -96,7 +96,8 @@ def test_gradients_with_dilation_match_the_reference(backend):
                      lambda x_, w_, b_: reference.forward(x_, w_, b_, dilation=d)),
                     (lambda x_, w_, b_: cinc_conv2d_inverse(x_, w_, b_, backend=backend, dilation=d),
                      lambda x_, w_, b_: reference.inverse(x_, w_, b_, dilation=d)),
-                    (lambda x_, w_, b_: cinc_conv2d_inverse_transpose(x_, w_, backend=backend, dilation=d) + b_[:, None, None],
+                    (lambda x_, w_, b_: cinc_conv2d_inverse_transpose(x_, w_, backend=backend, dilation=d)
+                     + b_[:, None, None],
                      lambda x_, w_, b_: reference.inverse_transpose(x_, w_, dilation=d) + b_[:, None, None])):
         got = torch.autograd.grad((op(x, w, bias) * cot).sum(), (x, w, bias))
         want = torch.autograd.grad((ref(x, w, bias) * cot).sum(), (x, w, bias))

@@ -1,4 +1,5 @@
-"""``backend="torch"`` (plain PyTorch, any device) beyond the shared contract (``tests/test_backend_contract.py``, which runs
+"""``backend="torch"`` (plain PyTorch, any device) beyond the shared contract (``tests/test_backend_contract.py``,
+which runs
 opcheck, gradcheck, layouts, empty inputs, masked entries, torch.compile and singular weights on it like on every
 backend): the C++ CPU kernels' grid of shapes, gradients equal to the C++ backend's, dtypes per device, and where
 ``auto`` puts it.

@@ -171,7 +171,8 @@ def _check_conv_kwargs(conv: str, kwargs: dict[str, Any]) -> None:
     try:
         constructor = next(vars(c)["__init__"] for c in layer.__mro__ if "__init__" in vars(c))
         hints = typing.get_type_hints(constructor)
-    except (NameError, TypeError, AttributeError):  # an annotation this Python cannot evaluate: the layer checks that argument itself
+    except (NameError, TypeError, AttributeError):
+        # An annotation this Python cannot evaluate: the layer checks that argument itself.
         hints = {}
     for key, value in kwargs.items():
         _check_annotated(f"conv_kwargs: {key}", value, hints.get(key))

@@ -448,8 +448,8 @@ def load_data(name: str = "digits", root: Optional[str] = None, *, n_bits: Optio
     """Load a data set by name (:data:`DATASETS`).
 
     Args:
-        name: ``"digits"`` (bundled, the default), ``"photos"`` (bundled), ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``,
-            ``"imagefolder"``, ``"imagenet32"``, ``"imagenet64"``.
+        name: ``"digits"`` (bundled, the default), ``"photos"`` (bundled), ``"mnist"``, ``"fashion-mnist"``,
+            ``"cifar10"``, ``"imagefolder"``, ``"imagenet32"``, ``"imagenet64"``.
         root: the local folder holding the files (ignored for ``digits`` and ``photos``); nothing is ever
             downloaded.
         n_bits: reduce 8-bit data to this many bits (e.g. 5 for faces); not for ``digits`` (17 levels).

@@ -225,7 +225,8 @@ def add_edit_parser(sub) -> None:
                    help="test-set indices to edit")
     p.add_argument("--n-fit", type=range_type(Range(int, 2)), default=5000,
                    help="training images used to compute the directions")
-    p.add_argument("--out", default=None, type=folder_type, help="output folder (default: edits/ beside the checkpoint)")
+    p.add_argument("--out", default=None, type=folder_type,
+                   help="output folder (default: edits/ beside the checkpoint)")
     p.add_argument("--seed", type=range_type(FIELD_RANGES["seed"]), default=0)
     p.add_argument("--device", default="auto", type=device_type)
     p.add_argument("--backend", default=None)

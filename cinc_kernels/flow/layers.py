@@ -6,7 +6,7 @@ docs/spec.md §4: per level ``squeeze → K × [ActNorm → invertible conv → 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn

@@ -58,7 +58,8 @@ class CInCFlow(nn.Module):
         backend: kernel backend passed to the convolutions (``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``, …).
         conv_kwargs: extra constructor arguments for the convolution layers (e.g. ``{"kernel_size": 3}``).
         permutation: ``"reverse"`` (a reversal before each coupling, docs/spec.md §4), ``"paper"`` (the authors'
-            step exactly), ``"shuffle"`` (a fixed random permutation before each coupling), ``"none"`` (an ablation) or ``"1x1"`` (an LU 1×1 convolution before the convolution);
+            step exactly), ``"shuffle"`` (a fixed random permutation before each coupling), ``"none"`` (an
+            ablation) or ``"1x1"`` (an LU 1×1 convolution before the convolution);
             see :class:`~cinc_kernels.flow.layers.FlowStep`.
 
     Shapes: ``x``: ``(B, C, H, W)`` in ``[0, 1)``; :meth:`log_prob` and :meth:`bits_per_dim`: ``(B,)``;
