@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ._symbolic import scaled_by_pixels, traced_sizes
 from .backends import select
 
 __all__ = ["cinc_conv2d", "cinc_conv2d_inverse", "cinc_conv2d_inverse_transpose", "cinc_logdet"]
@@ -212,6 +213,11 @@ def cinc_logdet(weight: torch.Tensor, height: int, width: int, *, unit_diagonal:
     check_weight(weight)
     check_unit_diagonal(unit_diagonal)
     _check_dilation(dilation)
+    if traced_sizes(height, width):
+        # torch.jit.trace hands out sizes as 0-dim tensors: scaling the one-pixel log-determinant by them keeps
+        # H·W in the traced program instead of baking in the size it was traced at.
+        impl = select(backend, "logdet", weight.device, weight.dtype, "weight")
+        return scaled_by_pixels(lambda: impl.ops["logdet"](weight, 1, 1, unit_diagonal), height, width)
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")

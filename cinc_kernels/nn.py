@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 
 from . import conditioning
 from . import functional as fn
+from ._symbolic import pixel_count
 from .backends import select
 from .masks import free_parameters, weight_mask
 
@@ -194,7 +195,8 @@ class CInCConv2d(nn.Module):
         if self.unit_diagonal:
             logdet = weight.new_zeros(())
         else:
-            logdet = torch.take(weight, centre).abs().log().sum() * (float(H) * float(W))
+            # H·W kept symbolic (torch.export, torch.jit.trace): float(H) would bake in the captured size.
+            logdet = cast(torch.Tensor, torch.take(weight, centre).abs().log().sum() * pixel_count(H, W))
         if x.numel() == 0:
             y = _conv2d(x, masked, self.bias)
         else:
