@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from ._symbolic import scaled_by_pixels, traced_sizes
+from .autocast import runs_outside_autocast
 from .backends import select
 
 __all__ = ["cinc_conv2d", "cinc_conv2d_inverse", "cinc_conv2d_inverse_transpose", "cinc_logdet"]
@@ -96,6 +97,8 @@ def _per_sub_image(op: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, 
     return out[:, :, :H, :W]
 
 
+# Under torch.autocast: float32 in and out (cinc_kernels/autocast.py).
+@runs_outside_autocast
 def cinc_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                 unit_diagonal: bool = False, backend: str = "auto", dilation: int = 1) -> torch.Tensor:
     """The CInC convolution ``y = M x + bias``: a k×k correlation padded ``k-1`` on the top and left only, whose
@@ -134,6 +137,8 @@ def _upcast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Ten
     return None if t is None else t.to(dtype)
 
 
+# Under torch.autocast: float32 in and out (cinc_kernels/autocast.py).
+@runs_outside_autocast
 def cinc_conv2d_inverse(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                         unit_diagonal: bool = False, backend: str = "auto",
                         accumulate: Optional[torch.dtype] = None, dilation: int = 1) -> torch.Tensor:
@@ -171,6 +176,8 @@ def cinc_conv2d_inverse(y: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     return _per_sub_image(lambda t: impl.ops["inverse"](t, weight, bias, unit_diagonal), y, dilation)
 
 
+# Under torch.autocast: float32 in and out (cinc_kernels/autocast.py).
+@runs_outside_autocast
 def cinc_conv2d_inverse_transpose(g: torch.Tensor, weight: torch.Tensor, *, unit_diagonal: bool = False,
                                   backend: str = "auto",
                                   accumulate: Optional[torch.dtype] = None, dilation: int = 1) -> torch.Tensor:
@@ -197,6 +204,8 @@ def cinc_conv2d_inverse_transpose(g: torch.Tensor, weight: torch.Tensor, *, unit
     return _per_sub_image(lambda t: impl.ops["inverse_transpose"](t, weight, unit_diagonal), g, dilation)
 
 
+# Under torch.autocast: float32 in and out (cinc_kernels/autocast.py).
+@runs_outside_autocast
 def cinc_logdet(weight: torch.Tensor, height: int, width: int, *, unit_diagonal: bool = False,
                 backend: str = "auto", dilation: int = 1) -> torch.Tensor:
     """``log|det M| = H·W·Σ_c log|weight[c, c, k-1, k-1]|`` for one ``H×W`` image (0 with ``unit_diagonal``).

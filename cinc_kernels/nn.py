@@ -168,7 +168,9 @@ class CInCConv2d(nn.Module):
         # layer runs it itself, so that the training step is the convolution plus two small ops: the mask is one
         # selection by a cached mask (so NaN in a masked entry is inert), and the log-determinant (docs/spec.md §1: H·W·Σ log|L[c,c]|) is read off the
         # masked weight by autograd-native ops instead of a custom op with a Python backward.
+        # Under torch.autocast the functional op runs it, in float32 (cinc_kernels/autocast.py).
         return (self.backend == "auto" and isinstance(x, torch.Tensor) and x.dtype == self.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type)
                 and select("auto", "forward", x.device, x.dtype).name == "_aten")
 
     def _masks(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
