@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["pixel_count", "scaled_by_pixels", "traced_sizes"]
+__all__ = ["pixel_count", "scaled_by_pixels", "traced_sizes", "tracing"]
 
 Size = int | torch.SymInt | torch.Tensor
 
@@ -24,9 +24,14 @@ def pixel_count(height: Size, width: Size) -> float | torch.SymFloat | torch.Ten
     return torch.sym_float(height) * torch.sym_float(width)
 
 
+def tracing() -> bool:
+    """Whether ``torch.jit.trace`` is recording (``torch.jit.is_tracing``, typed)."""
+    return torch._C._get_tracing_state() is not None
+
+
 def traced_sizes(height: object, width: object) -> bool:
     """Whether ``height``/``width`` are sizes that ``torch.jit.trace`` is recording (0-dim tensors while tracing)."""
-    return torch._C._get_tracing_state() is not None and (isinstance(height, torch.Tensor) or isinstance(width, torch.Tensor))
+    return tracing() and (isinstance(height, torch.Tensor) or isinstance(width, torch.Tensor))
 
 
 def scaled_by_pixels(per_pixel: Callable[[], torch.Tensor], height: Size, width: Size) -> torch.Tensor:
