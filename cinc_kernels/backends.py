@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from . import _extension, reference
+from . import _extension, reference, trust
 from ._extension import OP_NAMES as OPS
 from .masks import masked_weight
 
@@ -138,6 +138,9 @@ def select(name: str, op: str, device: torch.device, dtype: torch.dtype, arg: st
             why = b.device_unsupported(device)
             if why is not None:
                 _extension.warn_once(f"backend='auto' does not use {candidate!r} on {device}: {why}")
+                continue
+            # A GPU kernel checks itself against the portable backend on first use (cinc_kernels/trust.py).
+            if not trust.trusted(b, op, device, dtype):
                 continue
             return b
         raise ValueError(f"{arg}: no backend runs {op} for dtype {dtype} on {device.type}")

@@ -9,6 +9,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ._symbolic import scaled_by_pixels, traced_sizes
+from .autocast import runs_outside_autocast
 from .backends import select
 
 __all__ = ["cinc_conv2d", "cinc_conv2d_inverse", "cinc_conv2d_inverse_transpose", "cinc_logdet"]
@@ -95,6 +97,8 @@ def _per_sub_image(op: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, 
     return out[:, :, :H, :W]
 
 
+# Under torch.autocast: float32 in and out (cinc_kernels/autocast.py).
+@runs_outside_autocast
 def cinc_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                 unit_diagonal: bool = False, backend: str = "auto", dilation: int = 1) -> torch.Tensor:
     """The CInC convolution ``y = M x + bias``: a k×k correlation padded ``k-1`` on the top and left only, whose
@@ -145,6 +149,8 @@ def _upcast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Ten
     return None if t is None else t.to(dtype)
 
 
+# Under torch.autocast: float32 in and out (cinc_kernels/autocast.py).
+@runs_outside_autocast
 def cinc_conv2d_inverse(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                         unit_diagonal: bool = False, backend: str = "auto",
                         accumulate: Optional[torch.dtype] = None, dilation: int = 1) -> torch.Tensor:
@@ -182,6 +188,8 @@ def cinc_conv2d_inverse(y: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     return _per_sub_image(lambda t: impl.ops["inverse"](t, weight, bias, unit_diagonal), y, dilation)
 
 
+# Under torch.autocast: float32 in and out (cinc_kernels/autocast.py).
+@runs_outside_autocast
 def cinc_conv2d_inverse_transpose(g: torch.Tensor, weight: torch.Tensor, *, unit_diagonal: bool = False,
                                   backend: str = "auto",
                                   accumulate: Optional[torch.dtype] = None, dilation: int = 1) -> torch.Tensor:
@@ -208,6 +216,8 @@ def cinc_conv2d_inverse_transpose(g: torch.Tensor, weight: torch.Tensor, *, unit
     return _per_sub_image(lambda t: impl.ops["inverse_transpose"](t, weight, unit_diagonal), g, dilation)
 
 
+# Under torch.autocast: float32 in and out (cinc_kernels/autocast.py).
+@runs_outside_autocast
 def cinc_logdet(weight: torch.Tensor, height: int, width: int, *, unit_diagonal: bool = False,
                 backend: str = "auto", dilation: int = 1) -> torch.Tensor:
     """``log|det M| = H·W·Σ_c log|weight[c, c, k-1, k-1]|`` for one ``H×W`` image (0 with ``unit_diagonal``).
@@ -231,6 +241,11 @@ def cinc_logdet(weight: torch.Tensor, height: int, width: int, *, unit_diagonal:
     check_weight(weight)
     check_unit_diagonal(unit_diagonal)
     _check_dilation(dilation)
+    if traced_sizes(height, width):
+        # torch.jit.trace hands out sizes as 0-dim tensors: scaling the one-pixel log-determinant by them keeps
+        # H·W in the traced program instead of baking in the size it was traced at.
+        impl = select(backend, "logdet", weight.device, weight.dtype, "weight")
+        return scaled_by_pixels(lambda: impl.ops["logdet"](weight, 1, 1, unit_diagonal), height, width)
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")

@@ -170,6 +170,7 @@ def _build_zuko():
 
         def __init__(self, layer: nn.Module, **kwargs):
             super().__init__(**kwargs)
+            _check_layer(layer)
             self.layer = layer
 
         @staticmethod

@@ -15,8 +15,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import conditioning
+from ._checks import Range
 from . import functional as fn
+from ._symbolic import pixel_count, tracing
 from .backends import select
+from .finite_check import NonFiniteMonitor
 from .masks import free_parameters, weight_mask
 
 __all__ = ["CInCConv2d", "EmergingConv2d", "AutoregressiveConv2d", "InvConv1x1", "FInCConv2d", "LAYERS"]
@@ -50,6 +53,16 @@ def _with_bias_mask(layer: nn.Module, masks: Masks) -> Masks:
     if bias is not None:
         masks["bias"] = torch.ones_like(bias)
     return masks
+
+
+INIT_SCALE = Range(float, 0)
+"""``init_scale`` of every layer: a standard deviation (a NaN or an infinity would train to NaN without a word)."""
+
+
+def _check_flag(name: str, value: object) -> None:
+    """A switch must be a real ``bool``: ``"no"`` is truthy and would switch it on."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 INITS = ("identity", "rotation")
@@ -96,9 +109,11 @@ class CInCConv2d(nn.Module):
         dilation: tap spacing ``d`` (see :func:`cinc_kernels.cinc_conv2d`); the log-determinant does not depend on
             it, and the inverse solves ``d²`` interleaved sub-images of about ``H/d × W/d``.
         check_finite: after each :meth:`inverse`, check the result for inf/NaN and warn once
-            (:class:`~cinc_kernels.conditioning.NonFiniteInverseWarning`, naming the layer). The check synchronises
-            a GPU stream; switch it off (here or by setting the attribute) on hot paths. Skipped under
-            ``torch.compile``.
+            (:class:`~cinc_kernels.conditioning.NonFiniteInverseWarning`, naming the layer). It never synchronises
+            a GPU stream: on CPU tensors the warning comes with the failing inverse, on CUDA tensors a few inverses
+            later (the flag reaches the host by an asynchronous copy), on other devices there is no check
+            (:mod:`cinc_kernels.finite_check`). Skipped under ``torch.compile`` and ``torch.jit.trace``; switch
+            it off here or by setting the attribute.
 
     Attributes:
         name: how warnings refer to the layer (a container may set it, e.g. ``"level1.step3.conv"``).
@@ -135,6 +150,9 @@ class CInCConv2d(nn.Module):
         if not 1 <= kernel_size <= fn.MAX_KERNEL_SIZE:
             raise ValueError(f"kernel_size must be in 1…{fn.MAX_KERNEL_SIZE}, got {kernel_size}")
         fn.check_unit_diagonal(unit_diagonal)
+        _check_flag("bias", bias)
+        _check_flag("check_finite", check_finite)
+        INIT_SCALE.check("init_scale", init_scale)
         if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
             raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
         self.channels, self.kernel_size, self.dilation = channels, kernel_size, dilation
@@ -156,6 +174,7 @@ class CInCConv2d(nn.Module):
         self.check_finite = check_finite
         self.name: Optional[str] = None
         self._warned_non_finite = False
+        self._non_finite = NonFiniteMonitor()
         self._mask_cache: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def logdet(self, height: int, width: int) -> torch.Tensor:
@@ -178,7 +197,9 @@ class CInCConv2d(nn.Module):
         # selection by a cached mask (so NaN in a masked entry is inert), and the log-determinant (docs/spec.md §1:
         # H·W·Σ log|L[c,c]|) is read off the
         # masked weight by autograd-native ops instead of a custom op with a Python backward.
+        # Under torch.autocast the functional op runs it, in float32 (cinc_kernels/autocast.py).
         return (self.backend == "auto" and isinstance(x, torch.Tensor) and x.dtype == self.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type)
                 and select("auto", "forward", x.device, x.dtype).name == "_aten")
 
     def _masks(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -205,7 +226,8 @@ class CInCConv2d(nn.Module):
         if self.unit_diagonal:
             logdet = weight.new_zeros(())
         else:
-            logdet = torch.take(weight, centre).abs().log().sum() * (float(H) * float(W))
+            # H·W kept symbolic (torch.export, torch.jit.trace): float(H) would bake in the captured size.
+            logdet = cast(torch.Tensor, torch.take(weight, centre).abs().log().sum() * pixel_count(H, W))
         if x.numel() == 0:
             y = _conv2d(x, masked, self.bias)
         else:
@@ -217,18 +239,18 @@ class CInCConv2d(nn.Module):
         :func:`cinc_kernels.cinc_conv2d_inverse`)."""
         x = fn.cinc_conv2d_inverse(y, self.weight, self.bias, unit_diagonal=self.unit_diagonal,
                                    backend=self.backend, accumulate=accumulate, dilation=self.dilation)
-        if self.check_finite and not self._warned_non_finite and not torch.compiler.is_compiling():
-            self._check_finite(x, y)
+        if (self.check_finite and not self._warned_non_finite and not torch.compiler.is_compiling()
+                and not tracing() and self._non_finite.observe(x, y)):
+            self._warn_non_finite(y)
         return x
 
-    def _check_finite(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        # One synchronisation; a non-finite input is the caller's problem, not this layer's conditioning.
-        if not bool(torch.isfinite(y).all() & ~torch.isfinite(x).all()):
-            return
+    def _warn_non_finite(self, y: torch.Tensor) -> None:
         self._warned_non_finite = True
         H, W = y.shape[-2:]
+        # Off the CPU the flag arrives without synchronising, so it may be an earlier inverse's.
+        which = "the inverse" if y.device.type == "cpu" else f"an inverse on {y.device} (this or an earlier one)"
         warnings.warn(
-            f"{self.name or 'CInCConv2d(' + self.extra_repr() + ')'}: the inverse of a {H}x{W} image returned "
+            f"{self.name or 'CInCConv2d(' + self.extra_repr() + ')'}: {which} of a {H}x{W} image returned "
             f"inf/NaN. The map is probably ill-conditioned at this size (check layer.inverse_gain({H}, {W}) "
             "against 1/eps of the dtype); invert in float64 (inverse(..., accumulate=torch.float64) if only the "
             "solve overflows), or train with parametrization='contractive'. Warned once per layer; silence with "
@@ -322,6 +344,7 @@ class InvConv1x1(nn.Module):
     def __init__(self, channels: int, bias: bool = False, backend: str = "auto"):
         super().__init__()
         _check_channels(channels)
+        _check_flag("bias", bias)
         self.channels, self.backend = channels, backend
         rotation, _ = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64))
         perm, lower, upper = torch.linalg.lu(rotation)
@@ -403,6 +426,7 @@ class EmergingConv2d(nn.Module):
         super().__init__()
         _check_channels(channels)
         fn.check_unit_diagonal(unit_diagonal)
+        _check_flag("bias", bias)
         self.channels, self.kernel_size = channels, kernel_size
         self.unit_diagonal, self.backend = unit_diagonal, backend
         self.mix = InvConv1x1(channels, bias=False, backend=backend)
@@ -478,6 +502,8 @@ class AutoregressiveConv2d(nn.Module):
                  init_scale: float = 1e-2):
         super().__init__()
         _check_channels(channels)
+        _check_flag("bias", bias)
+        INIT_SCALE.check("init_scale", init_scale)
         # The row solve is a CInC convolution of kernel k//2 + 1, which our ops take up to MAX_KERNEL_SIZE.
         max_k = 2 * fn.MAX_KERNEL_SIZE - 1
         if kernel_size % 2 != 1 or not 1 <= kernel_size <= max_k:
@@ -558,6 +584,8 @@ class FInCConv2d(nn.Module):
                  init_scale: float = 1e-2):
         super().__init__()
         _check_channels(channels)
+        _check_flag("bias", bias)
+        INIT_SCALE.check("init_scale", init_scale)
         if not 1 <= kernel_size <= fn.MAX_KERNEL_SIZE:
             raise ValueError(f"kernel_size must be in 1…{fn.MAX_KERNEL_SIZE}, got {kernel_size}")
         self.channels, self.kernel_size, self.backend = channels, kernel_size, backend

@@ -14,7 +14,7 @@ from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.autograd.function import _SingleLevelFunction
 
-from . import _extension
+from . import _extension, autocast
 from .masks import masked_weight, weight_mask
 
 
@@ -315,6 +315,8 @@ def register(ops) -> None:
     ordered = [ops[name] for name in _extension.OP_NAMES]
     register_fake_impls(*ordered)
     register_autograd_formulas(*ordered)
+    # Under torch.autocast every op runs in float32 (docs/spec.md §2); the rule lives in cinc_kernels/autocast.py.
+    autocast.register(ops)
 
 
 if _extension.OPS:

@@ -18,6 +18,7 @@ TORCH_LIBRARY(cinc, m) {
   m.def("inverse(Tensor y, Tensor weight, Tensor? bias, bool unit_diagonal) -> Tensor");
   // u = M⁻ᵀ g, wavefront from the bottom-right corner.
   m.def("inverse_transpose(Tensor g, Tensor weight, bool unit_diagonal) -> Tensor");
-  // log|det M| = H·W·Σ log|L[c, c]|, a 0-dim tensor of weight's dtype.
-  m.def("logdet(Tensor weight, int height, int width, bool unit_diagonal) -> Tensor");
+  // log|det M| = H·W·Σ log|L[c, c]|, a 0-dim tensor of weight's dtype. SymInt sizes, so that torch.export with
+  // dynamic H and W keeps them symbolic; the kernels take int64_t, which the dispatcher unpacks from a SymInt.
+  m.def("logdet(Tensor weight, SymInt height, SymInt width, bool unit_diagonal) -> Tensor");
 }

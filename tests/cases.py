@@ -89,6 +89,22 @@ def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     raise ValueError(layout)
 
 
+BIAS_LAYOUTS = ("strided", "expanded")
+
+
+def bias_with_layout(values: torch.Tensor, layout: str) -> torch.Tensor:
+    """A ``(C,)`` bias that is not a contiguous vector: ``"strided"`` holds ``values`` as every second element of a
+    vector twice as long (what ``torch.func.vmap`` over a bias can hand a kernel); ``"expanded"`` is ``values[0]``
+    broadcast with stride 0 from a one-element allocation, so reading it as contiguous runs past the end."""
+    if layout == "strided":
+        wide = torch.full((2 * values.numel(),), float("nan"), dtype=values.dtype, device=values.device)
+        wide[::2] = values
+        return wide[::2]
+    if layout == "expanded":
+        return values[:1].clone().reshape(()).expand(values.numel())
+    raise ValueError(layout)
+
+
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     """``‖got − want‖ / ‖want‖`` in float64 (absolute when ``want`` is 0)."""
     got, want = got.detach().double().cpu(), want.detach().double().cpu()

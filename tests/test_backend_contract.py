@@ -17,8 +17,8 @@ import torch
 import cinc_kernels as ck
 from cinc_kernels import reference
 from cinc_kernels.backends import get_backend
-from tests.cases import (LAYOUTS, RTOL, adjoint_apply, assert_ops_match_reference, backend_case, make_image,
-                         make_weight, rel_error, with_layout)
+from tests.cases import (BIAS_LAYOUTS, LAYOUTS, RTOL, adjoint_apply, assert_ops_match_reference, backend_case,
+                         bias_with_layout, make_image, make_weight, rel_error, with_layout)
 
 # (B, C, H, W, k, bias): odd and prime sizes, H ≠ W, 1×1 images, C = 1, k = 1…7; past the small shapes, C = 40 and
 # 70 for the Triton kernels' chunk loops (two reduction chunks of 32 channels; a channel tile of 128). Small, because
@@ -92,6 +92,48 @@ def test_layouts(backend, device, case, unit, layout):
     """The kernels read through the input's strides: a strided view and channels-last give the same values."""
     w, b, x = _inputs(case, torch.float32, device, seed=_seed(case, layout))
     assert_ops_match_reference(backend, x, w, b, unit, layout=layout, what=f"{backend} {layout}")
+
+
+@pytest.mark.fast_paths
+@pytest.mark.parametrize("bias_layout", BIAS_LAYOUTS)
+@pytest.mark.parametrize("case", [CASES[0], (1, 6, 4, 5, 2, True), CASES[10]], ids=_ids)
+def test_bias_layouts(backend, device, dtype, case, bias_layout):
+    """The bias is read through its strides: a strided view (the padding between its elements is NaN, so reading
+    it contiguously shows) and a stride-0 expansion of one value, in the forward and the inverse."""
+    w, b, x = _inputs(case, dtype, device, seed=_seed(case, bias_layout, dtype))
+    b = bias_with_layout(b, bias_layout)
+    b64 = b.double()
+    y = ck.cinc_conv2d(x, w, b, backend=backend)
+    assert rel_error(y, reference.forward(x.double(), w.double(), b64)) <= RTOL[dtype], "forward"
+    y_ref = reference.forward(x.double(), w.double(), b64).to(dtype)
+    x_hat = ck.cinc_conv2d_inverse(y_ref, w, b, backend=backend)
+    assert rel_error(x_hat, x) <= 20 * RTOL[dtype], "inverse"
+
+
+@pytest.mark.fast_paths
+def test_strided_bias_gradient_and_vmap(backend, device):
+    """Gradients reach a strided bias's base exactly as through the reference, and ``torch.func.vmap`` over the
+    second axis of a ``(C, N)`` stack of biases (which hands each call a strided ``(C,)`` slice) gives each one's
+    result."""
+    case = (2, 5, 4, 6, 3, True)
+    w, b, x = _inputs(case, torch.float64, device, seed=_seed(case, "grad"))
+    C = w.shape[0]
+    base = torch.randn(2 * C, dtype=torch.float64, device=device, requires_grad=True)
+
+    def loss(fwd, inv):
+        b = base[::2]
+        return (fwd(x, w, b) ** 2).sum() + (inv(x, w, b) ** 2).sum()
+
+    (got,) = torch.autograd.grad(loss(lambda *a: ck.cinc_conv2d(*a, backend=backend),
+                                      lambda *a: ck.cinc_conv2d_inverse(*a, backend=backend)), base)
+    (want,) = torch.autograd.grad(loss(reference.forward, reference.inverse), base)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+    biases = torch.randn(C, 3, dtype=torch.float64, device=device)
+    for op, ref in ((ck.cinc_conv2d, reference.forward), (ck.cinc_conv2d_inverse, reference.inverse)):
+        out = torch.func.vmap(lambda b: op(x, w, b, backend=backend), in_dims=1)(biases)
+        for i in range(biases.shape[1]):
+            assert rel_error(out[i], ref(x, w, biases[:, i])) <= 20 * RTOL[torch.float64], op.__name__
 
 
 @pytest.mark.fast_paths

@@ -236,9 +236,12 @@ def test_zuko_sampling_and_training():
 
 
 def test_adapters_reject_a_module_without_inverse():
-    for adapter in (interop.NormflowsConv, interop.ZukoConv):
-        with pytest.raises(TypeError, match="layer"):
-            adapter(torch.nn.Conv2d(2, 2, 3))
+    """Every adapter that takes a layer checks it up front (``ZukoConvTransform(nn.Identity())`` failed later with
+    "not enough values to unpack")."""
+    for adapter in (interop.NormflowsConv, interop.ZukoConv, interop.ZukoConvTransform):
+        for module in (torch.nn.Conv2d(2, 2, 3), torch.nn.Identity()):
+            with pytest.raises(TypeError, match="layer must be an invertible convolution"):
+                adapter(module)
 
 
 def test_zuko_rejects_context():

@@ -218,6 +218,49 @@ def test_registry_and_errors(name):
         ck.LAYERS[name](0)
 
 
+# Layers that take init_scale (the 1×1 starts from a random rotation instead).
+INIT_SCALED = [name for name in ck.LAYERS if name != "1x1"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), -0.5])
+@pytest.mark.parametrize("name", INIT_SCALED)
+def test_init_scale_out_of_range_is_refused(name, value):
+    """A NaN or infinite ``init_scale`` trained to NaN and wrote a checkpoint without a word; a negative one is
+    not a standard deviation."""
+    with pytest.raises(ValueError, match="init_scale"):
+        ck.LAYERS[name](4, init_scale=value)
+
+
+@pytest.mark.parametrize("name", INIT_SCALED)
+def test_init_scale_of_the_wrong_type_is_refused(name):
+    for value in ("0.1", True, None):
+        with pytest.raises(TypeError, match="init_scale"):
+            ck.LAYERS[name](4, init_scale=value)
+    assert ck.LAYERS[name](4, init_scale=0) is not None  # zero: the layer starts at its fixed initial taps
+
+
+@pytest.mark.parametrize("name", list(ck.LAYERS))
+def test_bias_must_be_a_bool(name):
+    """``bias="no"`` is truthy: it would add the bias it means to leave out."""
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        ck.LAYERS[name](4, bias="no")
+
+
+@pytest.mark.parametrize("value", ["no", "false", 0, 1, None])
+def test_check_finite_must_be_a_bool(value):
+    """``check_finite="no"`` (e.g. from ``--conv-kwargs``) was taken as true."""
+    with pytest.raises(TypeError, match="check_finite must be a bool"):
+        ck.CInCConv2d(4, check_finite=value)
+
+
+@pytest.mark.parametrize("option", [{"max_contraction": float("nan")}, {"max_log_diagonal": float("nan")},
+                                    {"max_centre_coupling": float("nan")}])
+def test_contractive_limits_refuse_nan(option):
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=name):
+        ck.CInCConv2d(4, parametrization="contractive", **option)
+
+
 def test_autoregressive_rejects_even_kernel():
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         ck.AutoregressiveConv2d(4, kernel_size=2)
