@@ -33,7 +33,7 @@ MAIN_PROCESS_BACKENDS = [
     BackendCase("reference", "cpu", custom_ops=False),
     BackendCase("cpu", "cpu"),
     BackendCase("cuda", "cuda", refuses_singular=False),
-    BackendCase("triton", "cuda"),
+    BackendCase("triton", "cuda", refuses_singular=False),
     BackendCase("torch", "cpu"),
     BackendCase("torch", "cuda"),
 ]
