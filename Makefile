@@ -13,18 +13,20 @@ BUILD_LOG := build/build.log
 # One line per compiled file on the terminal; the compiler command lines go to $(BUILD_LOG).
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: deps deps-test build demo test test-suite test-triton check lint typecheck test-install docs bench clean \
+.PHONY: deps build demo test test-suite test-triton check lint typecheck test-install docs bench clean \
         triton-aot triton36-env
 
-PIP_REFUSED := echo "error: pip could not install the requirements into $(PYTHON) (see above). If it says" \
-	"externally-managed-environment, make a virtual environment that sees the system's packages and run make" \
-	"there: python3 -m venv --system-site-packages .venv && . .venv/bin/activate && make $(MAKECMDGOALS)" >&2; exit 1
+# What `deps` installs: requirements.txt for the demo and the build; under `make test` and `make check` (whose
+# prerequisites see this value) also what the tests, lint, types and docs need.
+REQUIREMENTS := requirements.txt
+test check: REQUIREMENTS := requirements-test.txt
 
 deps:
-	@$(PYTHON) -m pip install -q -r requirements.txt || { $(PIP_REFUSED); }
-
-deps-test:
-	@$(PYTHON) -m pip install -q -r requirements-test.txt || { $(PIP_REFUSED); }
+	@$(PYTHON) -m pip install -q -r $(REQUIREMENTS) || { \
+	  echo "error: pip could not install $(REQUIREMENTS) into $(PYTHON) (see above). If it says" \
+	    "externally-managed-environment, make a virtual environment that sees the system's packages and run make" \
+	    "there: python3 -m venv --system-site-packages .venv && . .venv/bin/activate && make $(MAKECMDGOALS)" >&2; \
+	  exit 1; }
 
 # Incremental (ninja) in-place build of cinc_kernels._C: the commands below run from the repository root.
 # To import cinc_kernels from anywhere, also run `pip install --no-build-isolation -e .` once (a full rebuild).
@@ -51,7 +53,7 @@ demo: build
 	@echo "  - make test: the test suite; README.md and docs/ (make docs builds the site into site/) for the rest"
 
 # The quick, complete check: the suite, its docstring examples and the Triton kernels under Triton's CPU interpreter.
-test: deps-test build
+test: build
 	$(MAKE) --no-print-directory test-suite
 	$(MAKE) --no-print-directory test-triton
 
@@ -74,6 +76,7 @@ check: test
 	$(MAKE) --no-print-directory triton-aot
 	$(MAKE) --no-print-directory test-install
 
+# lint, typecheck and docs use the tools `make test` installs (requirements-test.txt).
 lint:
 	$(PYTHON) -m ruff check .
 

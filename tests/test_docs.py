@@ -21,12 +21,17 @@ PUBLIC_MODULES = ["cinc_kernels", "cinc_kernels.functional", "cinc_kernels.nn", 
                   "cinc_kernels.harness"]
 
 
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def _modules_with_examples() -> list[str]:
     found = []
     for folder, _, names in os.walk(PACKAGE):
         for name in sorted(names):
             path = os.path.join(folder, name)
-            if name.endswith(".py") and ">>> " in open(path, encoding="utf-8").read():
+            if name.endswith(".py") and ">>> " in _read(path):
                 parts = os.path.relpath(path, ROOT)[:-3].split(os.sep)
                 found.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     return sorted(found)
@@ -52,10 +57,10 @@ def _directives() -> dict[str, list[str] | None]:
     for name in sorted(os.listdir(DOCS)):
         if not (name.startswith("api") and name.endswith(".md")):
             continue
-        text = open(os.path.join(DOCS, name), encoding="utf-8").read()
-        for block in re.split(r"^(?=::: )", text, flags=re.M)[1:]:
+        text = _read(os.path.join(DOCS, name))
+        for block in re.split(r"^(?=::: )", text, flags=re.MULTILINE)[1:]:
             path = block.split()[1]
-            members = re.search(r"^\s+members:\n((?:\s+- \S+\n)+)", block, re.M)
+            members = re.search(r"^\s+members:\n((?:\s+- \S+\n)+)", block, re.MULTILINE)
             found[path] = re.findall(r"- (\S+)", members.group(1)) if members else None
     return found
 

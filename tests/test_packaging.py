@@ -179,9 +179,8 @@ def test_the_quiet_build_shows_progress_and_logs_the_commands(setup_namespace, t
 
 def test_a_failed_quiet_build_shows_the_end_of_its_log(setup_namespace, tmp_path, capfd):
     log = tmp_path / "build.log"
-    with pytest.raises(subprocess.CalledProcessError):
-        with setup_namespace["quiet_output"](str(log)):
-            subprocess.run(["sh", "-c", "echo 'x.cpp:3:1: error: expected ;' >&2; exit 1"], check=True)
+    with pytest.raises(subprocess.CalledProcessError), setup_namespace["quiet_output"](str(log)):
+        subprocess.run(["sh", "-c", "echo 'x.cpp:3:1: error: expected ;' >&2; exit 1"], check=True)
     shown = capfd.readouterr().out
     assert "x.cpp:3:1: error: expected ;" in shown and str(log) in shown
     assert "x.cpp:3:1: error: expected ;" in log.read_text()
@@ -350,7 +349,7 @@ def test_license_is_the_mit_licence_pyproject_declares():
     assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
     text = _read("LICENSE")
     assert text.startswith("MIT License\n")
-    assert re.search(r"^Copyright \(c\) \d{4} The cinc_kernels authors$", text, re.M)
+    assert re.search(r"^Copyright \(c\) \d{4} The cinc_kernels authors$", text, re.MULTILINE)
     assert "WITHOUT WARRANTY OF ANY KIND" in text
 
 
@@ -367,12 +366,12 @@ def test_citation_names_the_paper_and_this_version():
 
 def test_changelog_keeps_a_changelog_with_this_version():
     text = _read("CHANGELOG.md")
-    versions = re.findall(r"^## \[([^\]]+)\](?: - (\d{4}-\d{2}-\d{2}))?", text, re.M)
+    versions = re.findall(r"^## \[([^\]]+)\](?: - (\d{4}-\d{2}-\d{2}))?", text, re.MULTILINE)
     assert versions and versions[0][0] == "Unreleased", versions
     assert ck.__version__ in [v for v, _ in versions], f"CHANGELOG.md has no section for {ck.__version__}"
     dates = [d for v, d in versions[1:]]
     assert all(dates) and dates == sorted(dates, reverse=True), "released sections need dates, newest first"
-    sections = set(re.findall(r"^### (\w+)", text, re.M))
+    sections = set(re.findall(r"^### (\w+)", text, re.MULTILINE))
     assert sections and sections <= {"Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"}, sections
 
 
