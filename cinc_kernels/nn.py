@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import conditioning
-from ._checks import Range
 from . import functional as fn
+from ._checks import Range
 from ._symbolic import pixel_count, tracing
 from .backends import select
 from .finite_check import NonFiniteMonitor
