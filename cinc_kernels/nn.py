@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import conditioning
-from ._checks import Range
 from . import functional as fn
+from ._checks import Range
 from ._symbolic import pixel_count, tracing
 from .backends import select
 from .finite_check import NonFiniteMonitor
@@ -153,8 +153,7 @@ class CInCConv2d(nn.Module):
         _check_flag("bias", bias)
         _check_flag("check_finite", check_finite)
         INIT_SCALE.check("init_scale", init_scale)
-        if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-            raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
+        Range(int, 1).check("dilation", dilation)
         self.channels, self.kernel_size, self.dilation = channels, kernel_size, dilation
         self.unit_diagonal, self.backend = unit_diagonal, backend
         k = kernel_size

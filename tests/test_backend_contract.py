@@ -116,7 +116,7 @@ def test_strided_bias_gradient_and_vmap(backend, device):
     second axis of a ``(C, N)`` stack of biases (which hands each call a strided ``(C,)`` slice) gives each one's
     result."""
     case = (2, 5, 4, 6, 3, True)
-    w, b, x = _inputs(case, torch.float64, device, seed=_seed(case, "grad"))
+    w, _, x = _inputs(case, torch.float64, device, seed=_seed(case, "grad"))
     C = w.shape[0]
     base = torch.randn(2 * C, dtype=torch.float64, device=device, requires_grad=True)
 
@@ -131,7 +131,7 @@ def test_strided_bias_gradient_and_vmap(backend, device):
 
     biases = torch.randn(C, 3, dtype=torch.float64, device=device)
     for op, ref in ((ck.cinc_conv2d, reference.forward), (ck.cinc_conv2d_inverse, reference.inverse)):
-        out = torch.func.vmap(lambda b: op(x, w, b, backend=backend), in_dims=1)(biases)
+        out = torch.func.vmap(lambda b, op=op: op(x, w, b, backend=backend), in_dims=1)(biases)
         for i in range(biases.shape[1]):
             assert rel_error(out[i], ref(x, w, biases[:, i])) <= 20 * RTOL[torch.float64], op.__name__
 
