@@ -274,7 +274,7 @@ def run(config: BenchConfig, layer_classes: Optional[dict] = None) -> list:
 
     n_algorithms = len(backends) + 2
     total = len(cases) + len(algo_cases) + config.rounds * (4 * len(cases) + len(algo_cases) * n_algorithms)
-    bar = tqdm(total=total, desc="bench", disable=not config.progress, file=sys.stderr, leave=False)
+    bar = tqdm(total=total, desc="bench", disable=None if config.progress else True, file=sys.stderr, leave=False)
     try:
         # 1. correctness of everything, before any timing
         prepared = []
