@@ -395,7 +395,7 @@ def _run(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int, wor
     if progress and rank == 0:
         tqdm = optional_import("tqdm", "flow", "the progress bar").tqdm
 
-        # disable=None: a bar only where a terminal shows it (logs and CI get the periodic lines instead).
+        # disable=None: a bar only where a terminal shows it, not in log files and CI output.
         bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, unit="step", dynamic_ncols=True, disable=None)
     stream = _batches(cfg, data, device, rank, world, step)
     smoothed_bpd: Optional[float] = None
