@@ -32,7 +32,14 @@ MIRRORED_DEVICE_TYPES = frozenset({"cuda"})
 
 
 def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    """Whether ``device``'s current stream is being captured into a CUDA graph. Asking needs a working CUDA runtime:
+    where it has none (no driver, or a test that only pretends to have a GPU) nothing can be capturing."""
+    if device.type != "cuda":
+        return False
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except RuntimeError:
+        return False
 
 
 class NonFiniteMonitor:

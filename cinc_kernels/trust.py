@@ -22,6 +22,7 @@ import torch
 
 from . import _extension
 from ._symbolic import tracing
+from .finite_check import _capturing
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -51,8 +52,7 @@ def _device_key(device: torch.device) -> str:
 
 
 def _cannot_check_now(device: torch.device) -> bool:
-    return (torch.compiler.is_compiling() or tracing()
-            or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+    return torch.compiler.is_compiling() or tracing() or _capturing(device)
 
 
 def trusted(backend: Backend, op: str, device: torch.device, dtype: torch.dtype) -> bool:

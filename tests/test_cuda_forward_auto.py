@@ -22,6 +22,9 @@ def runnable_cuda(monkeypatch):
     fake = dataclasses.replace(backends.get_backend("cuda"), ops=stubs, unavailable=lambda: None,
                                device_unsupported=lambda device: None)
     monkeypatch.setitem(backends._REGISTRY, "cuda", fake)
+    # The stubs compute nothing, so the first-use self-check (tests/test_trust.py) would run CUDA on a machine without
+    # one; only the auto policy is tested here.
+    monkeypatch.setenv("CINC_TRUST_KERNELS", "1")
 
 
 @pytest.fixture
