@@ -16,7 +16,6 @@ from torch.nn.utils import parametrize
 
 from . import conditioning
 from . import functional as fn
-from .backends import select
 from .masks import free_parameters, weight_mask
 
 __all__ = ["CInCConv2d", "EmergingConv2d", "AutoregressiveConv2d", "InvConv1x1", "FInCConv2d", "LAYERS"]
@@ -122,7 +121,6 @@ class CInCConv2d(nn.Module):
         self.check_finite = check_finite
         self.name: Optional[str] = None
         self._warned_non_finite = False
-        self._mask_cache: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def logdet(self, height: int, width: int) -> torch.Tensor:
         """``log|det|`` for one ``height × width`` image, a 0-dim tensor."""
@@ -130,52 +128,11 @@ class CInCConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.weight  # read once: with a parametrisation every read recomputes it
-        if self.dilation == 1 and self._forward_runs_on_aten(x):
-            return self._aten_forward(x, weight)
         y = fn.cinc_conv2d(x, weight, self.bias, unit_diagonal=self.unit_diagonal, backend=self.backend,
                            dilation=self.dilation)
         logdet = fn.cinc_logdet(weight, x.shape[2], x.shape[3], unit_diagonal=self.unit_diagonal,
                                 backend=self.backend)
         return y, logdet.expand(x.shape[0])
-
-    def _forward_runs_on_aten(self, x: torch.Tensor) -> bool:
-        # When the backend the functional op would pick is ATen's convolution (backend="auto" on CPU and CUDA), the
-        # layer runs it itself, so that the training step is the convolution plus two small ops: the mask is one
-        # selection by a cached mask (so NaN in a masked entry is inert), and the log-determinant (docs/spec.md §1: H·W·Σ log|L[c,c]|) is read off the
-        # masked weight by autograd-native ops instead of a custom op with a Python backward.
-        return (self.backend == "auto" and isinstance(x, torch.Tensor) and x.dtype == self.weight.dtype
-                and select("auto", "forward", x.device, x.dtype).name == "_aten")
-
-    def _masks(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keep, fixed, centre): ``masked = where(keep, weight, fixed)`` (``fixed``: the unit diagonal, else 0) and
-        the flat indices of the centre tap's diagonal, built once per dtype and device."""
-        key = (like.dtype, like.device)
-        cached = self._mask_cache.get(key)
-        if cached is None:
-            C, k = self.channels, self.kernel_size
-            mask = weight_mask(C, k, self.unit_diagonal, dtype=torch.bool, device=like.device)
-            added = torch.zeros((), dtype=like.dtype, device=like.device)
-            if self.unit_diagonal:
-                added = torch.zeros(C, C, k, k, dtype=like.dtype, device=like.device)
-                added[:, :, k - 1, k - 1] = torch.eye(C, dtype=like.dtype, device=like.device)
-            centre = torch.arange(C, device=like.device) * (C + 1) * k * k + k * k - 1
-            cached = self._mask_cache[key] = (mask, added, centre)
-        return cached
-
-    def _aten_forward(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fn.check_image(x, weight, self.bias, "x")
-        k, (B, _, H, W) = self.kernel_size, x.shape
-        mask, added, centre = self._masks(weight)
-        masked = torch.where(mask, weight, added)
-        if self.unit_diagonal:
-            logdet = weight.new_zeros(())
-        else:
-            logdet = torch.take(weight, centre).abs().log().sum() * (float(H) * float(W))
-        if x.numel() == 0:
-            y = _conv2d(x, masked, self.bias)
-        else:
-            y = F.conv2d(F.pad(x, (k - 1, 0, k - 1, 0)), masked, self.bias)
-        return y, logdet.expand(B)
 
     def inverse(self, y: torch.Tensor, *, accumulate: Optional[torch.dtype] = None) -> torch.Tensor:
         """``x = M⁻¹(y − bias)``; ``accumulate=torch.float64`` solves in float64 (see

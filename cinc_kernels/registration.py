@@ -2,8 +2,9 @@
 
 The gradients of docs/spec.md §1 are written once here. Each formula calls other ops of the same backend (the
 inverse's backward is its adjoint solve, and back), so a backend whose ops are ``torch.library`` custom ops gets
-autograd in both modes (installed as each op's ``Autograd`` dispatch kernel) and ``torch.compile`` support by handing its four ops to :func:`register`. Importing this module does so for
-the C++ ops ``torch.ops.cinc.*``; the Triton backend registers ``torch.ops.cinc_triton.*`` when it is first loaded.
+autograd in both modes (installed as each op's ``Autograd`` dispatch kernel) and ``torch.compile`` support by
+handing its four ops to :func:`register`. Importing this module does so for the C++ ops ``torch.ops.cinc.*``; the
+Triton backend registers ``torch.ops.cinc_triton.*`` when it is first loaded.
 """
 from __future__ import annotations
 
@@ -14,32 +15,8 @@ from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.autograd.function import _SingleLevelFunction
 
 from . import _extension
-from .masks import masked_weight, weight_mask
-
-
-def tangent_weight(weight_tangent: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
-    """``dWm``: the weight's tangent on the free entries, exactly zero on the masked ones (selected, so a NaN in a
-    masked entry does not leak). With ``unit_diagonal`` the fixed diagonal has no tangent. ``(C, C, k, k)``."""
-    C, k = weight_tangent.shape[0], weight_tangent.shape[-1]
-    keep = weight_mask(C, k, unit_diagonal, dtype=torch.bool, device=weight_tangent.device)
-    return torch.where(keep, weight_tangent, torch.zeros((), dtype=weight_tangent.dtype, device=weight_tangent.device))
-
-
-def causal_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``Σ_taps weight · x`` with the top-left padding of the forward and an already masked ``weight``: the
-    forward's ``M x`` for an arbitrary tap set (``dM x`` in the tangents). ``(B, C, H, W) -> (B, C, H, W)``."""
-    if x.numel() == 0:
-        return torch.zeros_like(x, memory_format=torch.contiguous_format)
-    k = weight.shape[-1]
-    return F.conv2d(F.pad(x, (k - 1, 0, k - 1, 0)), weight)
-
-
-def anticausal_conv(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The adjoint of :func:`causal_conv`: bottom-right padding, kernel flipped, channel axes swapped."""
-    if g.numel() == 0:
-        return torch.zeros_like(g, memory_format=torch.contiguous_format)
-    k = weight.shape[-1]
-    return F.conv2d(F.pad(g, (0, k - 1, 0, k - 1)), weight.transpose(0, 1).flip(2, 3))
+from ._aten import anticausal_conv, causal_conv, pixel_count
+from .masks import free_entries, masked_weight
 
 
 def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
@@ -49,7 +26,7 @@ def conv_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, unit_diagonal: b
 
 def conv_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
     """``∂⟨grad_y, M x⟩/∂weight``, zero on the masked entries. ``x, grad_y: (B, C, H, W) -> (C, C, k, k)``."""
-    C, k = weight.shape[0], weight.shape[-1]
+    k = weight.shape[-1]
     if x.numel() == 0:
         return torch.zeros_like(weight)
     xp = F.pad(x, (k - 1, 0, k - 1, 0))
@@ -57,12 +34,7 @@ def conv_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor
     _, grad_w, _ = torch.ops.aten.convolution_backward(
         grad_y, xp, wm, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
     )
-    return tangent_weight(grad_w, unit_diagonal)
-
-
-def pixel_count(height, width):
-    """``H·W`` as a float: a Python int product of two huge sizes would overflow once it meets a tensor."""
-    return torch.sym_float(height) * torch.sym_float(width)
+    return free_entries(grad_w, unit_diagonal)
 
 
 def logdet_weight_grad(grad: torch.Tensor, weight: torch.Tensor, height: int, width: int, unit_diagonal: bool):
@@ -215,7 +187,7 @@ def register_autograd_formulas(forward, inverse, inverse_transpose, logdet) -> N
         ud = ctx.unit_diagonal
         return _sum_tangents(
             None if dx is None else forward(dx.contiguous(), weight, None, ud),
-            None if dweight is None else causal_conv(x, tangent_weight(dweight, ud)),
+            None if dweight is None else causal_conv(x, free_entries(dweight, ud)),
             None if dbias is None else dbias.view(1, -1, 1, 1).expand(x.shape),
         )
 
@@ -242,7 +214,7 @@ def register_autograd_formulas(forward, inverse, inverse_transpose, logdet) -> N
         rhs = _sum_tangents(
             dy,
             None if dbias is None else -dbias.view(1, -1, 1, 1).expand(x.shape),
-            None if dweight is None else -causal_conv(x, tangent_weight(dweight, ud)),
+            None if dweight is None else -causal_conv(x, free_entries(dweight, ud)),
         )
         if rhs is None:
             return None
@@ -265,7 +237,7 @@ def register_autograd_formulas(forward, inverse, inverse_transpose, logdet) -> N
         # Mᵀ u = g, differentiated: Mᵀ du + dMᵀ u = dg, so du = M⁻ᵀ(dg - dMᵀ u).
         u, weight = ctx.saved_tensors
         ud = ctx.unit_diagonal
-        rhs = _sum_tangents(dg, None if dweight is None else -anticausal_conv(u, tangent_weight(dweight, ud)))
+        rhs = _sum_tangents(dg, None if dweight is None else -anticausal_conv(u, free_entries(dweight, ud)))
         if rhs is None:
             return None
         return inverse_transpose(rhs.contiguous(), weight, ud)
