@@ -1,11 +1,12 @@
 """``python -m cinc_kernels info | check | bench``."""
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 
 import torch
+
+from ._cli import ArgumentParser
 
 
 def info() -> None:
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m cinc_kernels", description=__doc__)
+    parser = ArgumentParser(prog="python -m cinc_kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build and the available backends")
     sub.add_parser("check", help="every available backend against the float64 reference")

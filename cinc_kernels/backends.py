@@ -15,14 +15,11 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 
 from . import _aten, _extension, reference
-from ._extension import OP_NAMES as OPS
+from .contract import FLOATS, HALVES
+from .contract import OP_NAMES as OPS
 
 __all__ = ["OPS", "FLOATS", "HALVES", "AUTO_ORDER", "Backend", "all_backends", "available_backends", "get_backend",
            "register_backend", "select"]
-
-FLOATS = (torch.float32, torch.float64)
-HALVES = (torch.float16, torch.bfloat16)
-
 
 @dataclasses.dataclass(frozen=True)
 class Backend:

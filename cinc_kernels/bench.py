@@ -39,6 +39,7 @@ from . import functional as fn
 from . import harness, torch_backend
 from .backends import available_backends, get_backend
 from .nn import LAYERS
+from .testing import rel_error
 from .masks import masked_weight
 
 __all__ = ["BenchConfig", "CorrectnessError", "CSV_COLUMNS", "run", "write_results", "main",
@@ -192,11 +193,6 @@ def _memory_mb(fn_, device) -> tuple:
     return sum(storages.values()) / 2**20, "saved_for_backward"
 
 
-def _rel_error(got, want) -> float:
-    got, want = got.detach().double(), want.detach().double()
-    return ((got - want).norm() / want.norm().clamp_min(1e-300)).item()
-
-
 def _perturb_(layer: torch.nn.Module, generator: torch.Generator) -> None:
     """Add ``N(0, (0.1/√fan_in)²)`` to every parameter (fixed entries stay inert: the layers mask them)."""
     with torch.no_grad():
@@ -258,7 +254,7 @@ def run(config: BenchConfig, layer_classes: Optional[dict] = None) -> list:
                             dtype=torch.float64).to(device=device, dtype=dtype)
             with torch.no_grad():
                 y, logdet = layer(x)
-                err = _rel_error(layer.inverse(y), x)
+                err = rel_error(layer.inverse(y), x)
             what = f"{name} on backend {backend}, shape {tuple(shape)}, {dtype}"
             if tuple(logdet.shape) != (shape[0],) or not bool(torch.isfinite(logdet).all()):
                 raise CorrectnessError(f"{what}: log-determinant of shape {tuple(logdet.shape)}, values {logdet}")
@@ -279,7 +275,7 @@ def run(config: BenchConfig, layer_classes: Optional[dict] = None) -> list:
             impls = _inverse_algorithms(w, b, backends)
             with torch.no_grad():
                 for label, impl in impls.items():
-                    err = _rel_error(impl(y), x)
+                    err = rel_error(impl(y), x)
                     if not err <= CHECK_TOLERANCE[dtype]:
                         raise CorrectnessError(f"inverse algorithm {label}, shape {tuple(shape)}, {dtype}: "
                                                f"error {err:.2e} against x > {CHECK_TOLERANCE[dtype]:.0e}")

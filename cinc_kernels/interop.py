@@ -22,6 +22,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from ._checks import check_batch
+
 __all__ = ["FrEIAConv", "NormflowsConv", "ZukoConv", "ZukoConvTransform", "image_flow", "make_layer"]
 
 # Names other libraries and papers use for the same layer.
@@ -60,13 +62,6 @@ def _check_layer(layer: Any) -> None:
                         f"inverse(y) and logdet(H, W), e.g. cinc_kernels.CInCConv2d; got {type(layer).__name__}")
 
 
-def _check_image(x: torch.Tensor, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be (B, C, H, W), got shape {tuple(x.shape)}")
-
-
 def _layer_logdet(layer: Any, y: torch.Tensor) -> torch.Tensor:
     """``log|det ∂y/∂x|`` per sample for images of ``y``'s size, ``(B,)``."""
     return layer.logdet(y.shape[-2], y.shape[-1]).to(y.dtype).expand(y.shape[0])
@@ -95,11 +90,11 @@ def _build_normflows():
             self.layer = layer
 
         def forward(self, z: torch.Tensor):
-            _check_image(z, "z")
+            check_batch(z, "z")
             return self.layer.inverse(z), -_layer_logdet(self.layer, z)
 
         def inverse(self, z: torch.Tensor):
-            _check_image(z, "z")
+            check_batch(z, "z")
             y, logdet = self.layer(z)
             return y, logdet.to(y.dtype)
 
@@ -138,7 +133,7 @@ def _build_freia():
             if c:
                 raise ValueError("c must be empty: the convolution takes no condition")
             (x,) = x_or_z
-            _check_image(x, "x_or_z[0]")
+            check_batch(x, "x_or_z[0]")
             if rev:
                 return (self.layer.inverse(x),), -_layer_logdet(self.layer, x)
             y, logdet = self.layer(x)

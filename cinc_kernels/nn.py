@@ -16,6 +16,8 @@ from torch.nn.utils import parametrize
 
 from . import conditioning
 from . import functional as fn
+from ._checks import check_batch, check_bool, check_choice, check_int
+from .contract import MAX_KERNEL_SIZE
 from .masks import free_parameters, weight_mask
 
 __all__ = ["CInCConv2d", "EmergingConv2d", "AutoregressiveConv2d", "InvConv1x1", "FInCConv2d", "LAYERS"]
@@ -94,18 +96,11 @@ class CInCConv2d(nn.Module):
                  max_centre_coupling: Optional[float] = conditioning.DEFAULT_MAX_CENTRE_COUPLING,
                  check_finite: bool = True, dilation: int = 1):
         super().__init__()
-        if parametrization not in ("none", "contractive"):
-            raise ValueError(f"parametrization must be 'none' or 'contractive', got {parametrization!r}")
-        for name, value in (("channels", channels), ("kernel_size", kernel_size)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-        if channels < 1:
-            raise ValueError(f"channels must be >= 1, got {channels}")
-        if not 1 <= kernel_size <= fn.MAX_KERNEL_SIZE:
-            raise ValueError(f"kernel_size must be in 1…{fn.MAX_KERNEL_SIZE}, got {kernel_size}")
-        fn.check_unit_diagonal(unit_diagonal)
-        if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-            raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
+        check_choice("parametrization", parametrization, ("none", "contractive"))
+        check_int("channels", channels, 1)
+        check_int("kernel_size", kernel_size, 1, MAX_KERNEL_SIZE)
+        check_bool("unit_diagonal", unit_diagonal)
+        check_int("dilation", dilation, 1)
         self.channels, self.kernel_size, self.dilation = channels, kernel_size, dilation
         self.unit_diagonal, self.backend = unit_diagonal, backend
         k = kernel_size
@@ -205,18 +200,6 @@ class CInCConv2d(nn.Module):
 # (which entries of each parameter are free) and ``logdet(height, width)``.
 
 
-def _check_channels(channels: object) -> None:
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"channels must be an int >= 1, got {channels!r}")
-
-
-def _check_input(x: object, channels: int, arg: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{arg} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[1] != channels:
-        raise ValueError(f"{arg} must have shape (B, {channels}, H, W) for this layer, got {tuple(x.shape)}")
-
-
 def _child_masks(module: nn.Module) -> Masks:
     """The ``free_masks()`` of every child, keyed like ``named_parameters()``."""
     return {f"{name}.{p}": m for name, child in module.named_children()
@@ -242,7 +225,7 @@ class InvConv1x1(nn.Module):
 
     def __init__(self, channels: int, bias: bool = False, backend: str = "auto"):
         super().__init__()
-        _check_channels(channels)
+        check_int("channels", channels, 1)
         self.channels, self.backend = channels, backend
         rotation, _ = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64))
         perm, lower, upper = torch.linalg.lu(rotation)
@@ -279,12 +262,12 @@ class InvConv1x1(nn.Module):
         return height * width * self.log_scale.sum()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_input(x, self.channels, "x")
+        check_batch(x, "x", self.channels)
         y = _conv2d(x, self.weight()[:, :, None, None], self.bias)
         return y, self.logdet(x.shape[2], x.shape[3]).expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        _check_input(y, self.channels, "y")
+        check_batch(y, "y", self.channels)
         if self.bias is not None:
             y = y - self.bias.view(1, -1, 1, 1)
         return _conv2d(y, self.inverse_weight()[:, :, None, None])
@@ -322,8 +305,8 @@ class EmergingConv2d(nn.Module):
     def __init__(self, channels: int, kernel_size: int = 2, bias: bool = True, unit_diagonal: bool = False,
                  backend: str = "auto", init_scale: float = 1e-2):
         super().__init__()
-        _check_channels(channels)
-        fn.check_unit_diagonal(unit_diagonal)
+        check_int("channels", channels, 1)
+        check_bool("unit_diagonal", unit_diagonal)
         self.channels, self.kernel_size = channels, kernel_size
         self.unit_diagonal, self.backend = unit_diagonal, backend
         self.mix = InvConv1x1(channels, bias=False, backend=backend)
@@ -342,14 +325,14 @@ class EmergingConv2d(nn.Module):
                 + self.conv_br.logdet(height, width))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_input(x, self.channels, "x")
+        check_batch(x, "x", self.channels)
         h, ld_mix = self.mix(x)
         h, ld_tl = self.conv_tl(h)
         z, ld_br = self.conv_br(self._reverse(h))
         return self._reverse(z), ld_mix + ld_tl + ld_br
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        _check_input(y, self.channels, "y")
+        check_batch(y, "y", self.channels)
         h = self._reverse(self.conv_br.inverse(self._reverse(y)))
         return self.mix.inverse(self.conv_tl.inverse(h))
 
@@ -398,11 +381,11 @@ class AutoregressiveConv2d(nn.Module):
     def __init__(self, channels: int, kernel_size: int = 3, bias: bool = True, backend: str = "auto",
                  init_scale: float = 1e-2):
         super().__init__()
-        _check_channels(channels)
+        check_int("channels", channels, 1)
         # The row solve is a CInC convolution of kernel k//2 + 1, which our ops take up to MAX_KERNEL_SIZE.
-        max_k = 2 * fn.MAX_KERNEL_SIZE - 1
-        if kernel_size % 2 != 1 or not 1 <= kernel_size <= max_k:
-            raise ValueError(f"kernel_size must be odd and in 1…{max_k}, got {kernel_size}")
+        check_int("kernel_size", kernel_size, 1, 2 * MAX_KERNEL_SIZE - 1)
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         self.channels, self.kernel_size, self.backend = channels, kernel_size, backend
         p = kernel_size // 2
         self.register_buffer("mask", autoregressive_mask(channels, kernel_size), persistent=False)
@@ -421,13 +404,13 @@ class AutoregressiveConv2d(nn.Module):
         return fn.cinc_logdet(self._row_weight(self.weight * self.mask), height, width, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_input(x, self.channels, "x")
+        check_batch(x, "x", self.channels)
         p = self.kernel_size // 2
         y = _conv2d(x, self.weight * self.mask, self.bias, padding=p)
         return y, self.logdet(x.shape[2], x.shape[3]).expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        _check_input(y, self.channels, "y")
+        check_batch(y, "y", self.channels)
         B, C, H, W = y.shape
         p = self.kernel_size // 2
         wm = self.weight * self.mask
@@ -478,9 +461,8 @@ class FInCConv2d(nn.Module):
     def __init__(self, channels: int, kernel_size: int = 3, bias: bool = True, backend: str = "auto",
                  init_scale: float = 1e-2):
         super().__init__()
-        _check_channels(channels)
-        if not 1 <= kernel_size <= fn.MAX_KERNEL_SIZE:
-            raise ValueError(f"kernel_size must be in 1…{fn.MAX_KERNEL_SIZE}, got {kernel_size}")
+        check_int("channels", channels, 1)
+        check_int("kernel_size", kernel_size, 1, MAX_KERNEL_SIZE)
         self.channels, self.kernel_size, self.backend = channels, kernel_size, backend
         self.group_sizes = [len(g) for g in torch.arange(channels).tensor_split(len(self.CORNERS))]
         block = torch.zeros(channels, channels)
@@ -502,13 +484,13 @@ class FInCConv2d(nn.Module):
         return self.weight.new_zeros(())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_input(x, self.channels, "x")
+        check_batch(x, "x", self.channels)
         z = fn.cinc_conv2d(self._to_top_left(x), self.weight * self.mask, self.bias, unit_diagonal=True,
                            backend=self.backend)
         return self._to_top_left(z), x.new_zeros(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        _check_input(y, self.channels, "y")
+        check_batch(y, "y", self.channels)
         z = fn.cinc_conv2d_inverse(self._to_top_left(y), self.weight * self.mask, self.bias, unit_diagonal=True,
                                    backend=self.backend)
         return self._to_top_left(z)

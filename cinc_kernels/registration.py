@@ -16,6 +16,7 @@ from torch.autograd.function import _SingleLevelFunction
 
 from . import _extension
 from ._aten import anticausal_conv, causal_conv, pixel_count
+from .contract import OP_NAMES
 from .masks import free_entries, masked_weight
 
 
@@ -283,7 +284,7 @@ def register_fake_impls(forward, inverse, inverse_transpose, logdet) -> None:
 def register(ops) -> None:
     """Fake and autograd implementations for one backend's ops, a mapping from op name (``"forward"``, ``"inverse"``,
     ``"inverse_transpose"``, ``"logdet"``) to its ``torch.ops.<namespace>.<op>.default``."""
-    ordered = [ops[name] for name in _extension.OP_NAMES]
+    ordered = [ops[name] for name in OP_NAMES]
     register_fake_impls(*ordered)
     register_autograd_formulas(*ordered)
 

@@ -6,8 +6,10 @@ the off-centre taps with one batched contraction, and solves the centre tap's tr
 ``torch.linalg.solve_triangular``. The adjoint ``M⁻ᵀ`` runs the same wavefront from the bottom-right corner with the
 flipped, channel-transposed taps and ``Lᵀ``. Everything stays in the input's dtype (no float64, which MPS lacks).
 
-The ops are ``torch.library`` custom ops in the namespace ``cinc_torch``, so they get the same fake implementations
-and the same backward formulas (:mod:`cinc_kernels.registration`) as the compiled backends.
+The forward and the log-determinant are ATen's operators (:mod:`cinc_kernels._aten`). The ops are
+``torch.library`` custom ops in the namespace ``cinc_torch``, with the schemas of :mod:`cinc_kernels.contract`, so
+they get the same fake implementations and the same backward formulas (:mod:`cinc_kernels.registration`) as the
+compiled backends.
 """
 from __future__ import annotations
 
@@ -17,9 +19,12 @@ import torch
 
 from . import _aten, registration
 from .backends import FLOATS, HALVES, OPS, Backend, register_backend
+from .contract import custom_op
 from .masks import masked_weight
 
 __all__ = ["forward", "inverse", "inverse_transpose", "logdet"]
+
+NAMESPACE = "cinc_torch"
 
 def _check_nonsingular(centre: torch.Tensor) -> None:
     if bool((centre.diagonal() == 0).any()):
@@ -73,13 +78,13 @@ def _split_weight(weight: torch.Tensor, unit_diagonal: bool) -> tuple[torch.Tens
     return taps, centre
 
 
-@torch.library.custom_op("cinc_torch::forward", mutates_args=())
+@custom_op(NAMESPACE, "forward")
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], unit_diagonal: bool) -> torch.Tensor:
     """``y = M x + bias`` (docs/spec.md §1) as ATen's convolution on the masked weight. ``(B, C, H, W) -> same``."""
     return _aten.forward(x, weight, bias, unit_diagonal).contiguous()
 
 
-@torch.library.custom_op("cinc_torch::inverse", mutates_args=())
+@custom_op(NAMESPACE, "inverse")
 def inverse(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], unit_diagonal: bool) -> torch.Tensor:
     """``x = M⁻¹ (y − bias)`` by the anti-diagonal wavefront. ``(B, C, H, W) -> same``; ``ValueError`` if singular."""
     taps, centre = _split_weight(weight, unit_diagonal)
@@ -88,7 +93,7 @@ def inverse(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return _wavefront(rhs, taps, centre, upper=False)
 
 
-@torch.library.custom_op("cinc_torch::inverse_transpose", mutates_args=())
+@custom_op(NAMESPACE, "inverse_transpose")
 def inverse_transpose(g: torch.Tensor, weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
     """``u = M⁻ᵀ g``: the wavefront from the bottom-right corner. ``(B, C, H, W) -> same``."""
     taps, centre = _split_weight(weight, unit_diagonal)
@@ -99,7 +104,7 @@ def inverse_transpose(g: torch.Tensor, weight: torch.Tensor, unit_diagonal: bool
     return flipped.flip(2, 3).contiguous()
 
 
-@torch.library.custom_op("cinc_torch::logdet", mutates_args=())
+@custom_op(NAMESPACE, "logdet")
 def logdet(weight: torch.Tensor, height: int, width: int, unit_diagonal: bool) -> torch.Tensor:
     """``H·W·Σ_c log|L[c, c]|`` in ``weight``'s dtype (0 with ``unit_diagonal``, ``-inf`` when singular)."""
     return _aten.logdet(weight, height, width, unit_diagonal)
@@ -111,7 +116,7 @@ OP_DTYPES.update({("mps", "forward"): (torch.float32,) + HALVES, ("cuda", "forwa
                   ("xpu", "forward"): FLOATS + HALVES})
 
 
-OP_DEFS = {"forward": forward, "inverse": inverse, "inverse_transpose": inverse_transpose, "logdet": logdet}
-registration.register({op: getattr(torch.ops.cinc_torch, op).default for op in OPS})
+OPS_BY_NAME = {op: getattr(getattr(torch.ops, NAMESPACE), op).default for op in OPS}
+registration.register(OPS_BY_NAME)
 
-register_backend(Backend(name="torch", ops=dict(OP_DEFS), op_dtypes=OP_DTYPES))
+register_backend(Backend(name="torch", ops=OPS_BY_NAME, op_dtypes=OP_DTYPES))

@@ -12,10 +12,9 @@ import cinc_kernels as ck
 from cinc_kernels import conditioning as cond
 from cinc_kernels import reference as ref
 
-from .cases import RTOL, make_image, make_weight, rel_error
+from .cases import RTOL, backends_on, make_image, make_weight, rel_error
 
-FAST = [b for b in ck.available_backends() if b != "reference"]
-CPU_BACKENDS = [b for b in ("reference", "cpu") if b in ck.available_backends()]
+CPU_BACKENDS = backends_on("cpu")
 
 
 def dense_inverse_norm(weight, H, W, unit_diagonal=False) -> float:
