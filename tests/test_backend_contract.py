@@ -26,7 +26,7 @@ from tests.cases import (LAYOUTS, RTOL, adjoint_apply, assert_ops_match_referenc
 
 # (B, C, H, W, k, bias): odd and prime sizes, H ≠ W, 1×1 images, C = 1, k = 1…7; past the small shapes, C = 40 and
 # 70 for the Triton kernels' chunk loops (two reduction chunks of 32 channels; a channel tile of 128). Small, because
-# Triton's interpreter pays per operation: about 25 s for one 13×11 image with k = 7.
+# Triton's interpreter pays per operation.
 CASES = [
     (2, 3, 5, 7, 3, True),
     (1, 12, 9, 9, 3, True),

@@ -162,8 +162,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other")
     if cfg.threads > 0:
-        # One thread is the fastest for the small presets, and on a shared machine two OpenMP threads that
-        # spin-wait for a busy core made a digits step 15× slower (0.07 s → 1.5 s, 2 cores at load 6).
+        # One thread is the fastest for the small presets; with more threads than idle cores, OpenMP's waits for
+        # descheduled threads cost milliseconds per call whatever the work (benchmarks/results/cpu_ops.md).
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     rank, world = init_distributed()
