@@ -196,7 +196,7 @@ def markdown(rows, path, png_name, csv_name, meta, backend):
                and r["parametrization"] == parametrization and r["mode"] == mode]
         return fmt(sel[0][column]) if sel else "–"
 
-    lines = [f"# When can the inverse be trusted? (conditioning study)", "",
+    lines = ["# When can the inverse be trusted? (conditioning study)", "",
              f"`{' '.join(meta['command'])}` — {meta['date']}; {meta['machine']}; torch {meta['torch']}, "
              f"cinc_kernels {meta['cinc_kernels']}. Data: [{csv_name}]({csv_name}); plot: [{png_name}]({png_name}).",
              "", f"C = {rows[0]['channels']}, k = {rows[0]['kernel']}, centre tap ≈ I, off-centre entries α·N(0, 1); "

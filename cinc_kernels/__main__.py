@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from typing import Optional, Sequence
 
 import torch
 
@@ -31,7 +32,7 @@ def info() -> None:
         print(f"    {backend.name:<10} {'available' if why is None else 'unavailable: ' + why}")
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own options and --help: cinc_kernels.bench parses them
         from .bench import main as bench_main

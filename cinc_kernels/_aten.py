@@ -11,14 +11,16 @@ without a custom op's Python backward; ``benchmarks/bench_cpu_ops.py`` (the trai
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
 
 from .masks import centre_diagonal, masked_weight
 
-__all__ = ["anticausal_conv", "causal_conv", "forward", "logdet", "pixel_count"]
+__all__ = ["anticausal_conv", "causal_conv", "forward", "logdet", "times_pixel_count"]
+
+Size = Union[int, torch.SymInt]  # an image size; symbolic while torch.compile or torch.export traces
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -49,16 +51,16 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return causal_conv(x, masked_weight(weight, unit_diagonal), bias)
 
 
-def pixel_count(height: Union[int, torch.SymInt], width: Union[int, torch.SymInt]) -> Union[float, torch.SymFloat]:
-    """``H·W`` as a float: a product of two Python ints would overflow int64 once it meets a tensor for huge sizes,
-    and ``float(height)`` would fix a symbolic size to one value where ``torch.sym_float`` keeps it symbolic."""
-    return torch.sym_float(height) * torch.sym_float(width)
+def times_pixel_count(t: torch.Tensor, height: Size, width: Size) -> torch.Tensor:
+    """``t · H·W``, with ``H·W`` as a float: a product of two Python ints would overflow int64 once it meets a tensor
+    for huge sizes, and ``float(height)`` would fix a symbolic size to one value where ``torch.sym_float`` keeps it
+    symbolic."""
+    return cast(torch.Tensor, t * (torch.sym_float(height) * torch.sym_float(width)))
 
 
-def logdet(weight: torch.Tensor, height: Union[int, torch.SymInt], width: Union[int, torch.SymInt],
-           unit_diagonal: bool) -> torch.Tensor:
+def logdet(weight: torch.Tensor, height: Size, width: Size, unit_diagonal: bool) -> torch.Tensor:
     """``H·W·Σ_c log|L[c, c]|``, a 0-dim tensor of ``weight``'s dtype: 0 with ``unit_diagonal``, ``-inf`` when the
     centre tap has a zero on its diagonal. Only the diagonal is read, so a NaN in a masked entry has no effect."""
     if unit_diagonal:
         return weight.new_zeros(())
-    return centre_diagonal(weight).abs().log().sum() * pixel_count(height, width)
+    return times_pixel_count(centre_diagonal(weight).abs().log().sum(), height, width)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Collection, Optional
 
 import torch
 
@@ -70,7 +70,7 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+def check_choice(name: str, value: Any, choices: Collection[Any]) -> Any:
     """``value`` if it is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
@@ -93,4 +93,5 @@ def check_batch(x: Any, name: str, channels: Optional[int] = None) -> torch.Tens
         raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} must have shape (B, {channels}, H, W) for this layer, got {tuple(x.shape)}")
-    return x
+    batch: torch.Tensor = x
+    return batch

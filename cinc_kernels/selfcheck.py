@@ -8,7 +8,7 @@ from . import functional as fn
 from . import reference
 from .backends import available_backends
 from .contract import OP_NAMES
-from .testing import make_image, make_weight, rel_error
+from .testing import make_image, make_weight, op_arguments, op_function, rel_error
 
 # (B, C, H, W, k): odd sizes, H ≠ W, a 1×1 image, the paper's k = 3.
 SHAPES = [(2, 3, 5, 7, 3), (1, 12, 9, 9, 3), (3, 1, 1, 1, 2), (2, 8, 6, 4, 5)]
@@ -61,33 +61,24 @@ def run(verbose: bool = True) -> bool:
     return ok
 
 
-def _forward_ad_errors(backend: str, device: torch.device, generator) -> dict:
+def _forward_ad_errors(backend: str, device: torch.device, generator: torch.Generator) -> dict[str, float]:
     """Forward-mode AD (``torch.func.jvp``, a tangent on every tensor argument) of each op against the reference's,
     float64 on the first two shapes. A backend whose ops drop the tangent shows up as a relative error of 1."""
-    worst = {}
+    worst: dict[str, float] = {}
     for B, C, H, W, k in SHAPES[:2]:
         w = make_weight(C, k, torch.float64, device, generator=generator)
-
-        def draw(*shape):
-            return torch.randn(*shape, generator=generator, dtype=torch.float64).to(device)
-
-        b, x = draw(C), draw(B, C, H, W)
-        dw, db, dx = draw(C, C, k, k), draw(C), draw(B, C, H, W)
-        cases = {
-            "forward": (lambda be: lambda x, w, b: fn.cinc_conv2d(x, w, b, backend=be), (x, w, b), (dx, dw, db)),
-            "inverse": (lambda be: lambda y, w, b: fn.cinc_conv2d_inverse(y, w, b, backend=be), (x, w, b),
-                        (dx, dw, db)),
-            "inverse_transpose": (lambda be: lambda g, w: fn.cinc_conv2d_inverse_transpose(g, w, backend=be),
-                                  (x, w), (dx, dw)),
-            "logdet": (lambda be: lambda w: fn.cinc_logdet(w, H, W, backend=be), (w,), (dw,)),
-        }
-        for op, (make, primals, tangents) in cases.items():
+        dw = make_weight(C, k, torch.float64, device, generator=generator)
+        b, db = (torch.randn(C, generator=generator, dtype=torch.float64).to(device) for _ in range(2))
+        x, dx = (make_image(B, C, H, W, torch.float64, device, generator=generator) for _ in range(2))
+        for op in OP_NAMES:
+            primals = tuple(t for t in op_arguments(op, w, b, x) if t is not None)
+            tangents = tuple(t for t in op_arguments(op, dw, db, dx) if t is not None)
             try:
-                _, got = torch.func.jvp(make(backend), primals, tangents)
+                got = torch.func.jvp(op_function(op, backend, height=H, width=W), primals, tangents)[1]
             except (RuntimeError, NotImplementedError):
                 worst[op] = float("inf")
                 continue
-            _, want = torch.func.jvp(make("reference"), tuple(t.cpu() for t in primals),
-                                     tuple(t.cpu() for t in tangents))
+            want = torch.func.jvp(op_function(op, "reference", height=H, width=W),
+                                  tuple(t.cpu() for t in primals), tuple(t.cpu() for t in tangents))[1]
             worst[op] = max(worst.get(op, 0.0), rel_error(got, want))
     return worst

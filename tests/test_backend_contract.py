@@ -21,6 +21,7 @@ import cinc_kernels as ck
 from cinc_kernels import reference
 from cinc_kernels.backends import get_backend
 from cinc_kernels.contract import OP_NAMES
+from cinc_kernels.testing import op_arguments, op_function
 from tests.cases import (LAYOUTS, RTOL, adjoint_apply, assert_ops_match_reference, backend_case, make_image,
                          make_weight, rel_error, with_layout)
 
@@ -281,23 +282,6 @@ def test_masked_weight_entries_get_exactly_zero_gradient(backend, device, unit):
 # ------------------------------------------------------------------------------------------------ forward mode
 
 
-def public_op(op, backend, unit, H=5, W=3):
-    """The public function of ``op`` as a function of its tensors only (the log-determinant for an ``H×W``
-    image)."""
-    if op == "forward":
-        return lambda x, w, b: ck.cinc_conv2d(x, w, b, unit_diagonal=unit, backend=backend)
-    if op == "inverse":
-        return lambda y, w, b: ck.cinc_conv2d_inverse(y, w, b, unit_diagonal=unit, backend=backend)
-    if op == "inverse_transpose":
-        return lambda g, w: ck.cinc_conv2d_inverse_transpose(g, w, unit_diagonal=unit, backend=backend)
-    return lambda w: ck.cinc_logdet(w, H, W, unit_diagonal=unit, backend=backend)
-
-
-def primals(op, w, b, x):
-    """The tensors :func:`public_op` takes, in order."""
-    return {"forward": (x, w, b), "inverse": (x, w, b), "inverse_transpose": (x, w), "logdet": (w,)}[op]
-
-
 def _tangent_inputs(backend, device, seed, shape):
     """float64 ``(w, b, x, generator)`` of ``shape = (B, C, H, W, k)``; the tiniest shape in Triton's interpreter,
     which pays per operation."""
@@ -317,8 +301,8 @@ def test_forward_mode_gradcheck(backend, device, op, unit):
     """The tangent formulas against numerical differences (the reverse mode: ``test_gradcheck_float64``). With the
     unit diagonal the image is thinner than the kernel, so most taps fall into the padding."""
     w, b, x, _ = _tangent_inputs(backend, device, 1, (1, 2, 1, 5, 3) if unit else (2, 3, 3, 4, 2))
-    args = tuple(t.requires_grad_() for t in primals(op, w, b, x))
-    assert torch.autograd.gradcheck(public_op(op, backend, unit), args, check_forward_ad=True,
+    args = tuple(t.requires_grad_() for t in op_arguments(op, w, b, x))
+    assert torch.autograd.gradcheck(op_function(op, backend, unit), args, check_forward_ad=True,
                                     check_backward_ad=False, check_undefined_grad=False,
                                     check_batched_forward_grad=False, eps=1e-6, atol=1e-6, rtol=1e-5)
 
@@ -331,11 +315,11 @@ def test_jvp_matches_the_reference(backend, device, op, layout):
     w, b, x, g = _tangent_inputs(backend, device, 3, (2, 5, 7, 3, 3))
     x = with_layout(x, layout)
     unit = op == "inverse_transpose"
-    args = primals(op, w, b, x)
+    args = op_arguments(op, w, b, x)
     tangents = tuple(with_layout(torch.randn(t.shape, generator=g, dtype=t.dtype).to(device), layout)
                      if t.dim() == 4 else torch.randn(t.shape, generator=g, dtype=t.dtype).to(device) for t in args)
-    out, tangent = torch.func.jvp(public_op(op, backend, unit), args, tangents)
-    out_ref, tangent_ref = torch.func.jvp(public_op(op, "reference", unit), tuple(t.cpu() for t in args),
+    out, tangent = torch.func.jvp(op_function(op, backend, unit), args, tangents)
+    out_ref, tangent_ref = torch.func.jvp(op_function(op, "reference", unit), tuple(t.cpu() for t in args),
                                           tuple(t.cpu() for t in tangents))
     assert rel_error(out, out_ref) < 1e-12
     assert tangent.abs().max() > 0
@@ -368,10 +352,10 @@ def test_masked_entries_of_the_weight_tangent_do_not_contribute(backend, device,
     dw_nan = torch.where(mask, dw, torch.tensor(float("nan"), dtype=torch.float64, device=device))
     dw_zero = torch.where(mask, dw, torch.zeros((), dtype=torch.float64, device=device))
     for op in OP_NAMES:
-        args = primals(op, w, b, x)
+        args = op_arguments(op, w, b, x)
 
         def of_weight(ww, args=args, op=op):
-            return public_op(op, backend, unit)(*[ww if t is w else t for t in args])
+            return op_function(op, backend, unit)(*[ww if t is w else t for t in args])
 
         _, t_nan = torch.func.jvp(of_weight, (w,), (dw_nan,))
         _, t_zero = torch.func.jvp(of_weight, (w,), (dw_zero,))

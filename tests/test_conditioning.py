@@ -78,7 +78,7 @@ def test_inverse_gain_argument_errors_name_the_argument():
     w = make_weight(2, 3)
     with pytest.raises(ValueError, match="height"):
         ck.inverse_gain(w, 0, 3)
-    with pytest.raises(ValueError, match="width"):
+    with pytest.raises(TypeError, match="width"):
         ck.inverse_gain(w, 3, 2.5)
     with pytest.raises(ValueError, match="weight"):
         ck.inverse_gain(w[:, :1], 3, 3)

@@ -13,8 +13,7 @@ import torch
 import cinc_kernels as ck
 import tests.test_backend_contract as contract
 from cinc_kernels.contract import OP_NAMES
-from tests.test_backend_contract import primals
-from tests.test_backend_contract import public_op as call
+from cinc_kernels.testing import op_arguments, op_function
 
 from .cases import LAYOUTS, make_image, make_weight
 
@@ -52,8 +51,8 @@ def test_jacfwd_matches_the_reference_jacobian():
     w, b, x, _ = small_case(5, B=1, C=2, H=2, W=3, k=2)
     for op in OP_NAMES[:3]:
         for argnum in (0, 1):
-            got = torch.func.jacfwd(call(op, "cpu", False), argnums=argnum)(*primals(op, w, b, x))
-            want = torch.func.jacrev(call(op, "reference", False), argnums=argnum)(*primals(op, w, b, x))
+            got = torch.func.jacfwd(op_function(op, "cpu", False), argnums=argnum)(*op_arguments(op, w, b, x))
+            want = torch.func.jacrev(op_function(op, "reference", False), argnums=argnum)(*op_arguments(op, w, b, x))
             assert got.abs().max() > 0
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
@@ -61,11 +60,11 @@ def test_jacfwd_matches_the_reference_jacobian():
 @pytest.mark.parametrize("op", OP_NAMES)
 def test_hessian_matches_double_backward_through_the_reference(op):
     w, b, x, _ = small_case(6, B=1, C=2, H=2, W=3, k=2)
-    args = primals(op, w, b, x)
+    args = op_arguments(op, w, b, x)
 
     def loss(backend):
         def f(ww):
-            out = call(op, backend, False)(*[ww if t is w else t for t in args])
+            out = op_function(op, backend, False)(*[ww if t is w else t for t in args])
             return out.pow(2).sum() if out.dim() else out
         return f
 
@@ -88,7 +87,7 @@ def test_vmap_over_images_and_weights_matches_a_loop(op):
     w, b, x, g = small_case(8, B=2, C=3, H=3, W=2, k=2)
     images = torch.randn((4,) + tuple(x.shape), generator=g, dtype=torch.float64).movedim(0, 1)
     weights = w + 0.01 * torch.randn((4,) + tuple(w.shape), generator=g, dtype=torch.float64)
-    f = call(op, "cpu", False)
+    f = op_function(op, "cpu", False)
     rest = (b,) if op != "inverse_transpose" else ()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no slow per-sample fallback

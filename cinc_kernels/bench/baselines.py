@@ -2,6 +2,7 @@
 sequential raster solve."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -50,8 +51,8 @@ def inverse_algorithms(w: torch.Tensor, b: Optional[torch.Tensor],
                        backends: list[str]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """``{label: y -> x}`` for one CInC weight and bias: ours per backend, then the baselines."""
     impls: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        be: (lambda y, be=be: fn.cinc_conv2d_inverse(y, w, b, backend=be)) for be in backends}
+        be: functools.partial(fn.cinc_conv2d_inverse, weight=w, bias=b, backend=be) for be in backends}
     if "torch" not in backends:  # otherwise already timed under its backend name
-        impls["torch_wavefront"] = lambda y: torch_wavefront_inverse(y, w, b)
-    impls["sequential_raster_eager"] = lambda y: sequential_raster_inverse(y, w, b)
+        impls["torch_wavefront"] = functools.partial(torch_wavefront_inverse, weight=w, bias=b)
+    impls["sequential_raster_eager"] = functools.partial(sequential_raster_inverse, weight=w, bias=b)
     return impls

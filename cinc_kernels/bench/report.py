@@ -47,8 +47,9 @@ def markdown_tables(rows: list[Row]) -> str:
         lines += ["", f"Inverse algorithms on the same CInC weight (ms, median; × = time / time of ours, {ours}):", "",
                   "| B×C×H×W | dtype | " + " | ".join(labels) + " |",
                   "|---|---|" + "---:|" * len(labels)]
-        for key in dict.fromkeys((r["shape"], r["dtype"]) for r in algo_rows):
-            by = {r["provider"]: float(r["median_ms"]) for r in algo_rows if (r["shape"], r["dtype"]) == key}
+        for shape, dtype in dict.fromkeys((r["shape"], r["dtype"]) for r in algo_rows):
+            by = {r["provider"]: float(r["median_ms"]) for r in algo_rows
+                  if (r["shape"], r["dtype"]) == (shape, dtype)}
             cells = []
             for label in labels:
                 if label not in by:
@@ -57,7 +58,7 @@ def markdown_tables(rows: list[Row]) -> str:
                     cells.append(_fmt_ms(by[label]))
                 else:
                     cells.append(f"{_fmt_ms(by[label])} ({_fmt_ratio(by[label] / max(by[ours], 1e-12))})")
-            lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+            lines.append(f"| {shape} | {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -83,11 +84,15 @@ def _plot(rows: list[Row], config: BenchConfig, path: pathlib.Path, sweep: str) 
     if not layer_rows:
         return
     backend, dtype = layer_rows[0]["provider"], layer_rows[0]["dtype"]
+    def pick(r: Row) -> bool:
+        """Whether row ``r`` belongs to the sweep."""
+        if sweep == "size":
+            return int(r["C"]) == config.base_channels and int(r["H"]) == int(r["W"])
+        return int(r["H"]) == config.base_size and int(r["W"]) == config.base_size
+
     if sweep == "size":
-        pick = lambda r: int(r["C"]) == config.base_channels and int(r["H"]) == int(r["W"])  # noqa: E731
         xkey, xlabel = "H", f"image size H = W (C = {config.base_channels})"
     else:
-        pick = lambda r: int(r["H"]) == config.base_size and int(r["W"]) == config.base_size  # noqa: E731
         xkey, xlabel = "C", f"channels C (H = W = {config.base_size})"
     ops = ("forward", "inverse", "fwd+bwd")
     fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4), squeeze=False)
@@ -122,9 +127,14 @@ def _plot_algorithms(rows: list[Row], config: BenchConfig, path: pathlib.Path) -
         return
     dtype = algo_rows[0]["dtype"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
-    sweeps = (("H", lambda r: int(r["C"]) == config.base_channels, f"image size H = W (C = {config.base_channels})"),
-              ("C", lambda r: int(r["H"]) == config.base_size, f"channels C (H = W = {config.base_size})"))
-    for ax, (xkey, pick, xlabel) in zip(axes[0], sweeps):
+    # (swept column, the column held at its base value, that value, the axis label)
+    sweeps = (("H", "C", config.base_channels, f"image size H = W (C = {config.base_channels})"),
+              ("C", "H", config.base_size, f"channels C (H = W = {config.base_size})"))
+    for ax, (xkey, held, base, xlabel) in zip(axes[0], sweeps):
+
+        def pick(r: Row, held: str = held, base: int = base) -> bool:
+            return int(r[held]) == base
+
         for label in dict.fromkeys(r["provider"] for r in algo_rows):
             pts = sorted((int(r[xkey]), float(r["median_ms"]), float(r["p20_ms"]), float(r["p80_ms"]))
                          for r in algo_rows if r["provider"] == label and r["dtype"] == dtype and pick(r))

@@ -1,6 +1,7 @@
 """One benchmark run: every case checked for correctness, then timed in rounds."""
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import Any, Callable, Optional
@@ -20,6 +21,8 @@ __all__ = ["run"]
 
 
 Row = dict[str, Any]
+Shape = tuple[int, int, int, int]
+Fields = tuple[str, str, str, str, Shape, torch.dtype]  # suite, layer, provider, op, shape, dtype of a row
 
 
 def _memory_mb(fn_: Callable[[], object], device: torch.device | str) -> tuple[float, str]:
@@ -57,10 +60,18 @@ def _perturb_(layer: torch.nn.Module, generator: torch.Generator) -> None:
 # the run
 
 
+def _fwd_bwd(layer: Any, x: torch.Tensor) -> None:
+    """One training step's worth of work: forward with the log-determinant, then backward."""
+    layer.zero_grad(set_to_none=True)
+    out, logdet = layer(x.detach().requires_grad_())
+    (0.5 * out.square().mean() - logdet.mean()).backward()
+
+
 def _make_layer(name: str, cls: type, channels: int, backend: str, k: int, dtype: torch.dtype,
                 device: torch.device, seed: int) -> Any:
     torch.manual_seed(seed)
-    layer = cls(channels, backend=backend, **LAYER_KWARGS.get(name, lambda k: {})(k))
+    kwargs = LAYER_KWARGS[name](k) if name in LAYER_KWARGS else {}
+    layer = cls(channels, backend=backend, **kwargs)
     _perturb_(layer, torch.Generator().manual_seed(seed + 1))
     return layer.to(device=device, dtype=dtype)
 
@@ -88,8 +99,8 @@ def run(config: BenchConfig, layer_classes: Optional[dict[str, type]] = None) ->
     cases = [(n, b, d, s) for n in names for b in backends for d in config.dtypes for s in shapes]
     algo_cases = [(d, s) for d in config.dtypes for s in shapes] if config.algorithms else []
 
-    def row(suite: str, layer: str, provider: str, op: str, shape: tuple[int, ...], dtype: torch.dtype,
-            times: list[float], **extra: Any) -> Row:
+    def row(suite: str, layer: str, provider: str, op: str, shape: Shape, dtype: torch.dtype, times: list[float],
+            **extra: Any) -> Row:
         return harness.record("layers", times, machine, shape=shape, suite=suite, layer=layer, provider=provider,
                               op=op, mode="fwd+bwd" if op == "fwd+bwd" else "no_grad", k=k,
                               dtype=str(dtype).replace("torch.", ""), **extra)
@@ -139,20 +150,14 @@ def run(config: BenchConfig, layer_classes: Optional[dict[str, type]] = None) ->
 
         # 2. timing, in rounds: every case gets a share of each round, so a burst of load from elsewhere on the
         # machine spreads over many cases instead of spoiling one case's median.
-        jobs = []  # (row fields, callable, whether it runs under no_grad)
+        # (row fields, extra columns), the call, whether it runs under no_grad
+        jobs: list[tuple[tuple[Fields, dict[str, Any]], Callable[[], object], bool]] = []
         for name, backend, dtype, shape, layer, x, y, err in prepared:
             H, W = shape[2], shape[3]
-            common = {"free_params": layer.num_parameters(), "rel_error": f"{err:.3g}"}
-
-            def fwd_bwd(layer=layer, x=x):
-                layer.zero_grad(set_to_none=True)
-                out, logdet = layer(x.detach().requires_grad_())
-                (0.5 * out.square().mean() - logdet.mean()).backward()
-
-            calls = {"forward": (lambda layer=layer, x=x: layer(x)),
-                     "inverse": (lambda layer=layer, y=y: layer.inverse(y)),
-                     "logdet": (lambda layer=layer, H=H, W=W: layer.logdet(H, W)),
-                     "fwd+bwd": fwd_bwd}
+            common: dict[str, Any] = {"free_params": layer.num_parameters(), "rel_error": f"{err:.3g}"}
+            calls: dict[str, Callable[[], object]] = {
+                "forward": functools.partial(layer, x), "inverse": functools.partial(layer.inverse, y),
+                "logdet": functools.partial(layer.logdet, H, W), "fwd+bwd": functools.partial(_fwd_bwd, layer, x)}
             for op, call in calls.items():
                 extra = dict(common)
                 if op == "fwd+bwd" or device.type == "cuda":
@@ -162,19 +167,19 @@ def run(config: BenchConfig, layer_classes: Optional[dict[str, type]] = None) ->
                 jobs.append(((("layers", name, backend, op, shape, dtype), extra), call, op != "fwd+bwd"))
         for label, impl, dtype, shape, y, err in algorithms:
             jobs.append(((("inverse_algorithms", "cinc", label, "inverse", shape, dtype), {"rel_error": f"{err:.3g}"}),
-                         (lambda impl=impl, y=y: impl(y)), True))
+                         functools.partial(impl, y), True))
         rounds = max(1, config.rounds)
-        per_round = dict(warmup=config.warmup, min_reps=math.ceil(config.min_reps / rounds),
-                         max_reps=math.ceil(config.max_reps / rounds), min_time=config.min_time / rounds)
         bar.total = bar.n + rounds * len(jobs)
         bar.refresh()
-        times = [[] for _ in jobs]
+        times: list[list[float]] = [[] for _ in jobs]
         for r in range(rounds):
             for n, ((fields, _), call, no_grad) in enumerate(jobs):
                 bar.set_postfix_str(f"time {fields[1]}/{fields[2]} {fields[3]} {'x'.join(map(str, fields[4]))}")
                 with torch.set_grad_enabled(not no_grad):
-                    times[n] += harness.measure(call, device,
-                                                **dict(per_round, warmup=per_round["warmup"] if r == 0 else 0))
+                    times[n] += harness.measure(call, device, warmup=config.warmup if r == 0 else 0,
+                                                min_reps=math.ceil(config.min_reps / rounds),
+                                                max_reps=math.ceil(config.max_reps / rounds),
+                                                min_time=config.min_time / rounds)
                 bar.update()
         rows = [row(*fields, t, **extra) for ((fields, extra), _, _), t in zip(jobs, times)]
     finally:

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from typing import Any, Optional, Sequence
 
 from .._checks import Range
 from .._cli import ArgumentParser, argument_type, range_type
@@ -76,7 +77,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "tensorboard": "also log bits/dim, lr, gradient norm, images/s and sample grids to <out_dir>/tensorboard",
     }
     # What each setting accepts; a setting not listed takes any string.
-    kinds = {name: {"type": range_type(rng)} for name, rng in FIELD_RANGES.items()}
+    kinds: dict[str, dict[str, Any]] = {name: {"type": range_type(rng)} for name, rng in FIELD_RANGES.items()}
     kinds.update({
         "name": {"type": argument_type(check_name, "name")},
         "out_dir": {"type": argument_type(_folder, "folder")},
@@ -93,7 +94,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        kwargs = {"default": default, "help": f"{helps[f.name]} (default: {default})"}
+        kwargs: dict[str, Any] = {"default": default, "help": f"{helps[f.name]} (default: {default})"}
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name not in kinds and isinstance(default, (int, float)):
@@ -108,7 +109,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _json_object(text: str) -> dict:
+def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError:
@@ -118,7 +119,7 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def _cmd_train(args) -> int:
+def _cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
@@ -148,7 +149,7 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _cmd_sample(args) -> int:
+def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import atomic_write_text, load_model
@@ -184,7 +185,7 @@ def _cmd_sample(args) -> int:
     return 0
 
 
-def _cmd_eval(args) -> int:
+def _cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .data import load_data
     from .evaluation import evaluate, reconstruction_error
@@ -210,7 +211,7 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     from .data import DATASETS
     from .train import RunInterrupted
 
@@ -267,7 +268,8 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except RunInterrupted as exc:
         print(str(exc), file=sys.stderr)
         return 128 + exc.signum

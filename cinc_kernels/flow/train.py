@@ -122,7 +122,8 @@ def _warmup_factor(cfg: TrainConfig) -> Callable[[int], float]:
 
 def _epoch_batches(dataset: Any, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:
     """This rank's batches of one epoch: a seeded shuffle shared by all ranks, cut by ``DistributedSampler``."""
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler: DistributedSampler[Any] = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                          seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
     indices = list(sampler)
     return [indices[i:i + batch_size] for i in range(0, len(indices) - batch_size + 1, batch_size)]
@@ -406,8 +407,8 @@ def _run(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int, wor
             smoothed_bpd = mean_bpd if smoothed_bpd is None else 0.95 * smoothed_bpd + 0.05 * mean_bpd
         smoothed_rate = rate if smoothed_rate is None else 0.9 * smoothed_rate + 0.1 * rate
         if bar is not None:
-            postfix = {"bpd": f"{smoothed_bpd:.3f}" if smoothed_bpd is not None else "nan",
-                       "img/s": f"{smoothed_rate:.0f}"}
+            postfix: dict[str, object] = {"bpd": f"{smoothed_bpd:.3f}" if smoothed_bpd is not None else "nan",
+                                          "img/s": f"{smoothed_rate:.0f}"}
             if history["test_bpd"]:
                 postfix["test"] = f"{history['test_bpd'][-1]:.3f}"
             if skipped:

@@ -21,7 +21,7 @@ try:
     _IMPORT_ERROR: Optional[str] = None
     INTERPRETED: bool = kernels.INTERPRETED
 except ImportError as exc:  # triton missing (or too old for torch.library.triton_op)
-    ops = None
+    ops = None  # type: ignore[assignment]
     _IMPORT_ERROR = str(exc)
     INTERPRETED = False
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import triton
 import triton.language as tl
@@ -21,8 +21,9 @@ import triton.language as tl
 
 # k and the two flags are run-time arguments: one compiled kernel serves every k, bias and mask (ahead of time
 # too), and they are not specialised on the value 1, which triton does to integer arguments by default.
-@triton.jit(do_not_specialize=["ksize", "has_bias", "unit_diagonal"])
-def _cinc_forward_gemm_kernel(
+# Kernel arguments are pointers and constexprs, which Python annotations do not describe.
+@triton.jit(do_not_specialize=["ksize", "has_bias", "unit_diagonal"])  # type: ignore[untyped-decorator]
+def _cinc_forward_gemm_kernel(  # type: ignore[no-untyped-def]
     # pointers
     x_ptr, weight_ptr, bias_ptr, y_ptr,
     # sizes and flags
@@ -83,8 +84,8 @@ def _cinc_forward_gemm_kernel(
     tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=pix_ok[:, None] & o_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["ksize", "has_bias"])
-def _cinc_inverse_wavefront_kernel(
+@triton.jit(do_not_specialize=["ksize", "has_bias"])  # type: ignore[untyped-decorator]
+def _cinc_inverse_wavefront_kernel(  # type: ignore[no-untyped-def]
     # pointers
     src_ptr, weight_ptr, bias_ptr, centre_inv_ptr, out_ptr,
     # sizes and flags
@@ -189,8 +190,8 @@ def _cinc_inverse_wavefront_kernel(
         tl.debug_barrier()
 
 
-@triton.jit(do_not_specialize=["ksize"])
-def _cinc_logdet_reduce_kernel(
+@triton.jit(do_not_specialize=["ksize"])  # type: ignore[untyped-decorator]
+def _cinc_logdet_reduce_kernel(  # type: ignore[no-untyped-def]
     # pointers
     weight_ptr, out_ptr,
     # sizes
@@ -229,22 +230,22 @@ SHARED_LIMIT = {80: 166_912, 90: 232_448}
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    kernel: object  # a @triton.jit function of this module
-    constexprs: tuple  # (name, value) pairs, in the kernel's argument order
+    kernel: Any  # a @triton.jit function of this module
+    constexprs: tuple[tuple[str, Any], ...]  # (name, value) pairs, in the kernel's argument order
     num_warps: int
     num_stages: int
 
     @property
-    def meta(self) -> dict:
+    def meta(self) -> dict[str, Any]:
         return dict(self.constexprs)
 
 
-def _launch(kernel, constexprs: dict, num_warps: int, num_stages: int) -> Launch:
+def _launch(kernel: Any, constexprs: dict[str, Any], num_warps: int, num_stages: int) -> Launch:
     names = [n for n in kernel.arg_names if n in constexprs]
     return Launch(kernel, tuple((n, constexprs[n]) for n in names), num_warps, num_stages)
 
 
-def _acc_dtype(dtype: str):
+def _acc_dtype(dtype: str) -> Any:
     return tl.float64 if dtype == "float64" else tl.float32
 
 
@@ -284,7 +285,7 @@ def forward_shared_bytes(block_p: int, block_o: int, block_c: int, num_stages: i
     return max(pipeline, block_p * block_o * acc)
 
 
-def forward_block_configs(C: int, dtype: str, shared_limit: Optional[int]) -> list:
+def forward_block_configs(C: int, dtype: str, shared_limit: Optional[int]) -> list[tuple[int, int, int, int, int]]:
     """The autotune configurations the launcher lets the autotuner try for ``C`` channels: channel tiles no wider
     than the next power of two ≥ C (wider ones only add zeros), and, given a per-block limit, only those whose
     shared memory fits. Never empty: the narrowest configuration fits every supported target."""
@@ -295,7 +296,7 @@ def forward_block_configs(C: int, dtype: str, shared_limit: Optional[int]) -> li
     return kept or [FORWARD_CONFIGS[0]]
 
 
-def forward_constexprs(dtype: str, allow_tf32: bool) -> dict:
+def forward_constexprs(dtype: str, allow_tf32: bool) -> dict[str, Any]:
     """The forward's compile-time arguments other than the block sizes (k, bias and mask are run-time ones).
     Under the interpreter bfloat16 operands are widened to float32: its numpy matmul has no bfloat16 (it would
     multiply the raw bits)."""
@@ -305,7 +306,7 @@ def forward_constexprs(dtype: str, allow_tf32: bool) -> dict:
 
 
 def forward_launches(C: int, dtype: str, allow_tf32: bool, shared_limit: Optional[int],
-                     autotune: bool = AUTOTUNE) -> list:
+                     autotune: bool = AUTOTUNE) -> list[Launch]:
     """Every launch the forward may run for C channels and this dtype (any k, bias, mask): the autotuner's
     candidates, or the fixed one."""
     constexprs = forward_constexprs(dtype, allow_tf32)
@@ -382,15 +383,16 @@ def logdet_launch(C: int, dtype: str) -> Launch:
                    num_warps=4, num_stages=1)
 
 
-def device_shared_limit(device) -> Optional[int]:
+def device_shared_limit(device: Any) -> Optional[int]:
     """A CUDA device's per-block shared memory (the opt-in maximum, which triton checks a launch against); ``None``
     for the interpreter's CPU tensors, which have no such limit."""
     if device.type != "cuda":
         return None
-    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+    limit: int = triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+    return limit
 
 
-def _prune_forward_configs(configs, named_args, **kwargs):
+def _prune_forward_configs(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
     """The autotuner's candidates: exactly :func:`forward_block_configs` for this C, dtype and GPU."""
     dtype = str(named_args["x_ptr"].dtype).replace("torch.", "")
     wanted = set(forward_block_configs(int(named_args["C"]), dtype, device_shared_limit(named_args["x_ptr"].device)))

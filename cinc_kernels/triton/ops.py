@@ -13,7 +13,7 @@ code path that CI traces and runs.
 Importing this module imports ``triton``.
 """
 import contextlib
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import triton
@@ -39,7 +39,7 @@ def _shared_limit(t: torch.Tensor) -> Optional[int]:
     return kernels.device_shared_limit(t.device)
 
 
-def _device_of(t: torch.Tensor, arg: str):
+def _device_of(t: torch.Tensor, arg: str) -> contextlib.AbstractContextManager[Any]:
     """Triton launches on the current CUDA device: make it the tensor's (a no-op for the interpreter's CPU tensors).
     Compiled kernels cannot read CPU memory: say so, naming the argument, rather than fail inside Triton."""
     if t.is_cuda:
@@ -72,16 +72,18 @@ def centre_inverse(weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
     elif bool((L.diagonal() == 0).any()):
         raise ValueError("weight: the centre tap has a zero on its diagonal, the convolution is singular")
     inv = torch.linalg.solve_triangular(L, eye, upper=False)
-    return inv.to(torch.float64 if weight.dtype == torch.float64 else torch.float32).contiguous()
+    centre: torch.Tensor = inv.to(torch.float64 if weight.dtype == torch.float64 else torch.float32).contiguous()
+    return centre
 
 
-def forward_launches(x: torch.Tensor, C: int) -> list:
+def forward_launches(x: torch.Tensor, C: int) -> list[kernels.Launch]:
     """The launches the forward may run for ``x`` (:func:`.kernels.forward_launches` for its dtype and GPU)."""
     allow_tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
     return kernels.forward_launches(C, _dtype_name(x.dtype), allow_tf32, _shared_limit(x))
 
 
-def launch_forward(x, weight, bias, unit_diagonal: bool, launch: Optional[kernels.Launch] = None) -> torch.Tensor:
+def launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], unit_diagonal: bool,
+                   launch: Optional[kernels.Launch] = None) -> torch.Tensor:
     """The forward's launch. ``launch`` (one of :func:`forward_launches`) bypasses the autotuner so a test can run
     every configuration it may pick; by default the GPU autotunes and the interpreter uses its fixed
     configuration."""
@@ -93,7 +95,7 @@ def launch_forward(x, weight, bias, unit_diagonal: bool, launch: Optional[kernel
     weight = weight.contiguous()
     has_bias = bias is not None
 
-    def grid(meta):
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return (triton.cdiv(B * H * W, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_O"]))
 
     candidates = forward_launches(x, C)
@@ -131,7 +133,8 @@ def _other_backend_hint(t: torch.Tensor) -> str:
     return f"backend={name!r} takes any C" + (" (in float64, slowly)" if name == "reference" else "")
 
 
-def _wavefront(src, weight, bias, unit_diagonal: bool, adjoint: bool) -> torch.Tensor:
+def _wavefront(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], unit_diagonal: bool,
+               adjoint: bool) -> torch.Tensor:
     B, C, H, W = src.shape
     k = weight.shape[-1]
     arg = "y" if not adjoint else "g"
