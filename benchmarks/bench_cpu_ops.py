@@ -34,6 +34,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # a che
 import cinc_kernels as ck  # noqa: E402
 from cinc_kernels import harness  # noqa: E402
 from cinc_kernels.flow import CInCFlow  # noqa: E402
+from cinc_kernels.reference import masked_weight as masked  # noqa: E402
+from cinc_kernels.testing import make_image, make_weight  # noqa: E402
+from cinc_kernels.testing import rel_error as rel  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 OP_SHAPES = [(16, 12, 16, 16), (16, 12, 32, 32), (16, 48, 16, 16), (16, 48, 32, 32), (64, 12, 16, 16),
@@ -45,24 +48,12 @@ INVERSE_TARGET, INVERSE_STRETCH, STEP_TARGET = 2.0, 1.5, 1.15
 
 
 def problem(B, C, H, W, k=3, seed=0):
-    """A well-conditioned float32 weight (centre diagonal 2, off-centre entries ~0.1/√C), bias and image."""
+    """A well-conditioned float32 weight (:func:`cinc_kernels.testing.make_weight`), bias and image."""
     g = torch.Generator().manual_seed(seed)
-    w = 0.3 * torch.randn(C, C, k, k, generator=g, dtype=torch.float64) / (k * C**0.5)
-    w[:, :, k - 1, k - 1] += 2 * torch.eye(C, dtype=torch.float64)
-    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
-    b = torch.randn(C, generator=g, dtype=torch.float64)
-    return x.float(), w.float(), b.float()
-
-
-def masked(w: torch.Tensor) -> torch.Tensor:
-    """The weight as the operator sees it (docs/spec.md §1): the centre tap lower triangular."""
-    wm = w.clone()
-    wm[:, :, -1, -1] = wm[:, :, -1, -1].tril()
-    return wm
-
-
-def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+    w = make_weight(C, k, torch.float32, generator=g)
+    x = make_image(B, C, H, W, torch.float32, generator=g)
+    b = torch.randn(C, generator=g)
+    return x, w, b
 
 
 def check_ops(x, w, b) -> None:

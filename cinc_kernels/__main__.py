@@ -1,12 +1,14 @@
 """``python -m cinc_kernels info | check | bench`` (installed as the ``cinc-kernels`` command too)."""
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
+from typing import Optional, Sequence
 
 import torch
+
+from ._cli import ArgumentParser
 
 
 def info() -> None:
@@ -31,7 +33,7 @@ def info() -> None:
         print(f"    {backend.name:<10} {'available' if why is None else 'unavailable: ' + why}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import __version__
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -41,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     # Usage lines name the command the user typed: the console script, or the module form.
     prog = "cinc-kernels" if os.path.basename(sys.argv[0]) == "cinc-kernels" else "python -m cinc_kernels"
-    parser = argparse.ArgumentParser(prog=prog,
-                                     description="Versions and build, the self-check against the float64 reference, "
-                                                 "and the layers benchmark.")
+    parser = ArgumentParser(prog=prog,
+                            description="Versions and build, the self-check against the float64 reference, "
+                                        "and the layers benchmark.")
     parser.add_argument("--version", action="version", version=f"cinc_kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build and the available backends")

@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 import torch
 
+from .contract import OP_NAMES
+
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (or `make build`) in the repository root"
 REINSTALL_HINT = (
     "rebuild it against the running torch: `pip install --no-build-isolation --no-deps --force-reinstall "
@@ -133,8 +135,6 @@ def warn_once(message: str) -> None:
         _warned.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
-
-OP_NAMES = ("forward", "inverse", "inverse_transpose", "logdet")
 
 # Why the extension did not load (``None`` when it did); loading registers ``torch.ops.cinc.*``.
 ERROR: Optional[str] = load()

@@ -117,7 +117,7 @@ def register(ops: Mapping[str, Any]) -> None:
     """An autocast kernel for each of one backend's custom ops (``{op name: torch.ops.<ns>.<op>.default}``), for
     every device type whose autocast this torch has."""
     for op in ops.values():
-        lib = torch.library.Library(op._namespace, "IMPL")  # type: ignore[no-untyped-call]
+        lib = torch.library.Library(op._namespace, "IMPL")
         for _, key in _autocast_keys():
-            lib.impl(op._opname, _autocast_kernel(op, key), key, with_keyset=True)  # type: ignore[no-untyped-call]
+            lib.impl(op._opname, _autocast_kernel(op, key), key, with_keyset=True)
         _LIBRARIES.append(lib)

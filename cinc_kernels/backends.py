@@ -14,18 +14,13 @@ import operator
 from typing import Callable, Mapping, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
-from . import _extension, reference, trust
-from ._extension import OP_NAMES as OPS
-from .masks import masked_weight
+from . import _aten, _extension, reference, trust
+from .contract import FLOATS, HALVES
+from .contract import OP_NAMES as OPS
 
 __all__ = ["OPS", "FLOATS", "HALVES", "AUTO_ORDER", "Backend", "all_backends", "available_backends", "get_backend",
            "register_backend", "select"]
-
-FLOATS = (torch.float32, torch.float64)
-HALVES = (torch.float16, torch.bfloat16)
-
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
@@ -66,21 +61,28 @@ _REGISTRY: dict[str, Backend] = {}
 _LAZY: dict[str, str] = {"triton": "cinc_kernels.triton"}
 
 # Preference order of backend="auto", per device type and op; the first available one that takes the tensors wins.
-# CPU forward: ATen's own convolution (oneDNN) on the masked weight is as fast as our tiled forward at C ≤ 24 and
-# faster above (up to 1.7× at C = 48; benchmarks/results/cpu_ops.md), so auto uses it; the inverse has no ATen
-# counterpart.
+# A device type not listed gets the reference alone.
+# - Forward and log-determinant: ATen's own operators ("_aten": oneDNN / cuDNN on the masked weight, and a
+#   log-determinant that autograd differentiates) first. On the CPU our tiled forward is no faster
+#   (benchmarks/results/cpu_ops.md); on CUDA our direct kernel has not been timed against cuDNN yet
+#   (benchmarks/bench_gpu.py prints which forward auto should prefer).
+# - Inverse and adjoint: the compiled wavefronts. On CUDA both the CUDA and the Triton backend solve in one launch
+#   per call; CUDA comes first until benchmarks/bench_gpu.py, which times them side by side, says otherwise.
+# - "torch" (plain PyTorch, any device) after the compiled backends, before the float64 reference (slower, and
+#   impossible on devices without float64); on devices no compiled backend serves (MPS, XPU) the only choice.
 AUTO_ORDER: dict[tuple[str, str], list[str]] = {
-    ("cpu", "forward"): ["_aten", "cpu", "reference"],
-    ("cpu", "inverse"): ["cpu", "reference"],
-    ("cpu", "inverse_transpose"): ["cpu", "reference"],
-    ("cpu", "logdet"): ["cpu", "reference"],
+    ("cpu", "forward"): ["_aten", "cpu", "torch", "reference"],
+    ("cpu", "inverse"): ["cpu", "torch", "reference"],
+    ("cpu", "inverse_transpose"): ["cpu", "torch", "reference"],
+    ("cpu", "logdet"): ["_aten", "cpu", "torch", "reference"],
     # CUDA forward: our direct kernel, except where cuDNN on the masked weight has faster arithmetic to use
     # (_cudnn_forward_is_faster). Inverse: the CUDA and the Triton backends both solve in one launch per call;
     # benchmarks/bench_gpu.py times them side by side.
-    ("cuda", "forward"): ["cuda", "_aten", "triton", "reference"],
-    ("cuda", "inverse"): ["cuda", "triton", "reference"],
-    ("cuda", "inverse_transpose"): ["cuda", "triton", "reference"],
-    ("cuda", "logdet"): ["cuda", "triton", "reference"],
+    ("cuda", "forward"): ["cuda", "_aten", "triton", "torch", "reference"],
+    ("cuda", "inverse"): ["cuda", "triton", "torch", "reference"],
+    ("cuda", "inverse_transpose"): ["cuda", "triton", "torch", "reference"],
+    ("cuda", "logdet"): ["_aten", "cuda", "triton", "torch", "reference"],
+    **{(device_type, op): ["torch", "reference"] for device_type in ("mps", "xpu") for op in OPS},
 }
 
 
@@ -186,22 +188,12 @@ register_backend(
 )
 
 
-def _aten_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  unit_diagonal: bool) -> torch.Tensor:
-    """The forward through ATen's convolution (oneDNN / cuDNN) on the masked weight; differentiable by ATen."""
-    k = weight.shape[-1]
-    wm = masked_weight(weight, unit_diagonal)
-    if x.numel() == 0:
-        # ATen's convolution refuses an image without pixels or channels; the result is just as empty.
-        return x + 0 * wm.sum() + (0 if bias is None else 0 * bias.sum())
-    return F.conv2d(F.pad(x, (k - 1, 0, k - 1, 0)), wm, bias)
-
-
+# ATen's operators on any device; in half precision only where its convolution has half kernels (CUDA).
 register_backend(
     Backend(
         name="_aten",
-        ops={"forward": _aten_forward},
-        op_dtypes={("cuda", "forward"): FLOATS + HALVES},
+        ops={"forward": _aten.forward, "logdet": _aten.logdet},
+        op_dtypes={("cuda", "forward"): FLOATS + HALVES, ("cuda", "logdet"): FLOATS + HALVES},
         public=False,
     )
 )

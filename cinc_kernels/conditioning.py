@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from . import functional as fn
+from ._checks import Range, check_int
 from .masks import masked_weight
 
 __all__ = [
@@ -83,7 +84,7 @@ class NonFiniteInverseWarning(RuntimeWarning):
     """A layer's inverse returned inf or NaN (see :func:`inverse_gain` for why and what to do)."""
 
 
-def _centre_and_taps(weight: torch.Tensor, unit_diagonal: bool):
+def _centre_and_taps(weight: torch.Tensor, unit_diagonal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``L`` ``(C, C)`` and the off-centre masked taps ``(k² − 1, C, C)`` (``[o, c]`` per tap)."""
     C, k = weight.shape[0], weight.shape[-1]
     wm = masked_weight(weight, unit_diagonal)
@@ -156,13 +157,12 @@ def contractive_weight(weight: torch.Tensor, unit_diagonal: bool = False,
     return weight * (centre + (1 - centre) * scale)
 
 
-def _check_centre_limits(max_log_diagonal, max_centre_coupling) -> None:
-    if max_log_diagonal is not None and not (isinstance(max_log_diagonal, (int, float))
-                                             and 0 <= max_log_diagonal < math.inf):
-        raise ValueError(f"max_log_diagonal must be a finite number >= 0 or None, got {max_log_diagonal!r}")
-    if max_centre_coupling is not None and not (isinstance(max_centre_coupling, (int, float))
-                                                and 0 < max_centre_coupling < 1):
-        raise ValueError(f"max_centre_coupling must be in (0, 1) or None, got {max_centre_coupling!r}")
+def _check_centre_limits(max_log_diagonal: object, max_centre_coupling: object) -> None:
+    if max_log_diagonal is not None:
+        Range(float, 0).check("max_log_diagonal", max_log_diagonal)
+    if max_centre_coupling is not None:
+        if Range(float, 0, open_low=True).check("max_centre_coupling", max_centre_coupling) >= 1:
+            raise ValueError(f"max_centre_coupling must be in (0, 1) or None, got {max_centre_coupling!r}")
 
 
 def bounded_centre(weight: torch.Tensor, unit_diagonal: bool = False,
@@ -215,7 +215,7 @@ def gain_ceiling(unit_diagonal: bool = False, max_contraction: float = DEFAULT_M
     _check_centre_limits(max_log_diagonal, max_centre_coupling)
     if max_centre_coupling is None or (max_log_diagonal is None and not unit_diagonal):
         return math.inf
-    a = 0.0 if unit_diagonal else max_log_diagonal
+    a = 0.0 if unit_diagonal or max_log_diagonal is None else max_log_diagonal
     return math.exp(a) / ((1 - max_centre_coupling) * (1 - max_contraction))
 
 
@@ -254,7 +254,8 @@ class ContractiveTaps(nn.Module):
 
 
 def _batch_norms(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).norm(dim=1)
+    norms: torch.Tensor = t.flatten(1).norm(dim=1)
+    return norms
 
 
 @torch.no_grad()
@@ -285,11 +286,10 @@ def inverse_gain(weight: torch.Tensor, height: int, width: int, *, unit_diagonal
         The estimate as a Python float (``inf`` when the iteration overflows). Synchronises with the device.
     """
     fn.check_weight(weight)
-    for name, v in (("height", height), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    if iterations < 1 or probes < 1:
-        raise ValueError(f"iterations and probes must be >= 1, got {iterations} and {probes}")
+    check_int("height", height, 1)
+    check_int("width", width, 1)
+    check_int("iterations", iterations, 1)
+    check_int("probes", probes, 1)
     C = weight.shape[0]
     w = weight.detach().to(dtype)
     if generator is None:

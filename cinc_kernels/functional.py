@@ -9,25 +9,18 @@ from typing import Callable, Optional
 
 import torch
 
+from ._checks import check_batch, check_bool, check_int, check_tensor
 from ._symbolic import scaled_by_pixels, traced_sizes
 from .autocast import runs_outside_autocast
 from .backends import select
+from .contract import MAX_KERNEL_SIZE
 
-__all__ = ["cinc_conv2d", "cinc_conv2d_inverse", "cinc_conv2d_inverse_transpose", "cinc_logdet"]
-
-MAX_KERNEL_SIZE = 7
-
-
-def _check_tensor(t: object, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must have a floating-point dtype, got {t.dtype}")
-
+__all__ = ["MAX_KERNEL_SIZE", "cinc_conv2d", "cinc_conv2d_inverse", "cinc_conv2d_inverse_transpose",
+           "cinc_logdet"]
 
 def check_weight(weight: torch.Tensor, channels: Optional[int] = None, arg: str = "x") -> int:
     """Validate a ``(C, C, k, k)`` weight (``C`` = ``channels`` when given); returns ``k``."""
-    _check_tensor(weight, "weight")
+    check_tensor(weight, "weight")
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D (C, C, k, k), got shape {tuple(weight.shape)}")
     c_out, c_in, kh, kw = weight.shape
@@ -46,16 +39,14 @@ def check_weight(weight: torch.Tensor, channels: Optional[int] = None, arg: str 
 
 def check_image(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, arg: str = "x") -> int:
     """Validate an image batch against ``weight`` and ``bias``; returns ``k``."""
-    _check_tensor(x, arg)
-    if x.dim() != 4:
-        raise ValueError(f"{arg} must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    check_batch(x, arg)
     k = check_weight(weight, x.shape[1], arg)
     if weight.dtype != x.dtype:
         raise ValueError(f"weight has dtype {weight.dtype} but {arg} has {x.dtype}; they must match")
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but {arg} is on {x.device}; they must be on one device")
     if bias is not None:
-        _check_tensor(bias, "bias")
+        check_tensor(bias, "bias")
         if bias.shape != (x.shape[1],):
             raise ValueError(f"bias must have shape ({x.shape[1]},) to match {arg}, got {tuple(bias.shape)}")
         if bias.dtype != x.dtype:
@@ -67,16 +58,11 @@ def check_image(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def check_unit_diagonal(unit_diagonal: object) -> None:
     """``unit_diagonal`` must be a real ``bool``: a truthy string or number would pick a mask silently."""
-    if not isinstance(unit_diagonal, bool):
-        raise TypeError(f"unit_diagonal must be a bool, got {type(unit_diagonal).__name__} {unit_diagonal!r}")
+    check_bool("unit_diagonal", unit_diagonal)
 
 
 def _check_dilation(dilation: object) -> int:
-    if isinstance(dilation, bool) or not isinstance(dilation, int):
-        raise TypeError(f"dilation must be an int, got {type(dilation).__name__}")
-    if dilation < 1:
-        raise ValueError(f"dilation must be >= 1, got {dilation}")
-    return dilation
+    return check_int("dilation", dilation, 1)
 
 
 def _per_sub_image(op: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -247,10 +233,7 @@ def cinc_logdet(weight: torch.Tensor, height: int, width: int, *, unit_diagonal:
         # H·W in the traced program instead of baking in the size it was traced at.
         impl = select(backend, "logdet", weight.device, weight.dtype, "weight")
         return scaled_by_pixels(lambda: impl.ops["logdet"](weight, 1, 1, unit_diagonal), height, width)
-    for name, v in (("height", height), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        if isinstance(v, int) and v < 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
+    check_int("height", height, 0)
+    check_int("width", width, 0)
     impl = select(backend, "logdet", weight.device, weight.dtype, "weight")
     return impl.ops["logdet"](weight, height, width, unit_diagonal)

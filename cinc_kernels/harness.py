@@ -21,9 +21,12 @@ import pathlib
 import platform
 import statistics
 import time
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
+
+Device = Union[torch.device, str]
+Row = dict[str, Any]  # one CSV row of COLUMNS
 
 __all__ = ["COLUMNS", "num_threads", "machine", "load_average", "measure", "measure_interleaved", "quantiles", "record",
            "append_csv", "write_markdown", "describe_machine"]
@@ -42,7 +45,7 @@ MACHINE_FIELDS = ("device", "machine", "threads", "load_avg", "torch", "cuda", "
 
 
 @contextlib.contextmanager
-def num_threads(n: int):
+def num_threads(n: int) -> Iterator[None]:
     """``torch.set_num_threads(n)`` for the block, restored afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -71,7 +74,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine(device="cpu") -> dict:
+def machine(device: Device = "cpu") -> Row:
     """The :data:`MACHINE_FIELDS` of a row measured now on ``device``: its name (CPU model or GPU), the host's
     architecture and core count, torch's thread count, the load average, the versions and the UTC date."""
     device = torch.device(device)
@@ -96,7 +99,7 @@ def machine(device="cpu") -> dict:
     }
 
 
-def describe_machine(m: dict) -> str:
+def describe_machine(m: Row) -> str:
     """One line for a report's header."""
     return (f"{m['device']} ({m['machine']}), {m['threads']} threads, load average {m['load_avg'] or '?'}; "
             f"torch {m['torch']}" + (f" (CUDA {m['cuda']})" if m["cuda"] else "")
@@ -116,28 +119,29 @@ def _one_call_ms(fn: Callable[[], object], device: torch.device) -> float:
         fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
+        return float(start.elapsed_time(end))
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
 
 
-def measure(fn: Callable[[], object], device="cpu", *, warmup: int = 1, min_reps: int = 5, max_reps: int = 30,
-            min_time: float = 0.1) -> list:
+def measure(fn: Callable[[], object], device: Device = "cpu", *, warmup: int = 1, min_reps: int = 5,
+            max_reps: int = 30, min_time: float = 0.1) -> list[float]:
     """Milliseconds per call of ``fn()``: at least ``min_reps`` calls and ``min_time`` seconds, at most
     ``max_reps`` calls, after ``warmup`` untimed ones."""
     device = torch.device(device)
     for _ in range(warmup):
         fn()
     _sync(device)
-    times: list = []
+    times: list[float] = []
     started = time.perf_counter()
     while len(times) < max(1, min_reps) or (time.perf_counter() - started < min_time and len(times) < max_reps):
         times.append(_one_call_ms(fn, device))
     return times
 
 
-def measure_interleaved(fns: dict, device="cpu", *, rounds: int = 30, warmup: int = 3) -> dict:
+def measure_interleaved(fns: Mapping[Any, Callable[[], object]], device: Device = "cpu", *, rounds: int = 30,
+                        warmup: int = 3) -> dict[Any, list[float]]:
     """``{name: [ms, …]}``: ``rounds`` rounds of one call of every ``fns[name]()`` in turn, after ``warmup``
     untimed rounds. Side by side in one process, the ratios between them survive a noisy machine better than
     separate runs."""
@@ -146,14 +150,14 @@ def measure_interleaved(fns: dict, device="cpu", *, rounds: int = 30, warmup: in
         for fn in fns.values():
             fn()
     _sync(device)
-    times: dict = {name: [] for name in fns}
+    times: dict[Any, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(_one_call_ms(fn, device))
     return times
 
 
-def quantiles(times: list) -> tuple:
+def quantiles(times: list[float]) -> tuple[float, float, float]:
     """``(median, p20, p80)`` of a list of times."""
     if len(times) == 1:
         return times[0], times[0], times[0]
@@ -161,10 +165,11 @@ def quantiles(times: list) -> tuple:
     return statistics.median(times), q[1], q[7]
 
 
-def record(benchmark: str, times: Optional[list], machine_fields: dict, *, shape=None, ratio=None, **fields) -> dict:
+def record(benchmark: str, times: Optional[list[float]], machine_fields: Row, *,
+           shape: Optional[Sequence[int]] = None, ratio: Optional[float] = None, **fields: Any) -> Row:
     """A row of :data:`COLUMNS`: ``fields`` (``op``, ``provider``, ``dtype``, …), the shape ``(B, C, H, W)``, the
     timing of ``times`` (ms) and the machine record."""
-    row = {key: "" for key in COLUMNS}
+    row: Row = {key: "" for key in COLUMNS}
     row["benchmark"] = benchmark
     if shape is not None:
         row.update(zip(("B", "C", "H", "W"), shape))
@@ -182,7 +187,7 @@ def record(benchmark: str, times: Optional[list], machine_fields: dict, *, shape
     return row
 
 
-def append_csv(path, rows: Iterable[dict]) -> pathlib.Path:
+def append_csv(path: Union[str, pathlib.Path], rows: Iterable[Row]) -> pathlib.Path:
     """Append ``rows`` to the CSV at ``path`` (header on first write). A file written with other columns is left
     alone: the rows go to a dated file beside it instead. Returns the path written."""
     rows = list(rows)
@@ -203,7 +208,7 @@ def append_csv(path, rows: Iterable[dict]) -> pathlib.Path:
     return path
 
 
-def write_markdown(path, text: str) -> pathlib.Path:
+def write_markdown(path: Union[str, pathlib.Path], text: str) -> pathlib.Path:
     """Replace the report at ``path`` (the latest run's; the CSV keeps the history)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

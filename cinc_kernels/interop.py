@@ -22,15 +22,24 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from ._checks import check_batch
+
 # The adapter classes are built on first use (module ``__getattr__``): their base classes come from the optional
 # libraries.
 __all__ = ["FrEIAConv", "NormflowsConv", "ZukoConv", "ZukoConvTransform", "image_flow", "make_layer"]  # noqa: F822
+
+# The adapters subclass the libraries' own bases, so they are made on first access (module ``__getattr__`` at the
+# end); declared here for readers and type checkers.
+FrEIAConv: type[Any]
+NormflowsConv: type[Any]
+ZukoConv: type[Any]
+ZukoConvTransform: type[Any]
 
 # Names other libraries and papers use for the same layer.
 _ALIASES = {"glow1x1": "1x1"}
 
 
-def make_layer(conv: str, channels: int, **conv_kwargs) -> nn.Module:
+def make_layer(conv: str, channels: int, **conv_kwargs: Any) -> nn.Module:
     """An invertible convolution of :data:`cinc_kernels.nn.LAYERS` by name (``"cinc"``, ``"emerging"``,
     ``"autoregressive"``, ``"1x1"`` alias ``"glow1x1"``, ``"finc"``); keyword arguments go to its constructor."""
     from .flow.layers import make_conv
@@ -62,22 +71,20 @@ def _check_layer(layer: Any) -> None:
                         f"inverse(y) and logdet(H, W), e.g. cinc_kernels.CInCConv2d; got {type(layer).__name__}")
 
 
-def _check_image(x: torch.Tensor, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be (B, C, H, W), got shape {tuple(x.shape)}")
-
-
 def _layer_logdet(layer: Any, y: torch.Tensor) -> torch.Tensor:
     """``log|det ∂y/∂x|`` per sample for images of ``y``'s size, ``(B,)``."""
-    return layer.logdet(y.shape[-2], y.shape[-1]).to(y.dtype).expand(y.shape[0])
+    logdet: torch.Tensor = layer.logdet(y.shape[-2], y.shape[-1]).to(y.dtype).expand(y.shape[0])
+    return logdet
 
 
-def _build_normflows():
-    nf = _require("normflows", "normflows")
+# The adapters subclass the libraries' own bases, which come without type information (mypy sees them as Any).
 
-    class NormflowsConv(nf.flows.Flow):
+
+def _build_normflows() -> type[Any]:
+    _require("normflows", "normflows")
+    from normflows.flows import Flow
+
+    class NormflowsConv(Flow):  # type: ignore[misc]
         """A layer of ours as a ``normflows`` flow (NCHW tensors, as normflows' Glow layers).
 
         normflows evaluates densities through ``inverse`` (``log q += log_det``) and samples through ``forward``
@@ -96,23 +103,23 @@ def _build_normflows():
             _check_layer(layer)
             self.layer = layer
 
-        def forward(self, z: torch.Tensor):
-            _check_image(z, "z")
+        def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            check_batch(z, "z")
             return self.layer.inverse(z), -_layer_logdet(self.layer, z)
 
-        def inverse(self, z: torch.Tensor):
-            _check_image(z, "z")
+        def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            check_batch(z, "z")
             y, logdet = self.layer(z)
             return y, logdet.to(y.dtype)
 
     return NormflowsConv
 
 
-def _build_freia():
+def _build_freia() -> type[Any]:
     _require("FrEIA", "FrEIA")
     from FrEIA.modules import InvertibleModule
 
-    class FrEIAConv(InvertibleModule):
+    class FrEIAConv(InvertibleModule):  # type: ignore[misc]
         """A layer of ours as a FrEIA ``InvertibleModule``: ``Ff.SequenceINN(C, H, W).append(FrEIAConv,
         conv="cinc")``.
 
@@ -128,7 +135,8 @@ def _build_freia():
 
         layer: Any  # one of our layers: forward -> (y, logdet), inverse, logdet(H, W)
 
-        def __init__(self, dims_in, dims_c=None, conv: str = "cinc", **conv_kwargs):
+        def __init__(self, dims_in: list[tuple[int, ...]], dims_c: Optional[list[tuple[int, ...]]] = None,
+                     conv: str = "cinc", **conv_kwargs: Any):
             super().__init__(dims_in, dims_c)
             if len(self.dims_in) != 1 or len(self.dims_in[0]) != 3:
                 raise ValueError(f"dims_in must be one (C, H, W) shape, got {self.dims_in}")
@@ -136,23 +144,24 @@ def _build_freia():
                 raise ValueError(f"dims_c must be empty: {conv!r} takes no condition, got {self.dims_c}")
             self.layer = make_layer(conv, int(self.dims_in[0][0]), **conv_kwargs)
 
-        def forward(self, x_or_z, c=None, rev: bool = False, jac: bool = True):
+        def forward(self, x_or_z: Sequence[torch.Tensor], c: Optional[Sequence[torch.Tensor]] = None,
+                    rev: bool = False, jac: bool = True) -> tuple[tuple[torch.Tensor], torch.Tensor]:
             if c:
                 raise ValueError("c must be empty: the convolution takes no condition")
             (x,) = x_or_z
-            _check_image(x, "x_or_z[0]")
+            check_batch(x, "x_or_z[0]")
             if rev:
                 return (self.layer.inverse(x),), -_layer_logdet(self.layer, x)
             y, logdet = self.layer(x)
             return (y,), logdet.to(y.dtype)
 
-        def output_dims(self, input_dims):
+        def output_dims(self, input_dims: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
             return input_dims
 
     return FrEIAConv
 
 
-def _build_zuko():
+def _build_zuko() -> dict[str, type[Any]]:
     _require("zuko", "zuko")
     from torch.distributions import Transform, constraints
     from zuko.lazy import LazyTransform
@@ -168,7 +177,7 @@ def _build_zuko():
 
         layer: Any  # one of our layers: forward -> (y, logdet), inverse, logdet(H, W)
 
-        def __init__(self, layer: nn.Module, **kwargs):
+        def __init__(self, layer: nn.Module, **kwargs: Any):
             super().__init__(**kwargs)
             _check_layer(layer)
             self.layer = layer
@@ -179,7 +188,7 @@ def _build_zuko():
                 raise ValueError(f"{name} must be (..., C, H, W), got shape {tuple(x.shape)}")
             return x.reshape(-1, *x.shape[-3:])
 
-        def call_and_ladj(self, x: torch.Tensor):
+        def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             y, logdet = self.layer(self._flat(x, "x"))
             return y.reshape(x.shape), logdet.to(y.dtype).reshape(x.shape[:-3])
 
@@ -187,12 +196,14 @@ def _build_zuko():
             return self.call_and_ladj(x)[0]
 
         def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-            return self.layer.inverse(self._flat(y, "y")).reshape(y.shape)
+            x: torch.Tensor = self.layer.inverse(self._flat(y, "y")).reshape(y.shape)
+            return x
 
         def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return self.layer.logdet(x.shape[-2], x.shape[-1]).to(x.dtype).expand(x.shape[:-3])
+            ladj: torch.Tensor = self.layer.logdet(x.shape[-2], x.shape[-1]).to(x.dtype).expand(x.shape[:-3])
+            return ladj
 
-    class ZukoConv(LazyTransform):
+    class ZukoConv(LazyTransform):  # type: ignore[misc]
         """A layer of ours as a zuko lazy transform (an ``nn.Module`` holding the parameters, returning a
         :class:`ZukoConvTransform` when called); put it in ``zuko.lazy.Flow`` with a base over images, e.g. by
         :func:`image_flow`."""
@@ -212,7 +223,7 @@ def _build_zuko():
     return {"ZukoConv": ZukoConv, "ZukoConvTransform": ZukoConvTransform}
 
 
-def image_flow(transforms: Sequence[nn.Module], shape: Sequence[int]):
+def image_flow(transforms: Sequence[nn.Module], shape: Sequence[int]) -> Any:
     """A ``zuko.lazy.Flow`` over ``shape = (C, H, W)`` images: ``transforms`` (zuko lazy transforms, e.g.
     :class:`ZukoConv`) towards a standard normal base whose event is the whole image (zuko's own bases are over
     vectors). ``flow().log_prob(x)`` is ``(B,)``; ``flow().sample((n,))`` is ``(n, C, H, W)``."""
@@ -233,11 +244,10 @@ _BUILT: dict[str, Any] = {}
 
 
 def __getattr__(name: str) -> Any:
-    # The classes subclass the libraries' bases, so they are made on first access (PEP 562) to keep the
-    # libraries optional.
+    # PEP 562: the adapter classes are built when first asked for, which keeps their libraries optional.
     if name not in _BUILDERS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if name not in _BUILT:
-        built = _BUILDERS[name]()
+        built: Any = _BUILDERS[name]()
         _BUILT.update(built if isinstance(built, dict) else {name: built})
     return _BUILT[name]

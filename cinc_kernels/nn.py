@@ -16,9 +16,9 @@ from torch.nn.utils import parametrize
 
 from . import conditioning
 from . import functional as fn
-from ._checks import Range
-from ._symbolic import pixel_count, tracing
-from .backends import select
+from ._checks import Range, check_batch, check_bool, check_choice, check_int
+from ._symbolic import tracing
+from .contract import MAX_KERNEL_SIZE
 from .finite_check import NonFiniteMonitor
 from .masks import free_parameters, weight_mask
 
@@ -57,12 +57,6 @@ def _with_bias_mask(layer: nn.Module, masks: Masks) -> Masks:
 
 INIT_SCALE = Range(float, 0)
 """``init_scale`` of every layer: a standard deviation (a NaN or an infinity would train to NaN without a word)."""
-
-
-def _check_flag(name: str, value: object) -> None:
-    """A switch must be a real ``bool``: ``"no"`` is truthy and would switch it on."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 INITS = ("identity", "rotation")
@@ -138,22 +132,15 @@ class CInCConv2d(nn.Module):
                  max_centre_coupling: Optional[float] = conditioning.DEFAULT_MAX_CENTRE_COUPLING,
                  check_finite: bool = True, dilation: int = 1, init: str = "identity"):
         super().__init__()
-        if init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-        if parametrization not in ("none", "contractive"):
-            raise ValueError(f"parametrization must be 'none' or 'contractive', got {parametrization!r}")
-        for name, value in (("channels", channels), ("kernel_size", kernel_size)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-        if channels < 1:
-            raise ValueError(f"channels must be >= 1, got {channels}")
-        if not 1 <= kernel_size <= fn.MAX_KERNEL_SIZE:
-            raise ValueError(f"kernel_size must be in 1…{fn.MAX_KERNEL_SIZE}, got {kernel_size}")
-        fn.check_unit_diagonal(unit_diagonal)
-        _check_flag("bias", bias)
-        _check_flag("check_finite", check_finite)
+        check_choice("init", init, INITS)
+        check_choice("parametrization", parametrization, ("none", "contractive"))
+        check_int("channels", channels, 1)
+        check_int("kernel_size", kernel_size, 1, MAX_KERNEL_SIZE)
+        check_bool("unit_diagonal", unit_diagonal)
+        check_bool("bias", bias)
+        check_bool("check_finite", check_finite)
         INIT_SCALE.check("init_scale", init_scale)
-        Range(int, 1).check("dilation", dilation)
+        check_int("dilation", dilation, 1)
         self.channels, self.kernel_size, self.dilation = channels, kernel_size, dilation
         self.unit_diagonal, self.backend = unit_diagonal, backend
         k = kernel_size
@@ -174,7 +161,6 @@ class CInCConv2d(nn.Module):
         self.name: Optional[str] = None
         self._warned_non_finite = False
         self._non_finite = NonFiniteMonitor()
-        self._mask_cache: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def logdet(self, height: int, width: int) -> torch.Tensor:
         """``log|det|`` for one ``height × width`` image, a 0-dim tensor."""
@@ -182,56 +168,11 @@ class CInCConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.weight  # read once: with a parametrisation every read recomputes it
-        if self.dilation == 1 and self._forward_runs_on_aten(x):
-            return self._aten_forward(x, weight)
         y = fn.cinc_conv2d(x, weight, self.bias, unit_diagonal=self.unit_diagonal, backend=self.backend,
                            dilation=self.dilation)
         logdet = fn.cinc_logdet(weight, x.shape[2], x.shape[3], unit_diagonal=self.unit_diagonal,
                                 backend=self.backend)
         return y, logdet.expand(x.shape[0])
-
-    def _forward_runs_on_aten(self, x: torch.Tensor) -> bool:
-        # When the backend the functional op would pick is ATen's convolution (backend="auto" on CPU and CUDA), the
-        # layer runs it itself, so that the training step is the convolution plus two small ops: the mask is one
-        # selection by a cached mask (so NaN in a masked entry is inert), and the log-determinant (docs/spec.md §1:
-        # H·W·Σ log|L[c,c]|) is read off the
-        # masked weight by autograd-native ops instead of a custom op with a Python backward.
-        # Under torch.autocast the functional op runs it, in float32 (cinc_kernels/autocast.py).
-        return (self.backend == "auto" and isinstance(x, torch.Tensor) and x.dtype == self.weight.dtype
-                and not torch.is_autocast_enabled(x.device.type)
-                and select("auto", "forward", x.device, x.dtype).name == "_aten")
-
-    def _masks(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keep, fixed, centre): ``masked = where(keep, weight, fixed)`` (``fixed``: the unit diagonal, else 0) and
-        the flat indices of the centre tap's diagonal, built once per dtype and device."""
-        key = (like.dtype, like.device)
-        cached = self._mask_cache.get(key)
-        if cached is None:
-            C, k = self.channels, self.kernel_size
-            mask = weight_mask(C, k, self.unit_diagonal, dtype=torch.bool, device=like.device)
-            added = torch.zeros((), dtype=like.dtype, device=like.device)
-            if self.unit_diagonal:
-                added = torch.zeros(C, C, k, k, dtype=like.dtype, device=like.device)
-                added[:, :, k - 1, k - 1] = torch.eye(C, dtype=like.dtype, device=like.device)
-            centre = torch.arange(C, device=like.device) * (C + 1) * k * k + k * k - 1
-            cached = self._mask_cache[key] = (mask, added, centre)
-        return cached
-
-    def _aten_forward(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fn.check_image(x, weight, self.bias, "x")
-        k, (B, _, H, W) = self.kernel_size, x.shape
-        mask, added, centre = self._masks(weight)
-        masked = torch.where(mask, weight, added)
-        if self.unit_diagonal:
-            logdet = weight.new_zeros(())
-        else:
-            # H·W kept symbolic (torch.export, torch.jit.trace): float(H) would bake in the captured size.
-            logdet = cast(torch.Tensor, torch.take(weight, centre).abs().log().sum() * pixel_count(H, W))
-        if x.numel() == 0:
-            y = _conv2d(x, masked, self.bias)
-        else:
-            y = F.conv2d(F.pad(x, (k - 1, 0, k - 1, 0)), masked, self.bias)
-        return y, logdet.expand(B)
 
     def inverse(self, y: torch.Tensor, *, accumulate: Optional[torch.dtype] = None) -> torch.Tensor:
         """``x = M⁻¹(y − bias)``; ``accumulate=torch.float64`` solves in float64 (see
@@ -305,18 +246,6 @@ class CInCConv2d(nn.Module):
 # (which entries of each parameter are free) and ``logdet(height, width)``.
 
 
-def _check_channels(channels: object) -> None:
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"channels must be an int >= 1, got {channels!r}")
-
-
-def _check_input(x: object, channels: int, arg: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{arg} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[1] != channels:
-        raise ValueError(f"{arg} must have shape (B, {channels}, H, W) for this layer, got {tuple(x.shape)}")
-
-
 def _child_masks(module: nn.Module) -> Masks:
     """The ``free_masks()`` of every child, keyed like ``named_parameters()``."""
     return {f"{name}.{p}": m for name, child in module.named_children()
@@ -342,8 +271,8 @@ class InvConv1x1(nn.Module):
 
     def __init__(self, channels: int, bias: bool = False, backend: str = "auto"):
         super().__init__()
-        _check_channels(channels)
-        _check_flag("bias", bias)
+        check_int("channels", channels, 1)
+        check_bool("bias", bias)
         self.channels, self.backend = channels, backend
         rotation, _ = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64))
         perm, lower, upper = torch.linalg.lu(rotation)
@@ -380,12 +309,12 @@ class InvConv1x1(nn.Module):
         return height * width * self.log_scale.sum()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_input(x, self.channels, "x")
+        check_batch(x, "x", self.channels)
         y = _conv2d(x, self.weight()[:, :, None, None], self.bias)
         return y, self.logdet(x.shape[2], x.shape[3]).expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        _check_input(y, self.channels, "y")
+        check_batch(y, "y", self.channels)
         if self.bias is not None:
             y = y - self.bias.view(1, -1, 1, 1)
         return _conv2d(y, self.inverse_weight()[:, :, None, None])
@@ -423,9 +352,9 @@ class EmergingConv2d(nn.Module):
     def __init__(self, channels: int, kernel_size: int = 2, bias: bool = True, unit_diagonal: bool = False,
                  backend: str = "auto", init_scale: float = 1e-2):
         super().__init__()
-        _check_channels(channels)
-        fn.check_unit_diagonal(unit_diagonal)
-        _check_flag("bias", bias)
+        check_int("channels", channels, 1)
+        check_bool("unit_diagonal", unit_diagonal)
+        check_bool("bias", bias)
         self.channels, self.kernel_size = channels, kernel_size
         self.unit_diagonal, self.backend = unit_diagonal, backend
         self.mix = InvConv1x1(channels, bias=False, backend=backend)
@@ -444,14 +373,14 @@ class EmergingConv2d(nn.Module):
                 + self.conv_br.logdet(height, width))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_input(x, self.channels, "x")
+        check_batch(x, "x", self.channels)
         h, ld_mix = self.mix(x)
         h, ld_tl = self.conv_tl(h)
         z, ld_br = self.conv_br(self._reverse(h))
         return self._reverse(z), ld_mix + ld_tl + ld_br
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        _check_input(y, self.channels, "y")
+        check_batch(y, "y", self.channels)
         h = self._reverse(self.conv_br.inverse(self._reverse(y)))
         return self.mix.inverse(self.conv_tl.inverse(h))
 
@@ -500,13 +429,13 @@ class AutoregressiveConv2d(nn.Module):
     def __init__(self, channels: int, kernel_size: int = 3, bias: bool = True, backend: str = "auto",
                  init_scale: float = 1e-2):
         super().__init__()
-        _check_channels(channels)
-        _check_flag("bias", bias)
+        check_int("channels", channels, 1)
+        check_bool("bias", bias)
         INIT_SCALE.check("init_scale", init_scale)
         # The row solve is a CInC convolution of kernel k//2 + 1, which our ops take up to MAX_KERNEL_SIZE.
-        max_k = 2 * fn.MAX_KERNEL_SIZE - 1
-        if kernel_size % 2 != 1 or not 1 <= kernel_size <= max_k:
-            raise ValueError(f"kernel_size must be odd and in 1…{max_k}, got {kernel_size}")
+        check_int("kernel_size", kernel_size, 1, 2 * MAX_KERNEL_SIZE - 1)
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         self.channels, self.kernel_size, self.backend = channels, kernel_size, backend
         p = kernel_size // 2
         self.register_buffer("mask", autoregressive_mask(channels, kernel_size), persistent=False)
@@ -525,13 +454,13 @@ class AutoregressiveConv2d(nn.Module):
         return fn.cinc_logdet(self._row_weight(self.weight * self.mask), height, width, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_input(x, self.channels, "x")
+        check_batch(x, "x", self.channels)
         p = self.kernel_size // 2
         y = _conv2d(x, self.weight * self.mask, self.bias, padding=p)
         return y, self.logdet(x.shape[2], x.shape[3]).expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        _check_input(y, self.channels, "y")
+        check_batch(y, "y", self.channels)
         B, C, H, W = y.shape
         p = self.kernel_size // 2
         wm = self.weight * self.mask
@@ -582,11 +511,10 @@ class FInCConv2d(nn.Module):
     def __init__(self, channels: int, kernel_size: int = 3, bias: bool = True, backend: str = "auto",
                  init_scale: float = 1e-2):
         super().__init__()
-        _check_channels(channels)
-        _check_flag("bias", bias)
+        check_int("channels", channels, 1)
+        check_bool("bias", bias)
         INIT_SCALE.check("init_scale", init_scale)
-        if not 1 <= kernel_size <= fn.MAX_KERNEL_SIZE:
-            raise ValueError(f"kernel_size must be in 1…{fn.MAX_KERNEL_SIZE}, got {kernel_size}")
+        check_int("kernel_size", kernel_size, 1, MAX_KERNEL_SIZE)
         self.channels, self.kernel_size, self.backend = channels, kernel_size, backend
         self.group_sizes = [len(g) for g in torch.arange(channels).tensor_split(len(self.CORNERS))]
         block = torch.zeros(channels, channels)
@@ -608,13 +536,13 @@ class FInCConv2d(nn.Module):
         return self.weight.new_zeros(())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_input(x, self.channels, "x")
+        check_batch(x, "x", self.channels)
         z = fn.cinc_conv2d(self._to_top_left(x), self.weight * self.mask, self.bias, unit_diagonal=True,
                            backend=self.backend)
         return self._to_top_left(z), x.new_zeros(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        _check_input(y, self.channels, "y")
+        check_batch(y, "y", self.channels)
         z = fn.cinc_conv2d_inverse(self._to_top_left(y), self.weight * self.mask, self.bias, unit_diagonal=True,
                                    backend=self.backend)
         return self._to_top_left(z)

@@ -11,7 +11,11 @@ above and left (docs/spec.md §4), written out directly here; the fast paths rea
 """
 from __future__ import annotations
 
+from typing import Optional, Union, cast
+
 import torch
+
+Size = Union[int, torch.SymInt]
 
 __all__ = [
     "weight_mask",
@@ -25,7 +29,8 @@ __all__ = [
 ]
 
 
-def weight_mask(channels, kernel_size, unit_diagonal=False, *, dtype=torch.float64, device=None):
+def weight_mask(channels: int, kernel_size: int, unit_diagonal: bool = False, *, dtype: torch.dtype = torch.float64,
+                device: Optional[Union[torch.device, str]] = None) -> torch.Tensor:
     """1 where ``weight`` is free, 0 where the mask zeroes it: centre-tap entries ``[o, c, k-1, k-1]`` with
     ``c > o`` (and ``c == o`` with ``unit_diagonal``). Shape ``(C, C, k, k)``. Built from the row and column
     indices, independently of :mod:`cinc_kernels.masks`, which the fast paths use."""
@@ -57,7 +62,7 @@ def centre_tap(weight: torch.Tensor, unit_diagonal: bool = False) -> torch.Tenso
     return masked_weight(weight, unit_diagonal)[:, :, -1, -1]
 
 
-def _empty_like_image(t, dtype, *connected):
+def _empty_like_image(t: torch.Tensor, dtype: torch.dtype, *connected: Optional[torch.Tensor]) -> torch.Tensor:
     """The (empty) result for an image with no pixels or channels, still attached to the autograd graph of
     ``connected`` so that gradients come back as zeros rather than as an error."""
     out = torch.zeros(t.shape, dtype=torch.float64, device=t.device) + t.double()
@@ -67,7 +72,8 @@ def _empty_like_image(t, dtype, *connected):
     return out.to(dtype)
 
 
-def forward(x, weight, bias=None, unit_diagonal=False, dilation=1):
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, unit_diagonal: bool = False,
+            dilation: int = 1) -> torch.Tensor:
     """``y = M x + bias``: top-left padded k×k convolution with the masked weight. ``(B, C, H, W) -> same``."""
     k, d = weight.shape[-1], dilation
     wm = masked_weight(weight.double(), unit_diagonal)
@@ -78,17 +84,18 @@ def forward(x, weight, bias=None, unit_diagonal=False, dilation=1):
     return y.to(x.dtype)
 
 
-def _check_nonsingular(L):
+def _check_nonsingular(L: torch.Tensor) -> None:
     if bool((L.diagonal() == 0).any()):
         raise ValueError("weight: the centre tap has a zero on its diagonal, the convolution is singular")
 
 
-def _stack_pixels(pixels, H, W):
+def _stack_pixels(pixels: dict[tuple[int, int], torch.Tensor], H: int, W: int) -> torch.Tensor:
     """``{(i, j): (B, C)}`` -> ``(B, C, H, W)``."""
     return torch.stack([torch.stack([pixels[i, j] for j in range(W)], -1) for i in range(H)], -2)
 
 
-def inverse(y, weight, bias=None, unit_diagonal=False, dilation=1):
+def inverse(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, unit_diagonal: bool = False,
+            dilation: int = 1) -> torch.Tensor:
     """``x = M⁻¹ (y - bias)`` by raster-order back-substitution, one pixel and one channel at a time.
 
     ``(B, C, H, W) -> same``. Raises ``ValueError`` if ``L`` has a zero on its diagonal. Differentiable (no
@@ -104,7 +111,7 @@ def inverse(y, weight, bias=None, unit_diagonal=False, dilation=1):
     r = y.double()
     if bias is not None:
         r = r - bias.double().view(1, C, 1, 1)
-    x = {}
+    x: dict[tuple[int, int], torch.Tensor] = {}
     for i in range(H):
         for j in range(W):
             acc = r[:, :, i, j]  # (B, C)
@@ -114,7 +121,7 @@ def inverse(y, weight, bias=None, unit_diagonal=False, dilation=1):
                     if (a, b) == (k - 1, k - 1) or ii < 0 or jj < 0:
                         continue
                     acc = acc - x[ii, jj] @ wm[:, :, a, b].T
-            xc = []
+            xc: list[torch.Tensor] = []
             for c in range(C):
                 s = acc[:, c]
                 for c2 in range(c):
@@ -124,7 +131,8 @@ def inverse(y, weight, bias=None, unit_diagonal=False, dilation=1):
     return _stack_pixels(x, H, W).to(y.dtype)
 
 
-def inverse_transpose(g, weight, unit_diagonal=False, dilation=1):
+def inverse_transpose(g: torch.Tensor, weight: torch.Tensor, unit_diagonal: bool = False,
+                      dilation: int = 1) -> torch.Tensor:
     """``u = M⁻ᵀ g``: reverse raster order, neighbours below/right, backward substitution with ``Lᵀ``.
 
     ``(B, C, H, W) -> same``.
@@ -137,7 +145,7 @@ def inverse_transpose(g, weight, unit_diagonal=False, dilation=1):
     if g.numel() == 0:
         return _empty_like_image(g, g.dtype, wm)
     gd = g.double()
-    u = {}
+    u: dict[tuple[int, int], torch.Tensor] = {}
     for i in reversed(range(H)):
         for j in reversed(range(W)):
             acc = gd[:, :, i, j]
@@ -147,7 +155,7 @@ def inverse_transpose(g, weight, unit_diagonal=False, dilation=1):
                     if (a, b) == (k - 1, k - 1) or ii >= H or jj >= W:
                         continue
                     acc = acc - u[ii, jj] @ wm[:, :, a, b]
-            uc = {}
+            uc: dict[int, torch.Tensor] = {}
             for c in reversed(range(C)):
                 s = acc[:, c]
                 for c2 in range(c + 1, C):
@@ -157,17 +165,20 @@ def inverse_transpose(g, weight, unit_diagonal=False, dilation=1):
     return _stack_pixels(u, H, W).to(g.dtype)
 
 
-def logdet(weight, height, width, unit_diagonal=False, dilation=1):
+def logdet(weight: torch.Tensor, height: Size, width: Size, unit_diagonal: bool = False,
+           dilation: int = 1) -> torch.Tensor:
     """``log|det M| = H·W·Σ_c log|L[c, c]|`` as a 0-dim float64 tensor (``-inf`` when singular; 0 for an image
     without pixels, whose map is the empty one), the same for every ``dilation`` (in raster order ``M`` stays block
     lower triangular with ``L`` on the diagonal). ``H·W`` is taken as a float, so huge sizes cannot overflow."""
     L = centre_tap(weight.double(), unit_diagonal)
     if height == 0 or width == 0:
         return 0 * L.diagonal().sum()
-    return torch.sym_float(height) * torch.sym_float(width) * torch.log(L.diagonal().abs()).sum()
+    pixels = torch.sym_float(height) * torch.sym_float(width)
+    return cast(torch.Tensor, torch.log(L.diagonal().abs()).sum() * pixels)
 
 
-def dense_matrix(weight, height, width, unit_diagonal=False, dilation=1):
+def dense_matrix(weight: torch.Tensor, height: int, width: int, unit_diagonal: bool = False,
+                 dilation: int = 1) -> torch.Tensor:
     """The dense ``(C·H·W, C·H·W)`` matrix ``M`` in NCHW flattening order (``x.reshape(-1)`` of one image).
 
     Built column by column from :func:`forward`, so only for tiny shapes.

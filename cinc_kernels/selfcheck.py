@@ -7,16 +7,12 @@ import torch
 from . import functional as fn
 from . import reference
 from .backends import available_backends
+from .contract import OP_NAMES
+from .testing import make_image, make_weight, op_arguments, op_function, rel_error
 
 # (B, C, H, W, k): odd sizes, H ≠ W, a 1×1 image, the paper's k = 3.
 SHAPES = [(2, 3, 5, 7, 3), (1, 12, 9, 9, 3), (3, 1, 1, 1, 2), (2, 8, 6, 4, 5)]
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
-
-
-def _well_conditioned_weight(C, k, dtype, device, generator):
-    w = 0.1 * torch.randn(C, C, k, k, generator=generator, dtype=torch.float64) / k
-    w[:, :, k - 1, k - 1] += torch.eye(C, dtype=torch.float64)
-    return w.to(dtype=dtype, device=device)
 
 
 def _device_for(backend: str) -> torch.device:
@@ -33,11 +29,11 @@ def run(verbose: bool = True) -> bool:
         # Listed as available without a GPU only under TRITON_INTERPRET=1: then it runs on CPU tensors.
         device = _device_for(backend)
         for dtype in (torch.float32, torch.float64):
-            worst = {op: 0.0 for op in ("forward", "inverse", "inverse_transpose", "logdet")}
+            worst = {op: 0.0 for op in OP_NAMES}
             for B, C, H, W, k in SHAPES:
-                w = _well_conditioned_weight(C, k, dtype, device, g)
+                w = make_weight(C, k, dtype, device, generator=g)
                 b = torch.randn(C, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
-                x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+                x = make_image(B, C, H, W, dtype, device, generator=g)
                 y_ref = reference.forward(x.double(), w.double(), b.double())
                 results = {
                     "forward": (fn.cinc_conv2d(x, w, b, backend=backend), y_ref),
@@ -49,8 +45,7 @@ def run(verbose: bool = True) -> bool:
                     "logdet": (fn.cinc_logdet(w, H, W, backend=backend), reference.logdet(w.double(), H, W)),
                 }
                 for op, (got, want) in results.items():
-                    err = ((got.double().cpu() - want.cpu()).norm() / want.norm().clamp_min(1e-30)).item()
-                    worst[op] = max(worst[op], err)
+                    worst[op] = max(worst[op], rel_error(got, want))
             for op, err in worst.items():
                 passed = err <= TOLERANCE[dtype]
                 ok &= passed
@@ -66,34 +61,24 @@ def run(verbose: bool = True) -> bool:
     return ok
 
 
-def _forward_ad_errors(backend: str, device: torch.device, generator) -> dict:
+def _forward_ad_errors(backend: str, device: torch.device, generator: torch.Generator) -> dict[str, float]:
     """Forward-mode AD (``torch.func.jvp``, a tangent on every tensor argument) of each op against the reference's,
     float64 on the first two shapes. A backend whose ops drop the tangent shows up as a relative error of 1."""
-    worst = {}
+    worst: dict[str, float] = {}
     for B, C, H, W, k in SHAPES[:2]:
-        w = _well_conditioned_weight(C, k, torch.float64, device, generator)
-
-        def draw(*shape):
-            return torch.randn(*shape, generator=generator, dtype=torch.float64).to(device)
-
-        b, x = draw(C), draw(B, C, H, W)
-        dw, db, dx = draw(C, C, k, k), draw(C), draw(B, C, H, W)
-        cases = {
-            "forward": (lambda be: lambda x, w, b: fn.cinc_conv2d(x, w, b, backend=be), (x, w, b), (dx, dw, db)),
-            "inverse": (lambda be: lambda y, w, b: fn.cinc_conv2d_inverse(y, w, b, backend=be), (x, w, b),
-                        (dx, dw, db)),
-            "inverse_transpose": (lambda be: lambda g, w: fn.cinc_conv2d_inverse_transpose(g, w, backend=be),
-                                  (x, w), (dx, dw)),
-            "logdet": (lambda be: lambda w: fn.cinc_logdet(w, H, W, backend=be), (w,), (dw,)),
-        }
-        for op, (make, primals, tangents) in cases.items():
+        w = make_weight(C, k, torch.float64, device, generator=generator)
+        dw = make_weight(C, k, torch.float64, device, generator=generator)
+        b, db = (torch.randn(C, generator=generator, dtype=torch.float64).to(device) for _ in range(2))
+        x, dx = (make_image(B, C, H, W, torch.float64, device, generator=generator) for _ in range(2))
+        for op in OP_NAMES:
+            primals = tuple(t for t in op_arguments(op, w, b, x) if t is not None)
+            tangents = tuple(t for t in op_arguments(op, dw, db, dx) if t is not None)
             try:
-                _, got = torch.func.jvp(make(backend), primals, tangents)
+                got = torch.func.jvp(op_function(op, backend, height=H, width=W), primals, tangents)[1]
             except (RuntimeError, NotImplementedError):
                 worst[op] = float("inf")
                 continue
-            _, want = torch.func.jvp(make("reference"), tuple(t.cpu() for t in primals),
-                                     tuple(t.cpu() for t in tangents))
-            err = ((got.double().cpu() - want).norm() / want.norm().clamp_min(1e-30)).item()
-            worst[op] = max(worst.get(op, 0.0), err)
+            want = torch.func.jvp(op_function(op, "reference", height=H, width=W),
+                                  tuple(t.cpu() for t in primals), tuple(t.cpu() for t in tangents))[1]
+            worst[op] = max(worst.get(op, 0.0), rel_error(got, want))
     return worst

@@ -6,24 +6,25 @@ the off-centre taps with one batched contraction, and solves the centre tap's tr
 ``torch.linalg.solve_triangular``. The adjoint ``M⁻ᵀ`` runs the same wavefront from the bottom-right corner with the
 flipped, channel-transposed taps and ``Lᵀ``. Everything stays in the input's dtype (no float64, which MPS lacks).
 
-The ops are ``torch.library`` custom ops in the namespace ``cinc_torch``, so they get the same fake implementations
-and the same backward formulas (:mod:`cinc_kernels.registration`) as the compiled backends.
+The forward and the log-determinant are ATen's operators (:mod:`cinc_kernels._aten`). The ops are
+``torch.library`` custom ops in the namespace ``cinc_torch``, with the schemas of :mod:`cinc_kernels.contract`, so
+they get the same fake implementations and the same backward formulas (:mod:`cinc_kernels.registration`) as the
+compiled backends.
 """
 from __future__ import annotations
 
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 
-from . import registration
-from .backends import AUTO_ORDER, FLOATS, OPS, Backend, register_backend
+from . import _aten, registration
+from .backends import FLOATS, HALVES, OPS, Backend, register_backend
+from .contract import custom_op
 from .masks import masked_weight
 
 __all__ = ["forward", "inverse", "inverse_transpose", "logdet"]
 
-HALF = (torch.float16, torch.bfloat16)
-
+NAMESPACE = "cinc_torch"
 
 def _check_nonsingular(centre: torch.Tensor) -> None:
     if bool((centre.diagonal() == 0).any()):
@@ -77,17 +78,13 @@ def _split_weight(weight: torch.Tensor, unit_diagonal: bool) -> tuple[torch.Tens
     return taps, centre
 
 
-@torch.library.custom_op("cinc_torch::forward", mutates_args=())
+@custom_op(NAMESPACE, "forward")
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], unit_diagonal: bool) -> torch.Tensor:
     """``y = M x + bias`` (docs/spec.md §1) as ATen's convolution on the masked weight. ``(B, C, H, W) -> same``."""
-    k = weight.shape[-1]
-    if x.shape[2] == 0 or x.shape[3] == 0:  # conv2d refuses an input smaller than its kernel
-        return x.new_zeros(x.shape) if bias is None else x.new_zeros(x.shape) + bias.view(1, -1, 1, 1)
-    y = F.conv2d(F.pad(x, (k - 1, 0, k - 1, 0)), masked_weight(weight, unit_diagonal), bias)
-    return y.contiguous()
+    return _aten.forward(x, weight, bias, unit_diagonal).contiguous()
 
 
-@torch.library.custom_op("cinc_torch::inverse", mutates_args=())
+@custom_op(NAMESPACE, "inverse")
 def inverse(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], unit_diagonal: bool) -> torch.Tensor:
     """``x = M⁻¹ (y − bias)`` by the anti-diagonal wavefront. ``(B, C, H, W) -> same``; ``ValueError`` if singular."""
     taps, centre = _split_weight(weight, unit_diagonal)
@@ -96,7 +93,7 @@ def inverse(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return _wavefront(rhs, taps, centre, upper=False)
 
 
-@torch.library.custom_op("cinc_torch::inverse_transpose", mutates_args=())
+@custom_op(NAMESPACE, "inverse_transpose")
 def inverse_transpose(g: torch.Tensor, weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
     """``u = M⁻ᵀ g``: the wavefront from the bottom-right corner. ``(B, C, H, W) -> same``."""
     taps, centre = _split_weight(weight, unit_diagonal)
@@ -107,32 +104,19 @@ def inverse_transpose(g: torch.Tensor, weight: torch.Tensor, unit_diagonal: bool
     return flipped.flip(2, 3).contiguous()
 
 
-@torch.library.custom_op("cinc_torch::logdet", mutates_args=())
+@custom_op(NAMESPACE, "logdet")
 def logdet(weight: torch.Tensor, height: int, width: int, unit_diagonal: bool) -> torch.Tensor:
     """``H·W·Σ_c log|L[c, c]|`` in ``weight``'s dtype (0 with ``unit_diagonal``, ``-inf`` when singular)."""
-    k = weight.shape[-1]
-    if unit_diagonal:
-        return weight.new_zeros(())
-    diagonal = weight[:, :, k - 1, k - 1].diagonal()
-    return (height * width) * torch.log(diagonal.abs()).sum()
+    return _aten.logdet(weight, height, width, unit_diagonal)
 
 
 # float32 everywhere, float64 where the device has it (not MPS); float16 / bfloat16 for the forward on GPUs.
 OP_DTYPES: dict[Union[str, tuple[str, str]], tuple[torch.dtype, ...]] = {("mps", op): (torch.float32,) for op in OPS}
-OP_DTYPES.update({("mps", "forward"): (torch.float32,) + HALF, ("cuda", "forward"): FLOATS + HALF,
-                  ("xpu", "forward"): FLOATS + HALF})
+OP_DTYPES.update({("mps", "forward"): (torch.float32,) + HALVES, ("cuda", "forward"): FLOATS + HALVES,
+                  ("xpu", "forward"): FLOATS + HALVES})
 
 
-OP_DEFS = {"forward": forward, "inverse": inverse, "inverse_transpose": inverse_transpose, "logdet": logdet}
-registration.register({op: getattr(torch.ops.cinc_torch, op).default for op in OPS})
+OPS_BY_NAME = {op: getattr(getattr(torch.ops, NAMESPACE), op).default for op in OPS}
+registration.register(OPS_BY_NAME)
 
-register_backend(Backend(name="torch", ops=dict(OP_DEFS), op_dtypes=OP_DTYPES))
-
-# After the compiled backends (faster where they exist), before the float64 reference (slower, and impossible on
-# devices without float64); on devices no compiled backend serves, the only choice.
-for _key, _order in AUTO_ORDER.items():
-    if "torch" not in _order:
-        _order.insert(_order.index("reference") if "reference" in _order else len(_order), "torch")
-for _device_type in ("mps", "xpu"):
-    for _op in OPS:
-        AUTO_ORDER.setdefault((_device_type, _op), ["torch", "reference"])
+register_backend(Backend(name="torch", ops=OPS_BY_NAME, op_dtypes=OP_DTYPES))

@@ -1,5 +1,6 @@
-"""Shared helpers of the test suite: the backends the shared test bodies run on, well-conditioned random weights,
-memory layouts, per-dtype tolerances, and the check of all four ops against the float64 reference.
+"""Shared helpers of the test suite: the backends every backend-parametrised test runs on (the one place that lists
+them), memory layouts, per-dtype tolerances, and the check of all four ops against the float64 reference. Weights,
+images and the error measure come from :mod:`cinc_kernels.testing`, which the self-check and the benchmarks use too.
 
 Every test draws fresh inputs from a seeded generator so failures reproduce.
 """
@@ -11,6 +12,12 @@ import torch
 
 import cinc_kernels as ck
 from cinc_kernels import reference
+from cinc_kernels.testing import make_image, make_weight, rel_error
+
+__all__ = ["BIAS_LAYOUTS", "INTERPRETER_PROCESS_BACKENDS", "LAYOUTS", "MAIN_PROCESS_BACKENDS", "RTOL",
+           "TINY_TRAIN_ARGS", "BackendCase", "adjoint_apply", "assert_ops_match_reference", "assert_rel_close",
+           "backend_case", "backends_on", "bias_with_layout", "make_image", "make_weight", "rel_error",
+           "runnable_cases", "with_layout"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +50,32 @@ INTERPRETER_PROCESS_BACKENDS = [
 
 
 def backend_case(name: str, device: str) -> BackendCase:
-    """The declared case of ``backend`` on ``device`` (what a shared body needs beyond the two names)."""
+    """The declared case of ``backend`` on ``device`` (what a shared body needs beyond the two names); ``"auto"``,
+    which picks among the declared backends per op, as a case with the defaults."""
     for case in MAIN_PROCESS_BACKENDS + INTERPRETER_PROCESS_BACKENDS:
         if (case.name, case.device) == (name, device):
             return case
+    if name == "auto":
+        return BackendCase(name, device)
     raise KeyError(f"no backend case {name!r} on {device!r}")
+
+
+def runnable_cases(*, reference: bool = True) -> list[BackendCase]:
+    """The main-process cases that run on this machine: the backend is available and its device is present. For
+    tests that pick their backends themselves instead of taking the ``backend``/``device`` parametrisation of
+    ``tests/conftest.py``."""
+    from cinc_kernels.backends import get_backend
+
+    return [case for case in MAIN_PROCESS_BACKENDS
+            if (reference or case.name != "reference") and (case.device != "cuda" or torch.cuda.is_available())
+            and get_backend(case.name).unavailable() is None]
+
+
+def backends_on(device: str = "cpu", *, reference: bool = True, auto: bool = False) -> list[str]:
+    """The names of the :func:`runnable_cases` on ``device``, with ``"auto"`` first when asked."""
+    return (["auto"] if auto else []) + [case.name for case in runnable_cases(reference=reference)
+                                         if case.device == device]
+
 
 # The smallest training run of the flow command line (tests of the CLI and the trainer).
 TINY_TRAIN_ARGS = ["--preset", "digits-tiny", "--no-progress", "--n-samples", "2", "--temperatures", "1.0",
@@ -57,20 +85,6 @@ TINY_TRAIN_ARGS = ["--preset", "digits-tiny", "--no-progress", "--n-samples", "2
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 LAYOUTS = ("contiguous", "noncontiguous", "channels_last")
-
-
-def make_weight(C, k, dtype=torch.float64, device="cpu", *, off_centre=0.3, generator=None, unit_diagonal=False):
-    """A ``(C, C, k, k)`` weight whose inverse is well conditioned: the centre tap's diagonal is 1.5…2.5 in
-    magnitude with random sign, the other entries ``off_centre / (k·√C)`` scaled normals."""
-    w = torch.randn(C, C, k, k, generator=generator, dtype=torch.float64) * off_centre / (k * C**0.5)
-    sign = torch.randint(0, 2, (C,), generator=generator).double() * 2 - 1
-    diag = sign * (1.5 + torch.rand(C, generator=generator, dtype=torch.float64))
-    w[:, :, k - 1, k - 1] += torch.diag(diag)
-    return w.to(dtype=dtype, device=device)
-
-
-def make_image(B, C, H, W, dtype=torch.float64, device="cpu", *, generator=None):
-    return torch.randn(B, C, H, W, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
 
 
 def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -103,14 +117,6 @@ def bias_with_layout(values: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "expanded":
         return values[:1].clone().reshape(()).expand(values.numel())
     raise ValueError(layout)
-
-
-def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """``‖got − want‖ / ‖want‖`` in float64 (absolute when ``want`` is 0)."""
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    denom = want.norm().item()
-    diff = (got - want).norm().item()
-    return diff / denom if denom > 0 else diff
 
 
 def assert_rel_close(got, want, dtype, factor=1.0, what=""):

@@ -5,8 +5,8 @@ case of this process (:data:`tests.cases.MAIN_PROCESS_BACKENDS`, or :data:`tests
 when ``TRITON_INTERPRET=1``); one that also takes ``dtype`` without parametrising it runs for float32 and float64.
 Markers narrow the cases: ``custom_ops`` (backends whose ops are ``torch.library`` custom ops), ``fast_paths``
 (every backend but the reference, which the bodies compare with) and ``gpu_only`` (backends on CUDA tensors). The
-interpreter process runs only those shared
-bodies and ``tests/triton``; everything else already ran in the main process.
+interpreter process runs only those shared bodies and ``tests/triton``; everything else already ran in the main
+process.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def triton_interpreted() -> bool:
 
 @pytest.fixture
 def one_thread():
-    """One CPU thread for the test: two OpenMP threads on a machine whose two cores are already busy spin and slow
-    tiny models down 10×."""
+    """One CPU thread for the test: OpenMP threads on a machine whose cores are already busy spin-wait for each
+    other, which costs tiny models far more than the work (benchmarks/results/cpu_ops.md)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,6 +1,6 @@
 """The package's shape, checked: the reference is a leaf that no fast path imports and whose mask agrees with the
-production one, Triton loads only when asked for, one kernel-size limit, and each backend's declared dtypes are
-what its kernels take."""
+production one, Triton loads only when asked for, one kernel-size limit, one set of op schemas in every namespace,
+and each backend's declared dtypes are what its kernels take."""
 from __future__ import annotations
 
 import ast
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import cinc_kernels as ck
-from cinc_kernels import functional, masks, reference
-from cinc_kernels.backends import HALVES, get_backend
+from cinc_kernels import _extension, functional, masks, reference
+from cinc_kernels.backends import HALVES, all_backends, get_backend
+from cinc_kernels.contract import OP_NAMES, SIGNATURES
 
 PACKAGE = os.path.dirname(os.path.abspath(ck.__file__))
 ROOT = os.path.dirname(PACKAGE)
@@ -103,7 +104,28 @@ def test_one_kernel_size_limit_in_python_and_cpp():
                 ck.cinc_conv2d(x, w, backend="cpu")
 
 
-@pytest.mark.parametrize("op", ["forward", "inverse", "inverse_transpose", "logdet"])
+def _signature(overload: torch._ops.OpOverload) -> str:
+    """``"(Tensor x, ...) -> Tensor"`` of ``ns::op(Tensor x, ...) -> Tensor``."""
+    schema = str(overload._schema)
+    return schema[schema.index("("):]
+
+
+def test_every_namespace_declares_the_schemas_of_cinc():
+    """``csrc/cinc_ops.cpp`` defines the ``cinc::`` schemas, ``cinc_kernels.contract`` repeats them for the namespaces
+    defined in Python: the two agree, and every backend whose ops are custom ops declares exactly them."""
+    if _extension.ERROR is None:
+        for op in OP_NAMES:
+            assert _signature(getattr(torch.ops.cinc, op).default) == SIGNATURES[op], op
+    namespaces = set()
+    for backend in all_backends():
+        for op, impl in backend.ops.items():
+            if isinstance(impl, torch._ops.OpOverload):
+                assert (op, _signature(impl)) == (op, SIGNATURES[op]), (backend.name, str(impl._schema))
+                namespaces.add(impl.namespace)
+    assert "cinc_torch" in namespaces
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
 def test_cpu_declared_dtypes_are_what_the_kernels_take(op):
     """The ``cpu`` backend's dtype declaration mirrors the AT_DISPATCH lists of csrc/cpu/: each declared dtype runs,
     each other floating dtype is refused by the C++ op itself."""

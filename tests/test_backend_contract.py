@@ -1,7 +1,8 @@
 """What every backend must do, one test body per property, run on every backend × device × dtype that this process
 has (``tests/conftest.py``): the four ops against the float64 reference over odd shapes, layouts and dtypes;
 ``opcheck``; gradcheck and the gradients against autograd through the reference; exactly zero gradient on masked
-entries; ``torch.compile``; empty batches and images; float64 accumulation; and one error contract for a singular
+entries; forward-mode derivatives (gradcheck, ``torch.func.jvp`` against the reference, masked tangent entries);
+``torch.compile``; empty batches and images; float64 accumulation; and one error contract for a singular
 centre tap (docs/spec.md §1–2).
 
 Backend-specific tests (CPU schedules, the CUDA block emulation and shared-memory layouts, Triton configurations)
@@ -9,20 +10,24 @@ live in ``test_cpu_kernels.py``, ``test_cuda.py`` and ``tests/triton/``.
 """
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import cinc_kernels as ck
 from cinc_kernels import reference
 from cinc_kernels.backends import get_backend
+from cinc_kernels.contract import OP_NAMES
+from cinc_kernels.testing import op_arguments, op_function
 from tests.cases import (BIAS_LAYOUTS, LAYOUTS, RTOL, adjoint_apply, assert_ops_match_reference, backend_case,
                          bias_with_layout, make_image, make_weight, rel_error, with_layout)
 
 # (B, C, H, W, k, bias): odd and prime sizes, H ≠ W, 1×1 images, C = 1, k = 1…7; past the small shapes, C = 40 and
 # 70 for the Triton kernels' chunk loops (two reduction chunks of 32 channels; a channel tile of 128). Small, because
-# Triton's interpreter pays per operation: about 25 s for one 13×11 image with k = 7.
+# Triton's interpreter pays per operation.
 CASES = [
     (2, 3, 5, 7, 3, True),
     (1, 12, 9, 9, 3, True),
@@ -41,7 +46,6 @@ CASES = [
 GPU_CASES = [(3, 12, 9, 9, 3, True), (2, 8, 6, 4, 5, True), (1, 16, 13, 11, 7, False), (4, 48, 32, 32, 3, True),
              (2, 12, 31, 17, 5, False), (3, 96, 16, 16, 3, True)]
 
-OPS = ("forward", "inverse", "inverse_transpose", "logdet")
 
 
 def _ids(case):
@@ -182,7 +186,7 @@ def test_float64_accumulation(backend, device):
 
 @pytest.mark.fast_paths
 @pytest.mark.parametrize("C", [1, 5, 12])
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", OP_NAMES)
 def test_empty_batch_and_images(backend, device, op, C):
     w = make_weight(C, 3, torch.float32, device)
     for shape in [(0, C, 4, 3), (2, C, 0, 3), (2, C, 3, 0)]:
@@ -248,7 +252,7 @@ def _case_id(case):
 
 @pytest.mark.custom_ops
 @pytest.mark.parametrize("case", GRAD_CASES, ids=_case_id)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", OP_NAMES)
 def test_opcheck(backend, device, op, case):
     """Schema, fake (meta) implementation, autograd registration: torch.library's own consistency checks."""
     fn, args = _op_args(backend, device, op, case, torch.float64, requires_grad=False)
@@ -257,7 +261,7 @@ def test_opcheck(backend, device, op, case):
 
 @pytest.mark.fast_paths
 @pytest.mark.parametrize("case", GRAD_CASES, ids=_case_id)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", OP_NAMES)
 def test_gradcheck_float64(backend, device, op, case):
     fn, args = _op_args(backend, device, op, case, torch.float64, requires_grad=True)
     # The full numerical Jacobian costs two solves per input entry, minutes in Triton's interpreter for the larger
@@ -275,7 +279,7 @@ def _grads(fn, tensors, seed=5):
 
 @pytest.mark.fast_paths
 @pytest.mark.parametrize("unit", [False, True], ids=["", "unit"])
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", OP_NAMES)
 def test_gradients_match_reference_autograd(backend, device, dtype, op, unit):
     """The hand-written backward formulas against autograd through the plain float64 reference."""
     g = torch.Generator().manual_seed(21)
@@ -315,6 +319,90 @@ def test_masked_weight_entries_get_exactly_zero_gradient(backend, device, unit):
     (gw,) = torch.autograd.grad(loss, w)
     assert torch.all(gw[mask == 0] == 0)
     assert torch.all(gw[mask == 1] != 0)
+
+
+# ------------------------------------------------------------------------------------------------ forward mode
+
+
+def _tangent_inputs(backend, device, seed, shape):
+    """float64 ``(w, b, x, generator)`` of ``shape = (B, C, H, W, k)``; the tiniest shape in Triton's interpreter,
+    which pays per operation."""
+    if backend_case(backend, device).interpreted:
+        shape = (1, 2, 2, 3, 2)
+    B, C, H, W, k = shape
+    g = torch.Generator().manual_seed(seed)
+    w = make_weight(C, k, torch.float64, device, generator=g)
+    b = torch.randn(C, generator=g, dtype=torch.float64).to(device)
+    x = make_image(B, C, H, W, torch.float64, device, generator=g)
+    return w, b, x, g
+
+
+@pytest.mark.parametrize("unit", [False, True], ids=["", "unit"])
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_forward_mode_gradcheck(backend, device, op, unit):
+    """The tangent formulas against numerical differences (the reverse mode: ``test_gradcheck_float64``). With the
+    unit diagonal the image is thinner than the kernel, so most taps fall into the padding."""
+    w, b, x, _ = _tangent_inputs(backend, device, 1, (1, 2, 1, 5, 3) if unit else (2, 3, 3, 4, 2))
+    args = tuple(t.requires_grad_() for t in op_arguments(op, w, b, x))
+    assert torch.autograd.gradcheck(op_function(op, backend, unit), args, check_forward_ad=True,
+                                    check_backward_ad=False, check_undefined_grad=False,
+                                    check_batched_forward_grad=False, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.fast_paths
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_jvp_matches_the_reference(backend, device, op, layout):
+    """``torch.func.jvp`` with a tangent on every tensor argument, against the reference's, in every layout."""
+    w, b, x, g = _tangent_inputs(backend, device, 3, (2, 5, 7, 3, 3))
+    x = with_layout(x, layout)
+    unit = op == "inverse_transpose"
+    args = op_arguments(op, w, b, x)
+    tangents = tuple(with_layout(torch.randn(t.shape, generator=g, dtype=t.dtype).to(device), layout)
+                     if t.dim() == 4 else torch.randn(t.shape, generator=g, dtype=t.dtype).to(device) for t in args)
+    out, tangent = torch.func.jvp(op_function(op, backend, unit), args, tangents)
+    out_ref, tangent_ref = torch.func.jvp(op_function(op, "reference", unit), tuple(t.cpu() for t in args),
+                                          tuple(t.cpu() for t in tangents))
+    assert rel_error(out, out_ref) < 1e-12
+    assert tangent.abs().max() > 0
+    assert rel_error(tangent, tangent_ref) < 1e-12
+
+
+@pytest.mark.fast_paths
+def test_inverse_tangent_is_the_inverse_of_the_tangent(backend, device):
+    """The inverse is linear in ``y``: its tangent is the inverse applied to the tangent, through ``torch.func`` and
+    through ``torch.autograd.forward_ad`` alike, without a warning of a silently dropped tangent."""
+    w, _, x, g = _tangent_inputs(backend, device, 11, (1, 3, 4, 4, 3))
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, t = torch.func.jvp(lambda a: ck.cinc_conv2d_inverse(a, w, backend=backend), (x,), (v,))
+    assert rel_error(t, reference.inverse(v.cpu(), w.cpu())) < 1e-12
+    with fwAD.dual_level():
+        dual = ck.cinc_conv2d_inverse(fwAD.make_dual(x, v), w, backend=backend)
+        tangent = fwAD.unpack_dual(dual).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, t, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("unit", [False, True], ids=["", "unit"])
+def test_masked_entries_of_the_weight_tangent_do_not_contribute(backend, device, unit):
+    """NaN in the masked entries of a weight tangent changes no op's tangent."""
+    w, b, x, g = _tangent_inputs(backend, device, 4, (2, 3, 3, 4, 2))
+    mask = reference.weight_mask(w.shape[0], w.shape[-1], unit, dtype=torch.bool).to(device)
+    dw = torch.randn(w.shape, generator=g, dtype=torch.float64).to(device)
+    dw_nan = torch.where(mask, dw, torch.tensor(float("nan"), dtype=torch.float64, device=device))
+    dw_zero = torch.where(mask, dw, torch.zeros((), dtype=torch.float64, device=device))
+    for op in OP_NAMES:
+        args = op_arguments(op, w, b, x)
+
+        def of_weight(ww, args=args, op=op):
+            return op_function(op, backend, unit)(*[ww if t is w else t for t in args])
+
+        _, t_nan = torch.func.jvp(of_weight, (w,), (dw_nan,))
+        _, t_zero = torch.func.jvp(of_weight, (w,), (dw_zero,))
+        assert torch.isfinite(t_nan).all(), op
+        torch.testing.assert_close(t_nan, t_zero, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------ torch.compile

@@ -12,10 +12,9 @@ import cinc_kernels as ck
 from cinc_kernels import conditioning as cond
 from cinc_kernels import reference as ref
 
-from .cases import RTOL, make_image, make_weight, rel_error
+from .cases import RTOL, backends_on, make_image, make_weight, rel_error
 
-FAST = [b for b in ck.available_backends() if b != "reference"]
-CPU_BACKENDS = [b for b in ("reference", "cpu") if b in ck.available_backends()]
+CPU_BACKENDS = backends_on("cpu")
 
 
 def dense_inverse_norm(weight, H, W, unit_diagonal=False) -> float:
@@ -79,7 +78,7 @@ def test_inverse_gain_argument_errors_name_the_argument():
     w = make_weight(2, 3)
     with pytest.raises(ValueError, match="height"):
         ck.inverse_gain(w, 0, 3)
-    with pytest.raises(ValueError, match="width"):
+    with pytest.raises(TypeError, match="width"):
         ck.inverse_gain(w, 3, 2.5)
     with pytest.raises(ValueError, match="weight"):
         ck.inverse_gain(w[:, :1], 3, 3)

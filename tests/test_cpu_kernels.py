@@ -1,4 +1,4 @@
-"""What only the C++ CPU kernels have: a dense grid of shapes over their schedules (per-pixel and gathered-GEMM,
+"""What only the C++ CPU kernels have: a dense grid of shapes over their schedules (per-pixel and tiled,
 one thread or many), the two schedules against each other, and the 8-pixel block substitution against the
 one-pixel one. The properties every backend shares run on ``cpu`` from ``test_backend_contract.py``.
 """

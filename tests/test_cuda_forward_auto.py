@@ -76,9 +76,15 @@ def test_the_legacy_tf32_switch_is_followed(runnable_cuda, precision):
 
 
 def test_only_the_forward_is_declined(runnable_cuda, precision):
-    precision("tf32")
-    for op in ("inverse", "inverse_transpose", "logdet"):
+    for op in ("inverse", "inverse_transpose"):
+        precision("tf32")
         assert backends.select("auto", op, CUDA, torch.float32).name == "cuda", op
+    # The log-determinant goes to ATen's (autograd-differentiated) ops first, whatever TF32 says.
+    chosen = {}
+    for conv in ("tf32", "ieee"):
+        precision(conv)
+        chosen[conv] = backends.select("auto", "logdet", CUDA, torch.float32).name
+    assert chosen["tf32"] == chosen["ieee"] == backends.AUTO_ORDER["cuda", "logdet"][0]
 
 
 def test_without_the_cuda_kernels_cudnn_runs_every_dtype(monkeypatch, precision):

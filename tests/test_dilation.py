@@ -10,7 +10,9 @@ from cinc_kernels import (cinc_conv2d, cinc_conv2d_inverse, cinc_conv2d_inverse_
 from cinc_kernels.flow import CInCFlow
 from cinc_kernels.nn import CInCConv2d
 
-BACKENDS = ("reference", "cpu")
+from .cases import backends_on, make_weight
+
+BACKENDS = backends_on("cpu")
 TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
 # (B, C, H, W, k, d): H, W not multiples of d, primes, H ≠ W, images smaller than d, batch 0.
 CASES = [(2, 3, 5, 7, 3, 2), (1, 2, 7, 4, 2, 3), (2, 1, 1, 1, 3, 2), (1, 4, 2, 3, 3, 4), (0, 2, 5, 5, 3, 2),
@@ -18,10 +20,7 @@ CASES = [(2, 3, 5, 7, 3, 2), (1, 2, 7, 4, 2, 3), (2, 1, 1, 1, 3, 2), (1, 4, 2, 3
 
 
 def _weight(C, k, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    w = 0.3 * torch.randn(C, C, k, k, generator=g, dtype=dtype)
-    w[:, :, k - 1, k - 1] += torch.eye(C, dtype=dtype) * 1.5
-    return w
+    return make_weight(C, k, dtype, generator=torch.Generator().manual_seed(seed))
 
 
 def _non_contiguous(t):
@@ -96,8 +95,8 @@ def test_gradients_with_dilation_match_the_reference(backend):
                      lambda x_, w_, b_: reference.forward(x_, w_, b_, dilation=d)),
                     (lambda x_, w_, b_: cinc_conv2d_inverse(x_, w_, b_, backend=backend, dilation=d),
                      lambda x_, w_, b_: reference.inverse(x_, w_, b_, dilation=d)),
-                    (lambda x_, w_, b_: cinc_conv2d_inverse_transpose(x_, w_, backend=backend, dilation=d)
-                     + b_[:, None, None],
+                    (lambda x_, w_, b_: (cinc_conv2d_inverse_transpose(x_, w_, backend=backend, dilation=d)
+                                         + b_[:, None, None]),
                      lambda x_, w_, b_: reference.inverse_transpose(x_, w_, dilation=d) + b_[:, None, None])):
         got = torch.autograd.grad((op(x, w, bias) * cot).sum(), (x, w, bias))
         want = torch.autograd.grad((ref(x, w, bias) * cot).sum(), (x, w, bias))

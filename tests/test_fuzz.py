@@ -23,13 +23,13 @@ import cinc_kernels as ck
 from cinc_kernels import reference as ref
 from cinc_kernels.backends import get_backend
 
-from .cases import LAYOUTS, RTOL, make_image, make_weight, with_layout
+from .cases import LAYOUTS, RTOL, make_image, make_weight, runnable_cases, with_layout
 
 EXAMPLES = int(os.environ.get("CINC_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
-BACKENDS = [b for b in ck.available_backends() if b != "reference"]
+CASES = runnable_cases(reference=False)
 
 # Multiplies RTOL[dtype] · κ (solves) or RTOL[dtype] · ‖|M||x| + |bias|‖ (forward). RTOL is ~170 eps for float32 and
 # ~3 eps for float16; on the CPU backend 200 examples pass with 0.05 here (the errors sit near eps · κ), so 4 leaves
@@ -37,12 +37,8 @@ BACKENDS = [b for b in ck.available_backends() if b != "reference"]
 SLACK = 4.0
 
 
-def device_of(backend: str) -> str:
-    return "cpu" if get_backend(backend).runs_on("cpu") else "cuda"
-
-
-def dtypes_of(backend: str) -> list:
-    return [d for d in get_backend(backend).dtypes("forward", device_of(backend)) if d in RTOL]
+def dtypes_of(backend: str, device: str) -> list:
+    return [d for d in get_backend(backend).dtypes("forward", device) if d in RTOL]
 
 
 @dataclasses.dataclass
@@ -108,18 +104,19 @@ def check_output(out, like, what):
     assert out.device == like.device, f"{what}: device {out.device} != {like.device}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fuzz_against_reference(backend):
+@pytest.mark.parametrize("backend,device", [(c.name, c.device) for c in CASES],
+                         ids=[f"{c.name}-{c.device}" for c in CASES])
+def test_fuzz_against_reference(backend, device):
     @FUZZ
-    @given(case=cases(dtypes_of(backend)))
+    @given(case=cases(dtypes_of(backend, device)))
     def run(case: Case):
-        check_case(backend, case)
+        check_case(backend, device, case)
 
     run()
 
 
-def check_case(backend: str, c: Case) -> None:
-    dev, g = device_of(backend), torch.Generator().manual_seed(c.seed)
+def check_case(backend: str, dev: str, c: Case) -> None:
+    g = torch.Generator().manual_seed(c.seed)
     inverse_dtypes = get_backend(backend).dtypes("inverse", dev)
     # Half-precision forwards have no native inverse; theirs runs through accumulate=float32.
     accumulate = None if c.dtype in inverse_dtypes else torch.float32

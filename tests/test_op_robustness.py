@@ -10,9 +10,9 @@ import cinc_kernels as ck
 from cinc_kernels import nn as cnn
 from cinc_kernels import reference
 
-from .cases import make_image, make_weight, rel_error
+from .cases import backends_on, make_image, make_weight, rel_error
 
-BACKENDS = ["auto", "cpu", "reference"]
+BACKENDS = backends_on("cpu", auto=True)
 
 
 def f64(*shape):

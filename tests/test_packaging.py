@@ -300,7 +300,7 @@ def test_a_missing_optional_library_names_its_extra(module, extra, monkeypatch):
 
 @pytest.mark.parametrize("blocked,call", [
     ("sklearn", lambda: __import__("cinc_kernels.flow.data", fromlist=["load_data"]).load_data("digits")),
-    ("matplotlib", lambda: __import__("cinc_kernels.flow.train", fromlist=["_plot_history"])._plot_history(
+    ("matplotlib", lambda: __import__("cinc_kernels.flow.plots", fromlist=["plot_history"]).plot_history(
         {"train_step": [1], "train_bpd": [1.0]}, "unused.png", "")),
 ])
 def test_a_feature_without_its_library_names_the_extra(blocked, call, monkeypatch):

@@ -30,7 +30,7 @@ def test_info_lists_every_backend_with_its_state():
     out = subprocess.run([sys.executable, "-m", "cinc_kernels", "info"], capture_output=True, text=True,
                          check=True).stdout
     assert f"torch {torch.__version__}" in out
-    for name in ("reference", "cpu", "cuda", "triton"):
+    for name in [b.name for b in backends.all_backends() if b.public]:
         line = next(line for line in out.splitlines() if line.strip().startswith(name + " "))
         if name in backends.available_backends():
             assert line.split()[1] == "available", line

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from .._checks import Range
 from .._cli import ArgumentParser, argument_type, range_type
@@ -67,7 +67,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "tensorboard": "also log bits/dim, lr, gradient norm, images/s and sample grids to <out_dir>/tensorboard",
     }
     # What each setting accepts; a setting not listed takes any string.
-    kinds = {name: {"type": range_type(rng)} for name, rng in FIELD_RANGES.items()}
+    kinds: dict[str, dict[str, Any]] = {name: {"type": range_type(rng)} for name, rng in FIELD_RANGES.items()}
     kinds.update({
         "name": {"type": argument_type(check_name, "name")},
         "out_dir": {"type": folder_type},
@@ -84,7 +84,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        kwargs = {"default": default, "help": f"{helps[f.name]} (default: {default})"}
+        kwargs: dict[str, Any] = {"default": default, "help": f"{helps[f.name]} (default: {default})"}
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name not in kinds and isinstance(default, (int, float)):
@@ -99,7 +99,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _json_object(text: str) -> dict:
+def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError:
@@ -109,7 +109,7 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def _cmd_train(args) -> int:
+def _cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
@@ -148,7 +148,7 @@ def _keeping_first(batches: Iterator[torch.Tensor], first: list[torch.Tensor]) -
         yield images
 
 
-def _cmd_sample(args) -> int:
+def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import atomic_write_text, load_model
@@ -185,7 +185,7 @@ def _cmd_sample(args) -> int:
     return 0
 
 
-def _cmd_eval(args) -> int:
+def _cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .evaluation import data_for_model, evaluate, reconstruction_error
 
@@ -206,7 +206,7 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     from .. import __version__
     from .plots import SAMPLE_CHUNK
     from .train import RunInterrupted
@@ -263,7 +263,8 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except RunInterrupted as exc:
         print(str(exc), file=sys.stderr)
         return 128 + exc.signum

@@ -9,9 +9,9 @@ import math
 import os
 import types
 import typing
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-from .._checks import Range
+from .._checks import Range, check_bool, check_choice
 
 __all__ = [
     "FIELD_RANGES",
@@ -102,11 +102,6 @@ RESUMABLE_CHANGES = frozenset({"name", "out_dir", "data_root", "steps", "eval_ev
 HARDWARE_CHANGES = frozenset({"device", "backend"})
 
 
-def _check_choice(name: str, value: object, choices: Sequence[object]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
-
-
 def check_name(name: object) -> str:
     """A run name is one folder inside ``runs/``: no separators, not ``.``/``..``, not empty."""
     if not isinstance(name, str):
@@ -133,13 +128,13 @@ def check_config(cfg: TrainConfig) -> None:
         if value is not None:
             rng.check(name, value)
     check_name(cfg.name)
-    _check_choice("data", cfg.data, DATASETS)
-    _check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    _check_choice("coupling", cfg.coupling, COUPLINGS)
-    _check_choice("conv", cfg.conv, sorted(LAYERS))
-    _check_choice("permutation", cfg.permutation, PERMUTATIONS)
+    check_choice("data", cfg.data, DATASETS)
+    check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    check_choice("coupling", cfg.coupling, COUPLINGS)
+    check_choice("conv", cfg.conv, sorted(LAYERS))
+    check_choice("permutation", cfg.permutation, PERMUTATIONS)
     if cfg.preset is not None:
-        _check_choice("preset", cfg.preset, list(PRESETS))
+        check_choice("preset", cfg.preset, list(PRESETS))
     if not isinstance(cfg.conv_kwargs, dict):
         raise TypeError(f"conv_kwargs must be a dict, got {type(cfg.conv_kwargs).__name__}")
     _check_conv_kwargs(cfg.conv, cfg.conv_kwargs)
@@ -148,8 +143,7 @@ def check_config(cfg: TrainConfig) -> None:
     for t in cfg.temperatures:
         TEMPERATURE.check("temperatures", t)
     for name in ("flip", "tensorboard"):
-        if not isinstance(getattr(cfg, name), bool):
-            raise TypeError(f"{name} must be a bool, got {getattr(cfg, name)!r}")
+        check_bool(name, getattr(cfg, name))
     if cfg.out_dir is not None and os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ValueError(f"out_dir {cfg.out_dir!r} is a file, not a folder")
 

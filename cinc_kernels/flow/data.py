@@ -43,7 +43,10 @@ __all__ = ["DATASETS", "FlippedDataset", "ImageData", "LevelDataset", "dequantiz
 DATASETS = ("digits", "photos", "mnist", "fashion-mnist", "cifar10", "imagefolder", "imagenet32", "imagenet64")
 
 
-class LevelDataset(Dataset):
+Item = tuple[torch.Tensor, Any]  # (uint8 image levels, label)
+
+
+class LevelDataset(Dataset[Item]):
     """Images held in memory: ``images`` ``(N, C, H, W)`` uint8 levels, ``labels`` ``(N,)`` int64."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
@@ -56,7 +59,7 @@ class LevelDataset(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> Item:
         return self.images[i], self.labels[i]
 
 
@@ -65,12 +68,12 @@ class ImageData:
     """A data set's two splits and what the model needs to know about them."""
 
     name: str
-    train: Dataset
-    test: Dataset
+    train: Any  # a Dataset with a length, yielding Item
+    test: Any
     num_levels: int
-    shape: tuple  # (C, H, W)
-    classes: Optional[list] = None
-    info: Optional[dict] = None  # how the data were made (sources, split), stored with a run's configuration
+    shape: tuple[int, int, int]  # (C, H, W)
+    classes: Optional[list[str]] = None
+    info: Optional[dict[str, Any]] = None  # how the data were made (sources, split), stored with a run's configuration
 
     @property
     def n_bits(self) -> float:
@@ -126,17 +129,17 @@ def _digits() -> ImageData:
                      17, (1, 8, 8), [str(i) for i in range(10)])
 
 
-class FlippedDataset(Dataset):
+class FlippedDataset(Dataset[Item]):
     """A data set whose images are mirrored left-right with probability 1/2 each time they are read (the draw uses
     the global torch generator, which a checkpoint saves, so a resumed run replays it)."""
 
-    def __init__(self, base: Dataset):
+    def __init__(self, base: Any):
         self.base = base
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> Item:
         image, label = self.base[i]
         if bool(torch.randint(2, ())):
             image = image.flip(-1)
@@ -149,7 +152,7 @@ _SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemi
 PHOTOS_TEST_FRACTION = 0.25
 
 
-def _photo_sources() -> list[tuple[str, "object"]]:
+def _photo_sources() -> list[tuple[str, Any]]:
     """``[(name, uint8 array (H, W, 3))]`` of every bundled colour photograph that loads without a network."""
     import numpy as np
     from sklearn.datasets import load_sample_images
@@ -183,7 +186,9 @@ def _photos(image_size: Optional[int], n_bits: Optional[int]) -> ImageData:
     size = 32 if image_size is None else image_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 2:
         raise ValueError(f"image_size must be an int >= 2 for photos, got {image_size!r}")
-    train, test, sources = [], [], []
+    train: list[torch.Tensor] = []
+    test: list[torch.Tensor] = []
+    sources: list[dict[str, Any]] = []
     for name, array in _photo_sources():
         image = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
         width = image.shape[2]
@@ -221,7 +226,7 @@ def describe(data: ImageData) -> str:
     return line
 
 
-def _open(cls, root: str, train: bool, name: str):
+def _open(cls: Any, root: str, train: bool, name: str) -> Any:
     """A torchvision data set with ``download=False``; its refusal (e.g. a checksum mismatch) explained."""
     try:
         return cls(root, train=train, download=False)
@@ -263,22 +268,23 @@ def _cifar10(root: str, n_bits: Optional[int]) -> ImageData:
     return ImageData("cifar10", splits[0], splits[1], levels, (3, 32, 32), list(ds.classes))
 
 
-class _FolderImages(Dataset):
+class _FolderImages(Dataset[Item]):
     """An ImageFolder (or a subset of it) yielding uint8 ``(3, S, S)`` tensors, reduced to ``n_bits``."""
 
-    def __init__(self, folder, indices, n_bits):
+    def __init__(self, folder: Any, indices: list[int], n_bits: Optional[int]):
         self.folder, self.indices, self.n_bits = folder, indices, n_bits
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> Item:
         image, label = self.folder[self.indices[i]]
         return _reduce_bits(image, self.n_bits)[0], label
 
-    def path(self, i) -> str:
+    def path(self, i: int) -> str:
         """The file behind item ``i`` (to match per-image attributes by name)."""
-        return self.folder.samples[self.indices[i]][0]
+        path: str = self.folder.samples[self.indices[i]][0]
+        return path
 
 
 def _load_rgb(path: str) -> Any:
@@ -316,7 +322,7 @@ def _unreadable(path: str) -> Optional[str]:
     return None
 
 
-def _drop_unreadable(folder, path: str) -> None:
+def _drop_unreadable(folder: Any, path: str) -> None:
     """Remove the files PIL cannot read from an ImageFolder, warning once with their names and number, so that a
     damaged file fails nobody mid-run (and always the same files are skipped on resume)."""
     # PIL decodes without holding the GIL, so threads decode files side by side.
@@ -351,7 +357,7 @@ def _image_folder(root: str, image_size: Optional[int], n_bits: Optional[int]) -
         transforms.PILToTensor(),
     ])
 
-    def folder(path):
+    def folder(path: str) -> Any:
         try:
             found = datasets.ImageFolder(path, transform=transform, loader=_load_rgb)
         except (FileNotFoundError, RuntimeError) as exc:
@@ -377,11 +383,11 @@ def _image_folder(root: str, image_size: Optional[int], n_bits: Optional[int]) -
     return ImageData("imagefolder", train_set, test_set, levels, (3, image_size, image_size), classes)
 
 
-class _NpzImages(Dataset):
+class _NpzImages(Dataset[Item]):
     """Images held as the distributed ``.npz`` arrays, one per file, never concatenated (ImageNet 64×64 is 15 GB
     of uint8: a copy would double the peak memory): item ``i`` is a ``(3, S, S)`` view into its file's array."""
 
-    def __init__(self, arrays: list, labels: list, side: int, n_bits: Optional[int]):
+    def __init__(self, arrays: list[Any], labels: list[Any], side: int, n_bits: Optional[int]):
         self.arrays, self.labels, self.side, self.n_bits = arrays, labels, side, n_bits
         self.starts = [0]
         for a in arrays:
@@ -390,7 +396,7 @@ class _NpzImages(Dataset):
     def __len__(self) -> int:
         return self.starts[-1]
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> Item:
         if not 0 <= i < len(self):
             raise IndexError(i)
         f = bisect.bisect_right(self.starts, i) - 1
@@ -399,7 +405,7 @@ class _NpzImages(Dataset):
         return _reduce_bits(image, self.n_bits)[0], int(self.labels[f][i - self.starts[f]])
 
 
-def _npz_batches(paths: list[str], side: int, name: str) -> tuple[list, list]:
+def _npz_batches(paths: list[str], side: int, name: str) -> tuple[list[Any], list[Any]]:
     import numpy as np
 
     arrays, labels = [], []
@@ -427,8 +433,11 @@ def _imagenet(name: str, root: str, n_bits: Optional[int]) -> ImageData:
     side = 32 if name == "imagenet32" else 64
     _reduce_bits(torch.zeros(1, dtype=torch.uint8), n_bits)  # n_bits in range, before reading gigabytes
 
-    def number(path):
-        return int(re.search(r"(\d+)\.npz$", path).group(1))
+    def number(path: str) -> int:
+        match = re.search(r"(\d+)\.npz$", path)
+        if match is None:
+            raise ValueError(f"{name}: {path} is not numbered like train_data_batch_<n>.npz")
+        return int(match.group(1))
 
     train = sorted(glob.glob(os.path.join(root, "**", "train_data_batch_*.npz"), recursive=True), key=number)
     test = sorted(glob.glob(os.path.join(root, "**", "val_data.npz"), recursive=True))

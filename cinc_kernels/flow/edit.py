@@ -16,9 +16,10 @@ attributes ``A`` ``(N, K)``:
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -26,6 +27,7 @@ from .._checks import Range
 from .._cli import range_type
 from ._arguments import add_model_data_arguments, checkpoint_type, device_type, folder_type
 from .config import FIELD_RANGES
+from .data import ImageData
 from .model import CInCFlow, flatten_latents, unflatten_latents
 
 __all__ = ["METHODS", "attribute_directions", "edit_images", "encode_flat", "read_attribute_csv"]
@@ -78,7 +80,8 @@ def attribute_directions(latents: torch.Tensor, attributes: torch.Tensor, method
     a_tilde = (a - a.mean(0)) / a_std
     corr = a_tilde.T @ z_tilde / z.shape[0]  # (K, D), entries in [-1, 1]
     unit = corr / corr.norm(dim=1, keepdim=True).clamp_min(eps)
-    return (unit * z_std).to(latents.dtype)
+    directions: torch.Tensor = (unit * z_std).to(latents.dtype)
+    return directions
 
 
 @torch.no_grad()
@@ -129,7 +132,7 @@ def read_attribute_csv(path: str) -> tuple[list[str], dict[str, list[float]]]:
     return names, table
 
 
-def _labelled_images(args, data):
+def _labelled_images(args: argparse.Namespace, data: ImageData) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """``(levels (N, C, H, W) uint8, attributes (N, K), names)`` of the training split."""
     dataset = data.train
     if args.attributes is None:
@@ -145,20 +148,21 @@ def _labelled_images(args, data):
     path_of = getattr(dataset, "path", None)
     if path_of is None:
         raise ValueError("--attributes needs imagefolder data (attributes are matched by image file name)")
-    levels, rows = [], []
+    chosen: list[torch.Tensor] = []
+    rows: list[list[float]] = []
     for i in range(len(dataset)):
         key = os.path.basename(path_of(i))
         if key in table:
-            levels.append(dataset[i][0])
+            chosen.append(dataset[i][0])
             rows.append(table[key])
             if len(rows) >= args.n_fit:
                 break
     if len(rows) < 2:
         raise ValueError(f"fewer than 2 training images have a row in {args.attributes!r} (matched by file name)")
-    return torch.stack(levels), torch.tensor(rows, dtype=torch.float64), names
+    return torch.stack(chosen), torch.tensor(rows, dtype=torch.float64), names
 
 
-def _cmd_edit(args) -> int:
+def _cmd_edit(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_save, load_model
     from .distributed import resolve_device
     from .evaluation import data_for_model, eval_noise
@@ -170,7 +174,7 @@ def _cmd_edit(args) -> int:
                           image_size=args.image_size)
     levels, attributes, names = _labelled_images(args, data)
 
-    def to_input(lv, indices):
+    def to_input(lv: torch.Tensor, indices: list[int]) -> torch.Tensor:
         # The same fixed per-image dequantisation noise as the test metric, so a rerun edits the same images.
         return ((lv.float() + eval_noise(indices, lv.shape[1:], args.seed)) / data.num_levels).to(device)
 
@@ -206,7 +210,7 @@ def _cmd_edit(args) -> int:
     return 0
 
 
-def add_edit_parser(sub) -> None:
+def add_edit_parser(sub: Any) -> None:
     """Register ``edit`` on the ``python -m cinc_kernels.flow`` command line."""
     p = sub.add_parser("edit", help="move images along attribute directions in latent space",
                        description="Compute a latent direction per attribute from labelled training images (class "

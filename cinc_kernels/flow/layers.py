@@ -6,7 +6,7 @@ docs/spec.md §4: per level ``squeeze → K × [ActNorm → invertible conv → 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
@@ -45,6 +45,8 @@ class ActNorm(nn.Module):
     Shapes: ``x``, ``y``: ``(B, C, H, W)``; ``logdet``: ``(B,)`` = ``H·W·Σ log_scale``.
     """
 
+    initialized: torch.Tensor
+
     def __init__(self, channels: int, eps: float = 1e-6):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
@@ -62,7 +64,7 @@ class ActNorm(nn.Module):
         self.log_scale.copy_(-torch.log(std + self.eps))
         self.initialized.fill_(True)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training and not bool(self.initialized) and x.shape[0] > 0:
             self.initialize(x)
         y = (x + self.bias) * torch.exp(self.log_scale)
@@ -79,7 +81,7 @@ class Squeeze(nn.Module):
     Output channel ``4c + 2a + b`` holds input channel ``c`` at offset ``(a, b)`` of each 2×2 cell.
     """
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, C, H, W = x.shape
         if H % 2 or W % 2:
             raise ValueError(f"Squeeze needs an even height and width, got {H}×{W}; pad or resize the images "
@@ -109,14 +111,16 @@ class CouplingNet(nn.Module):
             nn.ReLU(),
             nn.Conv2d(hidden_channels, out_channels, 3, padding=1),
         )
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        last = cast(nn.Conv2d, self.net[-1])
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(cast(torch.Tensor, last.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        out: torch.Tensor = self.net(x)
+        return out
 
 
-def _shift_and_log_scale(h: torch.Tensor):
+def _shift_and_log_scale(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a conditioner's output into the shift ``t`` and ``log s`` with ``s = sigmoid(h + 2)``."""
     t, raw = h.chunk(2, dim=1)
     return t, F.logsigmoid(raw + 2.0)
@@ -147,7 +151,7 @@ class _BlockCoupling(nn.Module):
             CouplingNet(sum(self.sizes[:i]), 2 * self.sizes[i], hidden_channels) for i in range(1, self.blocks)
         )
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xs = list(torch.split(x, self.sizes, dim=1))
         ys = [xs[0]]
         logdet = x.new_zeros(x.shape[0])
@@ -186,12 +190,13 @@ class QuadCoupling(_BlockCoupling):
 COUPLINGS: dict[str, type] = {"affine": AffineCoupling, "quad": QuadCoupling}
 
 
-def make_conv(name: str, channels: int, backend: str = "auto", **kwargs) -> nn.Module:
+def make_conv(name: str, channels: int, backend: str = "auto", **kwargs: Any) -> nn.Module:
     """An invertible convolution from :data:`cinc_kernels.nn.LAYERS` by name; every layer there takes ``backend``
     (docs/spec.md §3: one interface)."""
     if name not in LAYERS:
         raise ValueError(f"conv must be one of {', '.join(sorted(LAYERS))}; got {name!r}")
-    return LAYERS[name](channels, backend=backend, **kwargs)
+    layer: nn.Module = LAYERS[name](channels, backend=backend, **kwargs)
+    return layer
 
 
 class ReverseChannels(nn.Module):
@@ -202,7 +207,7 @@ class ReverseChannels(nn.Module):
     same pixel. Shapes: ``(B, C, H, W)`` in and out; ``logdet``: zeros ``(B,)``.
     """
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x.flip(1), x.new_zeros(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
@@ -224,7 +229,7 @@ class ShuffleChannels(nn.Module):
         super().__init__()
         self.register_buffer("perm", torch.randperm(channels))
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x[:, self.perm], x.new_zeros(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
@@ -261,7 +266,7 @@ class FlowStep(nn.Module):
     """
 
     def __init__(self, channels: int, hidden_channels: int, conv: str = "cinc", coupling: str = "quad",
-                 backend: str = "auto", conv_kwargs: Optional[dict] = None, permutation: str = "reverse"):
+                 backend: str = "auto", conv_kwargs: Optional[dict[str, Any]] = None, permutation: str = "reverse"):
         super().__init__()
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {', '.join(sorted(COUPLINGS))}; got {coupling!r}")
@@ -278,11 +283,11 @@ class FlowStep(nn.Module):
             self.permute = ShuffleChannels(channels)
         self.coupling = COUPLINGS[coupling](channels, hidden_channels)
 
-    def _layers(self):
+    def _layers(self) -> list[nn.Module]:
         return [m for m in (self.actnorm, self.mix, self.reverse_in, self.conv, self.permute, self.coupling)
                 if m is not None]
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logdet = x.new_zeros(x.shape[0])
         for layer in self._layers():
             x, ld = layer(x)
@@ -291,7 +296,7 @@ class FlowStep(nn.Module):
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         for layer in reversed(self._layers()):
-            y = layer.inverse(y)
+            y = cast(Any, layer).inverse(y)
         return y
 
 
@@ -313,14 +318,15 @@ class Split(nn.Module):
         self.factored = channels // 2
         self.prior = nn.Conv2d(self.kept, 2 * self.factored, 3, padding=1)
         nn.init.zeros_(self.prior.weight)
-        nn.init.zeros_(self.prior.bias)
+        nn.init.zeros_(cast(torch.Tensor, self.prior.bias))
 
-    def prior_params(self, h: torch.Tensor):
+    def prior_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean, log_scale)`` of ``p(z | h)``, each ``(B, C//2, H, W)``."""
-        return self.prior(h).chunk(2, dim=1)
+        mean, log_scale = self.prior(h).chunk(2, dim=1)
+        return mean, log_scale
 
-    def forward(self, x: torch.Tensor):
-        h, z = x.split([self.kept, self.factored], dim=1)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h, z = torch.split(x, [self.kept, self.factored], dim=1)
         mean, log_scale = self.prior_params(h)
         return h, z, gaussian_log_density(z, mean, log_scale)
 

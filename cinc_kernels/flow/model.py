@@ -8,7 +8,7 @@ per level: ``latents[i]`` is what level ``i``'s split factored out, ``latents[-1
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, cast
 
 import torch
 from torch import nn
@@ -30,8 +30,11 @@ def _pair(size: Size) -> tuple[int, int]:
 class _Level(nn.Module):
     """``squeeze → steps → split`` (no split on the last level)."""
 
+    steps: Any  # an nn.ModuleList of FlowStep (ModuleList is not generic, so its items would type as Module)
+    split: Optional[Split]
+
     def __init__(self, channels: int, steps: int, hidden_channels: int, conv: str, coupling: str, backend: str,
-                 conv_kwargs: Optional[dict], split: bool, permutation: str):
+                 conv_kwargs: Optional[dict[str, Any]], split: bool, permutation: str):
         super().__init__()
         self.squeeze = Squeeze()
         self.steps = nn.ModuleList(
@@ -66,9 +69,11 @@ class CInCFlow(nn.Module):
     :meth:`encode`: a list of ``L`` tensors with the shapes of :meth:`latent_shapes`.
     """
 
+    levels: Any  # an nn.ModuleList of _Level (typed loosely, as _Level.steps)
+
     def __init__(self, in_channels: int, levels: int, steps_per_level: int, hidden_channels: int,
                  conv: str = "cinc", coupling: str = "quad", *, image_size: Optional[Size] = None,
-                 backend: str = "auto", conv_kwargs: Optional[dict] = None, permutation: str = "reverse"):
+                 backend: str = "auto", conv_kwargs: Optional[dict[str, Any]] = None, permutation: str = "reverse"):
         super().__init__()
         for name, value, low in (("in_channels", in_channels, 1), ("levels", levels, 1),
                                  ("steps_per_level", steps_per_level, 0), ("hidden_channels", hidden_channels, 1)):
@@ -78,7 +83,7 @@ class CInCFlow(nn.Module):
         self.image_size = None if image_size is None else _pair(image_size)
         self.config = dict(in_channels=in_channels, levels=levels, steps_per_level=steps_per_level,
                            hidden_channels=hidden_channels, conv=conv, coupling=coupling,
-                           image_size=None if image_size is None else list(self.image_size), backend=backend,
+                           image_size=None if self.image_size is None else list(self.image_size), backend=backend,
                            conv_kwargs=dict(conv_kwargs or {}), permutation=permutation)
         self.levels = nn.ModuleList()
         channels = in_channels
@@ -96,7 +101,7 @@ class CInCFlow(nn.Module):
         self.top_log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
 
     @classmethod
-    def upgrade_config(cls, config: dict) -> dict:
+    def upgrade_config(cls, config: dict[str, Any]) -> dict[str, Any]:
         """A saved :attr:`config` completed with the defaults of the time it was saved: configurations written
         before the step had a ``permutation`` were trained with the step that is now ``"none"``."""
         config = dict(config)
@@ -104,7 +109,7 @@ class CInCFlow(nn.Module):
         return config
 
     @classmethod
-    def from_config(cls, config: dict) -> "CInCFlow":
+    def from_config(cls, config: dict[str, Any]) -> "CInCFlow":
         """The model a saved :attr:`config` describes (see :meth:`upgrade_config`)."""
         return cls(**cls.upgrade_config(config))
 
@@ -140,14 +145,14 @@ class CInCFlow(nn.Module):
     # ---------------------------------------------------------------------------------------------------------
     # density
 
-    def transform(self, x: torch.Tensor):
+    def transform(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """The bijection and the prior: ``x`` in ``[0, 1)`` → ``(latents, logdet, log_prior)``, the last two
         ``(B,)``: ``log p(x) = log_prior + logdet``."""
         self._check_input(x)
         h = x - 0.5
         logdet = x.new_zeros(x.shape[0])
         log_prior = x.new_zeros(x.shape[0])
-        latents = []
+        latents: list[torch.Tensor] = []
         for level in self.levels:
             h, _ = level.squeeze(h)
             for step in level.steps:
@@ -224,12 +229,12 @@ class CInCFlow(nn.Module):
         count only their free entries) answers for everything inside it, so the layers it is built from (e.g.
         :class:`~cinc_kernels.nn.EmergingConv2d`'s 1×1 and two CInC convolutions) are not counted again; every
         other parameter counts all its entries."""
-        total, seen = 0, set()
+        total, seen = 0, set[int]()
         pending = list(self.children())
         while pending:
             module = pending.pop()
             if hasattr(module, "num_parameters"):
-                total += module.num_parameters()
+                total += cast(Any, module).num_parameters()
                 seen.update(id(p) for p in module.parameters())
             else:
                 pending.extend(module.children())
@@ -246,12 +251,12 @@ def unflatten_latents(flat: torch.Tensor, shapes: Sequence[Sequence[int]]) -> li
     sizes = [math.prod(s) for s in shapes]
     if flat.dim() != 2 or flat.shape[1] != sum(sizes):
         raise ValueError(f"flat must be (B, {sum(sizes)}) for latent shapes {list(shapes)}, got {tuple(flat.shape)}")
-    return [part.reshape(flat.shape[0], *s) for part, s in zip(flat.split(sizes, dim=1), shapes)]
+    return [part.reshape(flat.shape[0], *s) for part, s in zip(torch.split(flat, sizes, dim=1), shapes)]
 
 
 # Named configurations. The paper's (Nagar et al. 2021, §5) use 512 hidden channels; the small ones are sized for a
 # 2-core CPU (digits-small trains to a useful model in a few minutes there, digits-tiny is for tests).
-PRESETS: dict[str, dict] = {
+PRESETS: dict[str, dict[str, Any]] = {
     "cifar10": dict(in_channels=3, image_size=32, levels=3, steps_per_level=32, hidden_channels=512),
     "imagenet32": dict(in_channels=3, image_size=32, levels=3, steps_per_level=48, hidden_channels=512),
     "imagenet64": dict(in_channels=3, image_size=64, levels=4, steps_per_level=48, hidden_channels=512),
@@ -262,7 +267,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def build_model(preset: Optional[str] = None, **overrides) -> CInCFlow:
+def build_model(preset: Optional[str] = None, **overrides: Any) -> CInCFlow:
     """A :class:`CInCFlow` from a preset name with keyword overrides (``None`` values are ignored)."""
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")

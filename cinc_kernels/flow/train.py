@@ -122,7 +122,8 @@ def _warmup_factor(cfg: TrainConfig) -> Callable[[int], float]:
 
 def _epoch_batches(dataset: Any, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:
     """This rank's batches of one epoch: a seeded shuffle shared by all ranks, cut by ``DistributedSampler``."""
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler: DistributedSampler[Any] = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                          seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
     indices = list(sampler)
     return [indices[i:i + batch_size] for i in range(0, len(indices) - batch_size + 1, batch_size)]
@@ -162,8 +163,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other")
     if cfg.threads > 0:
-        # One thread is the fastest for the small presets, and on a shared machine two OpenMP threads that
-        # spin-wait for a busy core made a digits step 15× slower (0.07 s → 1.5 s, 2 cores at load 6).
+        # One thread is the fastest for the small presets; with more threads than idle cores, OpenMP's waits for
+        # descheduled threads cost milliseconds per call whatever the work (benchmarks/results/cpu_ops.md).
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     rank, world = init_distributed()
@@ -436,8 +437,8 @@ def _run(cfg: TrainConfig, data: ImageData, device: torch.device, rank: int, wor
             smoothed_bpd = mean_bpd if smoothed_bpd is None else 0.95 * smoothed_bpd + 0.05 * mean_bpd
         smoothed_rate = rate if smoothed_rate is None else 0.9 * smoothed_rate + 0.1 * rate
         if bar is not None:
-            postfix = {"bpd": f"{smoothed_bpd:.3f}" if smoothed_bpd is not None else "nan",
-                       "img/s": f"{smoothed_rate:.0f}"}
+            postfix: dict[str, object] = {"bpd": f"{smoothed_bpd:.3f}" if smoothed_bpd is not None else "nan",
+                                          "img/s": f"{smoothed_rate:.0f}"}
             if history["test_bpd"]:
                 postfix["test"] = f"{history['test_bpd'][-1]:.3f}"
             if skipped:

@@ -19,6 +19,7 @@ import torch
 
 from .. import registration
 from ..backends import get_backend
+from ..contract import custom_op
 from . import kernels
 
 NAMESPACE = "cinc_triton"
@@ -145,7 +146,7 @@ def launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y
 
 
-@torch.library.custom_op(f"{NAMESPACE}::forward", mutates_args=())
+@custom_op(NAMESPACE, "forward")
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, unit_diagonal: bool) -> torch.Tensor:
     """``y = M x + bias``. ``x: (B, C, H, W)`` any strides, ``weight: (C, C, k, k)``, ``bias: (C,)`` or None;
     returns contiguous ``(B, C, H, W)`` of ``x``'s dtype (float32 / float64 / float16 / bfloat16)."""
@@ -197,7 +198,7 @@ def _wavefront(src: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out
 
 
-@torch.library.custom_op(f"{NAMESPACE}::inverse", mutates_args=())
+@custom_op(NAMESPACE, "inverse")
 def inverse(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, unit_diagonal: bool) -> torch.Tensor:
     """``x = M⁻¹ (y - bias)``: one program per image walks the anti-diagonals. ``(B, C, H, W) ->`` contiguous same,
     float32 / float64. ``ValueError`` if the centre tap is singular and the tensors are on the CPU (interpreter); on
@@ -205,13 +206,13 @@ def inverse(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, un
     return _wavefront(y, weight, bias, unit_diagonal, adjoint=False)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::inverse_transpose", mutates_args=())
+@custom_op(NAMESPACE, "inverse_transpose")
 def inverse_transpose(g: torch.Tensor, weight: torch.Tensor, unit_diagonal: bool) -> torch.Tensor:
     """``u = M⁻ᵀ g``: the wavefront from the bottom-right corner. ``(B, C, H, W) ->`` contiguous same."""
     return _wavefront(g, weight, None, unit_diagonal, adjoint=True)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::logdet", mutates_args=())
+@custom_op(NAMESPACE, "logdet")
 def logdet(weight: torch.Tensor, height: int, width: int, unit_diagonal: bool) -> torch.Tensor:
     """``H·W·Σ_c log|L[c, c]|``, a 0-dim tensor of ``weight``'s dtype (0 with ``unit_diagonal``)."""
     out = torch.zeros((), dtype=weight.dtype, device=weight.device)
