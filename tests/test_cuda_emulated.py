@@ -98,11 +98,11 @@ def _storage(t: torch.Tensor):
 
 
 def _run(command, op, dtype, weight, *, x=None, bias=None, unit_diagonal=False, shared=H200_SHARED, threads=0,
-         hw=None):
+         hw=None, blocks=0, extra=()):
     """Runs one launch; returns (output as float64, the launch description) or raises on a refused launch."""
     C, k = weight.shape[0], weight.shape[-1]
     args = [*command, op, dtype, f"C={C}", f"k={k}", f"unit={int(unit_diagonal)}", f"bias={int(bias is not None)}",
-            f"shared={shared}", f"threads={threads}"]
+            f"shared={shared}", f"threads={threads}", f"blocks={blocks}", *extra]
     payload = weight.double().contiguous().numpy().tobytes()
     if bias is not None:
         payload += bias.double().contiguous().numpy().tobytes()
@@ -144,19 +144,31 @@ def _inputs(seed, B, C, H, W, k, dtype):
     return w, bias, x
 
 
-def _layout_limits(C, H, W, k, itemsize):
-    """Shared memory per block (bytes) that makes the wavefront pick each of its layouts (cinc_wavefront_block.h)."""
-    inverse, residual, ring = C * C, C * min(H, W), max(1, 2 * (k - 1)) * C * H
-    with_ring = inverse + max(C * C, ring + residual)
+def _plan(command, dtype, B, C, H, W, k, **device):
+    """The wavefront's launch plan (cinc_wavefront_kernel.cuh's plan_wavefront) for a device: shared, shared_sm, sms,
+    cluster, threads, blocks as run_kernels takes them."""
+    args = [*command, "plan", dtype, f"B={B}", f"C={C}", f"H={H}", f"W={W}", f"k={k}",
+            *(f"{key}={v}" for key, v in device.items())]
+    done = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, TSAN_OPTIONS=TSAN))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {key: int(v) for key, v in (item.split("=") for item in done.stdout.split())}
+
+
+def _layout_limits(command, dtype, B, C, H, W, k, threads, blocks):
+    """Shared memory per block (bytes) that makes the plan pick each of its layouts (cinc_wavefront_kernel.cuh): the
+    ring and the coefficient copy in shared memory, the ring only, neither (the ring in a global workspace)."""
+    itemsize = DTYPES[dtype].itemsize
+    p = _plan(command, dtype, B, C, H, W, k, threads=threads, blocks=blocks)
+    ring = (p["partial_elements"] + p["ring_elements"]) * itemsize
     return {
-        "ring+weight": (with_ring + C * C * k * k) * itemsize,
-        "ring": with_ring * itemsize,
-        "global": (inverse + max(C * C, residual)) * itemsize,
+        "ring+weights": ring + p["weight_elements"] * itemsize,
+        "ring": ring,
+        "global": max(p["partial_elements"] * itemsize, p["coefficient_shared"]),
     }
 
 
-# (B, C, H, W, k): k = 1…7; H ≠ W both ways; diagonals longer than one 4-pixel block; channel counts that leave a
-# partial 4-channel block; C² larger and smaller than the ring + residual.
+# (B, C, H, W, k): k = 1…7; H ≠ W both ways; diagonals longer than one 4-pixel group; channel counts that leave a
+# partial group of 4 (and a partial 16-byte vector in float64); one and several output groups (clusters of 2 and 3).
 WAVEFRONT_SHAPES = [(2, 3, 5, 7, 3), (1, 1, 1, 1, 1), (1, 4, 1, 6, 2), (2, 5, 7, 3, 3), (1, 8, 6, 6, 5),
                     (1, 2, 3, 3, 7), (1, 6, 4, 9, 4), (1, 9, 13, 11, 3), (1, 3, 7, 8, 6)]
 
@@ -164,10 +176,15 @@ WAVEFRONT_SHAPES = [(2, 3, 5, 7, 3), (1, 1, 1, 1, 1), (1, 4, 1, 6, 2), (2, 5, 7,
 @pytest.mark.parametrize("op", ["inverse", "inverse_transpose"])
 @pytest.mark.parametrize("B,C,H,W,k", WAVEFRONT_SHAPES, ids=lambda v: str(v))
 def test_wavefront_kernel_every_layout(emulator, op, B, C, H, W, k):
+    """Each shape in float32 and float64, each layout of the plan; the odd runs in a thread-block cluster (distributed
+    shared memory, a cluster barrier per diagonal) where the shape has several output groups and the ring is in shared
+    memory; every third run with 32 threads, so that a thread loops over several items."""
     adjoint = op == "inverse_transpose"
     seed = _seed(op, B, C, H, W, k)
     layouts = ("contiguous", "channels_last", "noncontiguous")
-    for n, (dtype, layout_name) in enumerate(itertools.product(("float", "double"), ("ring+weight", "ring", "global"))):
+    groups = -(-C // 4)
+    for n, (dtype, layout_name) in enumerate(itertools.product(("float", "double"),
+                                                                ("ring+weights", "ring", "global"))):
         torch_dtype = DTYPES[dtype]
         w, bias, rhs = _inputs(seed + n, B, C, H, W, k, torch_dtype)
         unit_diagonal = n % 2 == 1
@@ -176,36 +193,95 @@ def test_wavefront_kernel_every_layout(emulator, op, B, C, H, W, k):
             want = reference.inverse_transpose(rhs, w, unit_diagonal)
         else:
             want = reference.inverse(rhs, w, bias, unit_diagonal)
-        limits = _layout_limits(C, H, W, k, torch_dtype.itemsize)
-        shared = limits[layout_name]
-        # 32 threads (the fewest the kernel takes) make each thread loop over several items on the larger shapes.
         threads = 32 if n % 3 == 0 else 0
+        blocks = min(groups, 2 + n % 3) if n % 2 == 1 and groups > 1 and layout_name != "global" else 1
+        limits = _layout_limits(emulator, dtype, B, C, H, W, k, threads, blocks)
+        shared = limits[layout_name]
         got, launch = _run(emulator, op, dtype, w, x=with_layout(rhs, layouts[n % 3]), bias=bias,
-                           unit_diagonal=unit_diagonal, shared=shared, threads=threads)
+                           unit_diagonal=unit_diagonal, shared=shared, threads=threads, blocks=blocks)
         what = f"{op} {dtype} {layout_name} {layouts[n % 3]} unit={unit_diagonal} {launch}"
-        # (Two limits coincide on some shapes, e.g. H = 1; the kernel then takes the richer layout.)
-        assert launch["use_ring"] == (shared >= limits["ring"]), what
-        assert launch["weight_in_shared"] == (shared >= limits["ring+weight"]), what
+        # (Two limits coincide on some shapes; the plan then takes the richer layout.)
+        assert launch["ring_in_shared"] == (shared >= limits["ring"]), what
+        assert launch["weights_in_shared"] == (shared >= limits["ring+weights"]), what
+        assert launch["blocks_per_image"] == blocks, what
         assert launch["shared"] <= shared, what
         assert torch.isfinite(got).all(), f"{what}: non-finite output"
         assert_rel_close(got, want, torch_dtype, what=what)
 
 
 def test_wavefront_kernel_many_threads_and_batch(emulator):
-    """The thread-count heuristic's widest block (512 threads, a batch smaller than the SM count) on a diagonal of
-    more than one warp of items, and several images (one block each)."""
-    w, bias, y = _inputs(7, 3, 16, 12, 10, 2, torch.float32)
+    """The plan's own launch for a batch smaller than the SM count: a cluster per image (two images, so two clusters
+    one after the other), diagonals of more than one warp of items."""
+    w, bias, y = _inputs(7, 2, 16, 12, 10, 2, torch.float32)
     got, launch = _run(emulator, "inverse", "float", w, x=y, bias=bias)
-    assert launch["threads"] > 32
+    assert launch["threads"] > 32 and launch["blocks_per_image"] == 4
     assert_rel_close(got, reference.inverse(y, w, bias, False), torch.float32, what=str(launch))
 
 
 def test_wavefront_refuses_what_does_not_fit(emulator):
     C, H, W, k = 6, 5, 5, 3
     w, _, y = _inputs(3, 1, C, H, W, k, torch.float64)
-    too_small = _layout_limits(C, H, W, k, 8)["global"] - 8
+    too_small = _layout_limits(emulator, "double", 1, C, H, W, k, 0, 1)["global"] - 8
     with pytest.raises(RuntimeError, match="do not fit"):
-        _run(emulator, "inverse", "double", w, x=y, shared=too_small)
+        _run(emulator, "inverse", "double", w, x=y, shared=too_small, blocks=1)
+
+
+H100 = dict(sms=132, cluster=8, shared=232448, shared_sm=233472)
+A100 = dict(sms=108, cluster=1, shared=166912, shared_sm=167936)
+
+
+@pytest.mark.parametrize("B,C,H,W,blocks", [(1, 48, 32, 32, 6), (16, 48, 32, 32, 6), (16, 12, 32, 32, 3),
+                                            (16, 96, 64, 64, 8), (132, 48, 32, 32, 1), (256, 48, 32, 32, 1)])
+def test_wavefront_plan_fills_an_h100(emulator, B, C, H, W, blocks):
+    """Blocks per image from the batch, the channels and the SM count: a batch that leaves SMs idle gets clusters of
+    up to 8 blocks over equal shares of the output groups, without asking for more SMs than there are."""
+    p = _plan(emulator, "float", B, C, H, W, 3, **H100)
+    assert p["fits"] == 1 and p["ring_in_shared"] == 1
+    assert p["blocks_per_image"] == blocks, p
+    groups = -(-C // 4)
+    assert p["groups_per_block"] == -(-groups // blocks)
+    assert B * blocks <= max(B, H100["sms"])
+    assert p["threads"] % 32 == 0 and 32 <= p["threads"] <= 512
+    assert p["shared"] <= H100["shared"]
+
+
+def test_wavefront_plan_keeps_a_second_block_per_sm(emulator):
+    """At B = 256, C = 48 every SM must hold two images: the coefficient copy goes (read from L1/L2 instead) when it is
+    what keeps the second block off, and the block takes at most 256 threads; at B = 132 one image per SM keeps it."""
+    many = _plan(emulator, "float", 256, 48, 32, 32, 3, **H100)
+    assert many["blocks_per_image"] == 1 and many["threads"] <= 256
+    assert many["weights_in_shared"] == 0
+    assert 2 * (many["shared"] + 1024) <= H100["shared_sm"]
+    one_each = _plan(emulator, "float", 132, 48, 32, 32, 3, **H100)
+    assert one_each["weights_in_shared"] == 1 and one_each["threads"] > 256
+
+
+def test_wavefront_plan_without_clusters(emulator):
+    """sm_80 has no clusters: one block per image whatever the batch; a ring that does not fit in shared memory is
+    kept in global memory rather than refused."""
+    for B in (1, 16, 256):
+        p = _plan(emulator, "float", B, 48, 32, 32, 3, **A100)
+        assert p["blocks_per_image"] == 1 and p["fits"] == 1, (B, p)
+    big = _plan(emulator, "double", 1, 96, 128, 128, 3, **A100)
+    assert big["fits"] == 1 and big["ring_in_shared"] == 0 and big["weights_in_shared"] == 0
+    assert big["shared"] <= A100["shared"]
+    # A cluster needs the ring in shared memory: where it does not fit, one block per image even on sm_90.
+    assert _plan(emulator, "double", 1, 96, 128, 128, 3, **H100)["blocks_per_image"] == 1
+
+
+@pytest.mark.parametrize("B,C,H,W,k", [(3, 7, 9, 5, 3), (1, 160, 40, 40, 3), (7, 33, 2, 90, 5), (500, 20, 16, 16, 2)])
+def test_wavefront_plan_is_consistent(emulator, B, C, H, W, k):
+    """For any shape: the blocks of an image cover its output groups, none is empty, the launch fits the device."""
+    for device in (H100, A100):
+        for dtype in ("float", "double"):
+            p = _plan(emulator, dtype, B, C, H, W, k, **device)
+            if not p["fits"]:
+                continue
+            groups = -(-C // 4)
+            blocks, per = p["blocks_per_image"], p["groups_per_block"]
+            assert blocks <= device["cluster"] and (blocks - 1) * per < groups <= blocks * per, p
+            assert p["shared"] <= device["shared"] and p["coefficient_shared"] <= device["shared"], p
+            assert p["threads"] <= (512 if dtype == "float" else 384), p
 
 
 # (B, C, H, W, k): several tiles per image (W > 32, H·W > 256), several input-channel chunks of 8 and output groups
@@ -279,11 +355,17 @@ def test_cinc_math_block_substitutions(emulator):
 
 def test_emulation_notices_a_stray_write_and_a_race(emulator):
     """The checks themselves work: a kernel that writes past its launch's shared memory fails the launch, and one
-    that reads a word another thread wrote with no barrier between is reported by ThreadSanitizer."""
+    that reads a word another thread wrote with no barrier between is reported by ThreadSanitizer, within a block and
+    across the blocks of a cluster (a write into another block's shared memory read there without a cluster barrier);
+    with the cluster barrier the other block reads what was written."""
     guard = subprocess.run([*emulator, "selftest", "guard"], capture_output=True, text=True)
     assert guard.returncode == 3 and "past the 64 bytes" in guard.stderr, guard.stderr
-    race = subprocess.run([*emulator, "selftest", "race"], capture_output=True, text=True,
-                          env=dict(os.environ, TSAN_OPTIONS=TSAN))
+    env = dict(os.environ, TSAN_OPTIONS=TSAN)
+    ordered = subprocess.run([*emulator, "selftest", "cluster"], capture_output=True, text=True, env=env)
+    assert ordered.returncode == 0 and ordered.stdout.split() == [str(v) for v in range(1, 33)], ordered.stderr
+    race = subprocess.run([*emulator, "selftest", "race"], capture_output=True, text=True, env=env)
+    cluster_race = subprocess.run([*emulator, "selftest", "cluster_race"], capture_output=True, text=True, env=env)
     if "_tsan" not in emulator[-1]:
         pytest.skip("no working ThreadSanitizer build on this machine (see the warning): no race check")
     assert race.returncode == 66 and "data race" in race.stderr, race.stderr[-2000:]
+    assert cluster_race.returncode == 66 and "data race" in cluster_race.stderr, cluster_race.stderr[-2000:]
