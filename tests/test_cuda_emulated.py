@@ -15,6 +15,7 @@ checks that this file fails.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import platform
 import shutil
@@ -128,7 +129,7 @@ def _run(command, op, dtype, weight, *, x=None, bias=None, unit_diagonal=False, 
     head, _, body = done.stdout.partition(b"\n")
     launch = dict(item.split("=") for item in head.decode().split())
     out = torch.from_numpy(np.frombuffer(body, dtype=np.float64).copy()).view(shape)
-    return out, {key: int(v) for key, v in launch.items()}
+    return out, {key: float(v) if "." in v else int(v) for key, v in launch.items()}
 
 
 def _seed(*key) -> int:
@@ -151,7 +152,7 @@ def _plan(command, dtype, B, C, H, W, k, **device):
             *(f"{key}={v}" for key, v in device.items())]
     done = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, TSAN_OPTIONS=TSAN))
     assert done.returncode == 0, done.stderr[-2000:]
-    return {key: int(v) for key, v in (item.split("=") for item in done.stdout.split())}
+    return {key: float(v) if "." in v else int(v) for key, v in (item.split("=") for item in done.stdout.split())}
 
 
 def _layout_limits(command, dtype, B, C, H, W, k, threads, blocks):
@@ -282,6 +283,89 @@ def test_wavefront_plan_is_consistent(emulator, B, C, H, W, k):
             assert blocks <= device["cluster"] and (blocks - 1) * per < groups <= blocks * per, p
             assert p["shared"] <= device["shared"] and p["coefficient_shared"] <= device["shared"], p
             assert p["threads"] <= (512 if dtype == "float" else 384), p
+
+
+@pytest.fixture(scope="module")
+def counting_emulator(emulator, tmp_path_factory):
+    """The plain (-O2) build: counting every shared-memory access of a 32×32 image is too slow under
+    ThreadSanitizer, and races are the other tests' business."""
+    if "_tsan" not in emulator[-1]:
+        return emulator
+    return [_build(tmp_path_factory.mktemp("cuda_emulation_plain"), sanitize=False)]
+
+
+def _count(command, tmp_path, op, dtype, B, C, H, W, k, device):
+    """One image of the launch the plan makes for a batch of B on `device`, its shared-memory accesses counted: (the
+    plan, the phases of every block of the image as cuda_host_emulation.h counts them)."""
+    plan = _plan(command, dtype, B, C, H, W, k, **device)
+    w, bias, rhs = _inputs(_seed("count", op, dtype, B, C, H, W), 1, C, H, W, k, DTYPES[dtype])
+    path = tmp_path / f"{op}_{dtype}_{B}_{C}_{H}.json"
+    extra = [f"plan_batch={B}", f"sms={device['sms']}", f"cluster={device['cluster']}", f"shared_sm={device['shared_sm']}",
+             f"counters={path}"]
+    got, launch = _run(command, op, dtype, w, x=rhs, bias=None if op == "inverse_transpose" else bias,
+                       shared=device["shared"], extra=extra)
+    want = (reference.inverse_transpose(rhs, w, False) if op == "inverse_transpose"
+            else reference.inverse(rhs, w, bias, False))
+    assert_rel_close(got, want, DTYPES[dtype], what=f"counted {op} {launch}")
+    assert launch["blocks_per_image"] == plan["blocks_per_image"] and launch["threads"] == plan["threads"]
+    with open(path) as f:
+        return plan, json.load(f)
+
+
+def _by_site(phases, end=None):
+    """Per site: warp-wide accesses, wavefronts, the fewest wavefronts they could take, the worst degree, and the
+    thread utilisation (accesses over threads × the busiest thread's accesses, summed over phases)."""
+    sites = {}
+    for phase in phases:
+        if end is not None and phase["end"] != end:
+            continue
+        for s in phase["sites"]:
+            key = (s["site"], "store" if s["store"] else "load", s["remote"])
+            t = sites.setdefault(key, dict(warp_accesses=0, wavefronts=0, ideal=0, worst=0.0, accesses=0, offered=0))
+            for field in ("warp_accesses", "wavefronts", "ideal", "accesses"):
+                t[field] += s[field]
+            t["offered"] += phase["threads"] * s["max_per_thread"]
+            t["worst"] = max(t["worst"], s["worst"])
+    return sites
+
+
+# The issue's target shapes on an H100 (132 SMs, clusters of up to 8): B = 16 (a cluster of 6 blocks per image),
+# B = 132 (one block per image, coefficients in shared memory), B = 256 (two blocks per SM, coefficients from L1),
+# C = 96 in clusters of 8, float64.
+COUNTED = [("inverse", "float", 16, 48, 32, 32), ("inverse", "float", 132, 48, 32, 32),
+           ("inverse_transpose", "float", 256, 48, 32, 32), ("inverse", "float", 16, 96, 16, 16),
+           ("inverse_transpose", "double", 16, 48, 16, 16)]
+
+
+@pytest.mark.parametrize("op,dtype,B,C,H,W", COUNTED, ids=lambda v: str(v))
+def test_wavefront_counts_no_bank_conflicts_and_busy_threads(counting_emulator, tmp_path, op, dtype, B, C, H, W):
+    """The hot loop (the loads of the phase before the mid-diagonal barrier that make most of its accesses) costs at
+    most twice the shared-memory wavefronts its words need on any warp-wide access, and 1.25× on average; no other
+    shared access of the kernel is worse than 2×; and in the hot loop at least 90 % of the threads are busy (time-
+    weighted over the diagonals, as the plan predicts it)."""
+    plan, phases = _count(counting_emulator, tmp_path, op, dtype, B, C, H, W, 3, H100)
+    everything = _by_site(phases)
+    for key, t in everything.items():
+        assert t["worst"] <= 2, f"{key}: a warp-wide access takes {t['worst']}× the wavefronts its words need"
+    # The phase with the most shared loads ends at the mid-diagonal barrier: the hot loop's.
+    loads_per_end = {}
+    for phase in phases:
+        loads = sum(s["warp_accesses"] for s in phase["sites"] if not s["store"])
+        loads_per_end[phase["end"]] = loads_per_end.get(phase["end"], 0) + loads
+    hot_end = max(loads_per_end, key=loads_per_end.get)
+    residual = _by_site(phases, hot_end)
+    loads = {key: t for key, t in residual.items() if key[1] == "load"}
+    total = sum(t["warp_accesses"] for t in loads.values())
+    hot = {key: t for key, t in loads.items() if t["warp_accesses"] >= 0.2 * total}
+    assert hot, loads
+    for key, t in hot.items():
+        assert t["wavefronts"] <= 1.25 * t["ideal"], f"{key}: {t['wavefronts']} wavefronts for {t['ideal']}"
+        utilisation = t["accesses"] / t["offered"]
+        assert utilisation >= 0.9, f"{key}: {utilisation:.3f} of the threads busy in the hot loop"
+        assert utilisation == pytest.approx(plan["utilisation"], abs=1e-6), (utilisation, plan)
+    # The cluster's exchange: stores into the other blocks' shared memory, one per own vector per other block.
+    remote = [t for key, t in everything.items() if key[2]]
+    assert bool(remote) == (plan["blocks_per_image"] > 1)
 
 
 # (B, C, H, W, k): several tiles per image (W > 32, H·W > 256), several input-channel chunks of 8 and output groups

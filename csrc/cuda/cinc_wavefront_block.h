@@ -97,29 +97,59 @@ struct WavefrontParams {
   int max_diagonal;        // min(H, W)
 };
 
-// How the (tap, input chunk) sum of one diagonal is split: `splits` slices of `iterations` chunks (the last slice
-// possibly shorter), `items` thread items per slice. Every thread with an item runs exactly `iterations` hot-loop
-// iterations, so the lanes of a warp stay converged.
+// How the (tap, input chunk) sum of one diagonal is split: `splits` slices of `iterations` chunks (the last slices
+// possibly one shorter), `items` thread items per slice; the threads take the splits × items items in `rounds`.
+// Every item runs exactly `iterations` hot-loop iterations, so the lanes of a warp stay converged.
+constexpr int kMaxRounds = 2;
+
 struct DiagonalWork {
   int groups;      // pixel groups of kPixelBlock
   int items;       // groups × the block's output groups
   int splits;
   int iterations;
+  int rounds;
   int chunks;      // (tap, input chunk) pairs: k² · padded_channels / kVec
 };
 
+// The splits that keep the threads busiest: the fewest rounds × iterations among the slice counts that fill one or
+// kMaxRounds rounds of threads (with items > threads two rounds of many slices can beat one round of few; ties: fewer
+// slices, hence fewer partial sums to add and to keep).
 template <typename T>
 CINC_HD DiagonalWork diagonal_work(int count, int output_groups, int threads, int k, int padded_channels) {
   DiagonalWork w;
   w.groups = (count + kPixelBlock - 1) / kPixelBlock;
   w.items = w.groups * output_groups;
   w.chunks = k * k * (padded_channels / kVec<T>);
-  int splits = threads / w.items;
-  if (splits < 1) splits = 1;
-  if (splits > w.chunks) splits = w.chunks;
-  w.iterations = (w.chunks + splits - 1) / splits;
-  w.splits = (w.chunks + w.iterations - 1) / w.iterations;  // as many slices as that length needs
+  int best = 0;
+  for (int r = 1; r <= kMaxRounds; ++r) {
+    int splits = r * threads / w.items;
+    if (splits < 1) splits = 1;
+    if (splits > w.chunks) splits = w.chunks;
+    const int iterations = (w.chunks + splits - 1) / splits;
+    splits = (w.chunks + iterations - 1) / iterations;  // as many slices as that length needs
+    const int rounds = (splits * w.items + threads - 1) / threads;
+    if (best == 0 || rounds * iterations < best) {
+      best = rounds * iterations;
+      w.splits = splits;
+      w.iterations = iterations;
+      w.rounds = rounds;
+    }
+  }
   return w;
+}
+
+// The share of thread-iterations of the hot loop that do work (a slice's iteration past the last tap counts as work:
+// its loads run), over the diagonals of an image: Σ items · iterations / Σ threads · rounds · iterations.
+template <typename T>
+CINC_HD double hot_loop_utilisation(int64_t H, int64_t W, int output_groups, int threads, int k, int padded) {
+  double busy = 0, offered = 0;
+  for (int64_t d = 0; d < H + W - 1; ++d) {
+    const int64_t first = d - (W - 1) > 0 ? d - (W - 1) : 0, last = d < H - 1 ? d : H - 1;
+    const DiagonalWork w = diagonal_work<T>(static_cast<int>(last - first + 1), output_groups, threads, k, padded);
+    busy += static_cast<double>(w.splits) * w.items * w.iterations;
+    offered += static_cast<double>(threads) * w.rounds * w.iterations;
+  }
+  return busy / offered;
 }
 
 // Pixels per output vector in the partial sums (see wavefront_partial_sums).
@@ -525,9 +555,6 @@ struct WavefrontPlan {
 
 constexpr int kCoefficientThreads = 256;
 constexpr int kCoefficientEntriesPerThread = 4;
-// The launch plan sizes blocks for at most this many slices on the longest diagonal: each slice adds a partial sum
-// per output to phase B. (Shorter diagonals split further, up to the threads.)
-constexpr int kMaxSplits = 8;
 
 // The partial sums' size: the most any diagonal needs, for a block owning `groups` output groups.
 template <typename T>

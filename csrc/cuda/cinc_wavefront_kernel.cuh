@@ -155,10 +155,13 @@ __global__ void __launch_bounds__(kWavefrontMaxThreads<T>) wavefront_kernel(cons
 // Choices, in order (docs/gpu-performance.md derives them):
 //  * blocks per image: when the batch leaves SMs idle and the device has clusters, enough blocks to fill them
 //    (≤ device.max_cluster), each owning an equal share of the output-channel groups;
-//  * threads: the pixel-group × output-group items of the longest diagonal times the slices that keep the hot loop
-//    long (≤ kMaxSplits), at most kWavefrontMaxThreads — 256 when an SM is to hold two blocks (more blocks than SMs);
-//  * the ring in shared memory when it fits beside the partial sums; the coefficient copy too, unless it is what
-//    keeps a second block off an SM that is to hold two.
+//  * threads: a whole number of warps — at least 6 per SM, at most kWavefrontMaxThreads (256 when an SM is to hold
+//    two blocks, i.e. there are more blocks than SMs) — that keeps the most threads busy in the hot loop over the
+//    image's diagonals (within 2 % of the best, the most threads), among the counts whose partial sums leave room for
+//    the ring in shared memory; a cluster needs the ring there (its blocks write into each other's rings), so
+//    without such a count the image gets one block, and its ring goes to global memory if it still does not fit;
+//  * the coefficient copy in shared memory when it fits, unless it is what keeps a second block off an SM that is
+//    to hold two.
 template <typename T>
 WavefrontPlan plan_wavefront(WavefrontParams<T>& p, int64_t batch, const WavefrontDevice& device, int forced_threads,
                              int forced_blocks) {
@@ -181,7 +184,6 @@ WavefrontPlan plan_wavefront(WavefrontParams<T>& p, int64_t batch, const Wavefro
                        (kCoefficientThreads * kCoefficientEntriesPerThread));
   plan.coefficient_elements = static_cast<int64_t>(p.k) * p.k * entries;
 
-  // Blocks per image.
   int blocks = 1;
   if (device.max_cluster > 1) {
     const int64_t want = forced_blocks > 0 ? forced_blocks : device.multiprocessors / std::max<int64_t>(batch, 1);
@@ -190,52 +192,61 @@ WavefrontPlan plan_wavefront(WavefrontParams<T>& p, int64_t batch, const Wavefro
   const auto split_groups = [&](int g) {
     p.groups_per_block = (p.groups_total + g - 1) / g;
     p.blocks_per_image = (p.groups_total + p.groups_per_block - 1) / p.groups_per_block;
-  };
-  split_groups(blocks);
-
-  const auto size_for = [&](int threads) {
     p.weight_stride = p.groups_per_block * kChannelBlock;
     p.weight_chunk_stride = weight_chunk_stride_for<T>(p.weight_stride);
     p.weight_elements = static_cast<int64_t>(p.k) * p.k * (p.padded_channels / kVec<T>) * p.weight_chunk_stride;
-    // The last block of an image may own fewer groups, so more slices: size for both.
-    const int last = p.groups_total - (p.blocks_per_image - 1) * p.groups_per_block;
-    p.partial_elements = std::max(
-        partial_elements_for<T>(p.max_diagonal, p.groups_per_block, threads, p.k, p.padded_channels),
-        partial_elements_for<T>(p.max_diagonal, last, threads, p.k, p.padded_channels));
   };
-  const auto choose_threads = [&](bool two_per_sm) {
-    if (forced_threads > 0) return std::min(kWavefrontMaxThreads<T>, std::max(32, forced_threads / 32 * 32));
+  // The last block of an image may own fewer groups, so more slices: size for both.
+  const auto partial_for = [&](int threads) {
+    const int last = p.groups_total - (p.blocks_per_image - 1) * p.groups_per_block;
+    return std::max(partial_elements_for<T>(p.max_diagonal, p.groups_per_block, threads, p.k, p.padded_channels),
+                    partial_elements_for<T>(p.max_diagonal, last, threads, p.k, p.padded_channels));
+  };
+  // The thread count for the current split of the groups, or 0 when none fits (ring in shared memory or not).
+  const auto choose_threads = [&](bool two_per_sm, bool ring_in_shared) {
     const int most = two_per_sm ? std::min(256, kWavefrontMaxThreads<T>) : kWavefrontMaxThreads<T>;
     const int64_t items = static_cast<int64_t>((p.max_diagonal + kPixelBlock - 1) / kPixelBlock) * p.groups_per_block;
     const int64_t chunks = static_cast<int64_t>(p.k) * p.k * (p.padded_channels / kVec<T>);
-    // 8 warps per SM hide the shared-memory latency of the hot loop (one block per SM: 256 threads; two: 128),
-    // unless the diagonal has less work than that.
-    const int64_t least = std::min<int64_t>(two_per_sm ? 128 : 256, round_up(items * chunks, 32));
-    const int64_t splits = std::clamp<int64_t>(most / std::max<int64_t>(items, 1), 1, kMaxSplits);
-    return static_cast<int>(std::clamp<int64_t>(round_up(items * splits, 32), least, most));
+    int least = static_cast<int>(std::min<int64_t>(two_per_sm ? 128 : 192, round_up(items * chunks, 32)));
+    int highest = most;
+    if (forced_threads > 0) least = highest = std::min(kWavefrontMaxThreads<T>, std::max(32, forced_threads / 32 * 32));
+    double utilisation[kWavefrontMaxThreads<T> / 32 + 1] = {};
+    double best = -1;
+    for (int t = least; t <= highest; t += 32) {
+      const int64_t need = partial_for(t) + (ring_in_shared ? p.ring_elements : 0);
+      utilisation[t / 32] =
+          need <= limit ? hot_loop_utilisation<T>(p.H, p.W, p.groups_per_block, t, p.k, p.padded_channels) : -1;
+      best = std::max(best, utilisation[t / 32]);
+    }
+    int threads = 0;
+    for (int t = least; t <= highest; t += 32) {
+      if (utilisation[t / 32] >= 0 && utilisation[t / 32] >= best - 0.02) threads = t;
+    }
+    return threads;
   };
 
-  // A cluster needs the ring in shared memory (its blocks write into each other's rings).
+  split_groups(blocks);
   for (;;) {
     const bool two_per_sm = batch * p.blocks_per_image > device.multiprocessors;
-    plan.threads = choose_threads(two_per_sm);
-    size_for(plan.threads);
-    plan.ring_in_shared = p.partial_elements + p.ring_elements <= limit;
+    plan.threads = choose_threads(two_per_sm, true);
+    plan.ring_in_shared = plan.threads > 0;
     if (plan.ring_in_shared || p.blocks_per_image == 1) break;
     split_groups(1);
   }
-  plan.blocks_per_image = p.blocks_per_image;
   const bool two_per_sm = batch * p.blocks_per_image > device.multiprocessors;
-  const int64_t weights = p.weight_elements;
+  if (!plan.ring_in_shared) plan.threads = choose_threads(two_per_sm, false);
+  plan.fits = plan.threads > 0 && coefficient_elements <= limit;
+  if (plan.threads == 0) plan.threads = 32;
+  p.partial_elements = partial_for(plan.threads);
+  plan.blocks_per_image = p.blocks_per_image;
   const int64_t without = p.partial_elements + (plan.ring_in_shared ? p.ring_elements : 0);
-  const int64_t with = without + weights;
+  const int64_t with = without + p.weight_elements;
   // Each block also holds 1 KB of shared memory reserved by the system.
   const auto fit_two = [&](int64_t elements) { return 2 * (elements * elem + 1024) <= device.shared_per_multiprocessor; };
   const bool blocks_second = two_per_sm && !fit_two(with) && fit_two(without);
   plan.weights_in_shared = plan.ring_in_shared && with <= limit && !blocks_second;
   plan.shared_bytes = (plan.weights_in_shared ? with : without) * elem;
   plan.ring_global_elements = plan.ring_in_shared ? 0 : p.ring_elements;
-  plan.fits = coefficient_elements <= limit && p.partial_elements <= limit;
   return plan;
 }
 

@@ -9,7 +9,7 @@
 // keys: B C H W k unit bias (0/1), strides=sb,sc,sh,sw offset storage (the input's view of its storage, in
 // elements); the device: shared (shared memory per block, bytes), shared_sm (per SM), sms (multiprocessors),
 // cluster (the largest cluster: 8 on sm_90, 1 before); the wavefront's forced threads and blocks per image (0: the
-// plan's own), coefficient_threads (block size of the coefficient kernel), counters=PATH (count the wavefront
+// plan's own), plan_batch (plan the launch for this batch while running B images), coefficient_threads (block size of the coefficient kernel), counters=PATH (count the wavefront
 // kernel's shared-memory accesses and write them there as JSON).
 // DTYPE: float | double, and for the forward also half | bfloat16.
 // stdin: float64 weight (C·C·k·k), bias (C, when bias=1), input storage (storage elements; none for logdet).
@@ -132,6 +132,7 @@ struct Problem {
   int64_t offset, storage;
   Device device;
   int64_t shared_per_multiprocessor;
+  int64_t plan_batch;  // the batch the wavefront's launch is planned for (B unless asked)
 };
 
 template <typename T, typename Acc>
@@ -171,12 +172,13 @@ cinc::cuda::WavefrontDevice wavefront_device(const Problem& pr, int multiprocess
 }
 
 template <typename T>
-std::string plan_text(const cinc::cuda::WavefrontPlan& plan) {
+std::string plan_text(const cinc::cuda::WavefrontPlan& plan, const cinc::cuda::WavefrontParams<T>& p) {
   std::ostringstream out;
   out << "fits=" << plan.fits << " blocks_per_image=" << plan.blocks_per_image << " threads=" << plan.threads
       << " ring_in_shared=" << plan.ring_in_shared << " weights_in_shared=" << plan.weights_in_shared
       << " shared=" << plan.shared_bytes << " coefficient_shared=" << plan.coefficient_shared_bytes
-      << " coefficient_chunks=" << plan.coefficient_chunks;
+      << " coefficient_chunks=" << plan.coefficient_chunks << " utilisation="
+      << cinc::cuda::hot_loop_utilisation<T>(p.H, p.W, p.groups_per_block, plan.threads, p.k, p.padded_channels);
   return out.str();
 }
 
@@ -225,7 +227,7 @@ void run_wavefront(const Problem& pr, bool adjoint, int forced_threads, int forc
   p.W = pr.W;
   p.k = pr.k;
   const WavefrontPlan plan =
-      plan_wavefront(p, pr.B, wavefront_device(pr, multiprocessors), forced_threads, forced_blocks);
+      plan_wavefront(p, pr.plan_batch, wavefront_device(pr, multiprocessors), forced_threads, forced_blocks);
   if (!plan.fits) throw LaunchError("layout: L, L⁻¹ or one diagonal's partial sums do not fit in shared memory");
   // The workspaces, NaN-filled like shared memory: what the kernels read before writing shows up.
   std::vector<T> coefficients(plan.coefficient_elements, T(NAN));
@@ -247,7 +249,7 @@ void run_wavefront(const Problem& pr, bool adjoint, int forced_threads, int forc
     adjoint ? dispatch_wavefront<T, true>(plan, p, pr.B, pr.device)
             : dispatch_wavefront<T, false>(plan, p, pr.B, pr.device);
   }
-  write_output(plan_text<T>(plan), out);
+  write_output(plan_text<T>(plan, p), out);
 }
 
 template <typename T>
@@ -268,10 +270,11 @@ void print_plan(const Problem& pr, int forced_threads, int forced_blocks, int mu
   p.W = pr.W;
   p.k = pr.k;
   const cinc::cuda::WavefrontPlan plan =
-      cinc::cuda::plan_wavefront(p, pr.B, wavefront_device(pr, multiprocessors), forced_threads, forced_blocks);
+      cinc::cuda::plan_wavefront(p, pr.plan_batch, wavefront_device(pr, multiprocessors), forced_threads,
+                                 forced_blocks);
   std::printf("%s groups_per_block=%d ring_stride=%d partial_elements=%lld ring_elements=%lld "
               "weight_elements=%lld\n",
-              plan_text<T>(plan).c_str(), p.groups_per_block, p.ring_stride,
+              plan_text<T>(plan, p).c_str(), p.groups_per_block, p.ring_stride,
               static_cast<long long>(p.partial_elements), static_cast<long long>(p.ring_elements),
               static_cast<long long>(p.weight_elements));
 }
@@ -404,6 +407,7 @@ int run(int argc, char** argv) {
   pr.device.shared_bytes_per_block = static_cast<size_t>(args.get("shared", 232448));
   pr.device.max_cluster = static_cast<int>(args.get("cluster", 8));
   pr.shared_per_multiprocessor = args.get("shared_sm", 233472);
+  pr.plan_batch = args.get("plan_batch", pr.B);
   const int threads = static_cast<int>(args.get("threads", 0)), blocks = static_cast<int>(args.get("blocks", 0));
   const int sms = static_cast<int>(args.get("sms", 132));
   if (op == "plan") {
