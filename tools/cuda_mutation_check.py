@@ -1,15 +1,15 @@
 """Does tests/test_cuda_emulated.py notice a broken CUDA kernel? Breaks csrc/cuda in a copy, one mutation at a time,
 and runs the emulated tests against each copy.
 
-Mutations: every ``__syncthreads()`` in csrc/cuda deleted in turn (found by scanning the sources, so a new barrier is
-covered without editing this file), and every shared-memory buffer mis-sized (the list below: each shrinks one
-region of the launch's shared memory or moves a region onto its neighbour). A mutation is "caught" when the tests
-fail; the first failing test and its reason are printed.
+Mutations: every ``__syncthreads()`` and ``cluster_barrier()`` in csrc/cuda deleted in turn (found by scanning the
+sources, so a new barrier is covered without editing this file); every shared-memory buffer mis-sized or moved onto
+its neighbour; and the layouts that keep the wavefront's shared-memory accesses free of bank conflicts undone (the
+list below). A mutation is "caught" when the tests fail; the first failing test and its reason are printed.
 
-    python tests/cuda_emulation/mutation_check.py              # all, a few minutes per mutation on a busy 2-core box
-    python tests/cuda_emulation/mutation_check.py --list       # what would be tried
-    python tests/cuda_emulation/mutation_check.py -m 3 -m 9    # some of them
-    python tests/cuda_emulation/mutation_check.py --markdown benchmarks/results/cuda_mutations.md
+    python tools/cuda_mutation_check.py              # all, a few minutes per mutation on a busy 2-core box
+    python tools/cuda_mutation_check.py --list       # what would be tried
+    python tools/cuda_mutation_check.py -m 3 -m 9    # some of them
+    python tools/cuda_mutation_check.py --markdown tools/results/cuda_mutations.md
 
 Exit status 1 when any mutation goes unnoticed. Not part of `make test` (it rebuilds the emulator per mutation).
 """
@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 TEST_FILE = os.path.join("tests", "test_cuda_emulated.py")
 
@@ -44,13 +44,16 @@ class Mutation:
         text = open(path).read()
         starts = [m.start() for m in re.finditer(re.escape(self.old), text)]
         if len(starts) <= self.occurrence:
-            raise SystemExit(f"mutation {self.name!r}: {self.old!r} not found in {self.path}; update mutation_check.py")
+            raise SystemExit(f"mutation {self.name!r}: {self.old!r} not found in {self.path}; "
+                             "update tools/cuda_mutation_check.py")
         at = starts[self.occurrence]
         with open(path, "w") as f:
             f.write(text[:at] + self.new + text[at + len(self.old):])
 
 
-KERNEL_TESTS = {"forward_kernel": "forward", "logdet_kernel": "logdet", "wavefront_kernel": "wavefront"}
+KERNEL_TESTS = {"forward_kernel": "forward", "logdet_kernel": "logdet", "wavefront_kernel": "wavefront",
+                "wavefront_coefficients_kernel": "wavefront"}
+BARRIERS = ("__syncthreads();", "cluster_barrier();")
 
 
 def barrier_mutations() -> list[Mutation]:
@@ -58,30 +61,59 @@ def barrier_mutations() -> list[Mutation]:
     for name in sorted(os.listdir(CUDA_DIR)):
         path = os.path.join(CUDA_DIR, name)
         text = open(path).read()
-        kernels = [(m.start(), m.group(1)) for m in re.finditer(r"__global__ void .*?(\w+_kernel)\(", text)]
-        for n, m in enumerate(re.finditer(re.escape("__syncthreads();"), text)):
-            line = text.count("\n", 0, m.start()) + 1
-            enclosing = [k for start, k in kernels if start < m.start()]
-            kernel = enclosing[-1] if enclosing else "?"
-            out.append(Mutation(f"delete __syncthreads() at {name}:{line} ({kernel})", os.path.join("cuda", name),
-                                "__syncthreads();", ";", n, KERNEL_TESTS.get(kernel, "")))
+        kernels = [(m.start(), m.group(1)) for m in
+                   re.finditer(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+_kernel)\(", text)]
+        for barrier in BARRIERS:
+            for n, m in enumerate(re.finditer(r"(?<![\w.])" + re.escape(barrier), text)):
+                line = text.count("\n", 0, m.start()) + 1
+                enclosing = [k for start, k in kernels if start < m.start()]
+                kernel = enclosing[-1] if enclosing else "?"
+                out.append(Mutation(f"delete {barrier[:-1]} at {name}:{line} ({kernel})", os.path.join("cuda", name),
+                                    barrier, ";", n, KERNEL_TESTS.get(kernel, "")))
     return out
 
 
+WAVEFRONT = "cuda/cinc_wavefront_block.h"
+PLAN = "cuda/cinc_wavefront_kernel.cuh"
 SIZING_MUTATIONS = [
-    Mutation("wavefront: no room for the weight copy in the launch's shared memory", "cuda/cinc_wavefront_block.h",
-             "l.total_elements = inverse + l.work_elements + (l.weight_in_shared ? weight : 0);",
-             "l.total_elements = inverse + l.work_elements;", tests="wavefront"),
-    Mutation("wavefront: work region not large enough for L's C² columns", "cuda/cinc_wavefront_block.h",
-             "return need > C * C ? need : C * C;", "return need;", tests="wavefront"),
-    Mutation("wavefront: residual buffer one pixel short", "cuda/cinc_wavefront_block.h",
-             "residual = C * max_diagonal,", "residual = C * (max_diagonal - 1),", tests="wavefront"),
-    Mutation("wavefront: ring one diagonal short", "cuda/cinc_wavefront_block.h",
-             "return k > 1 ? 2 * (k - 1) : 1;", "return k > 1 ? 2 * (k - 1) - 1 : 1;", tests="wavefront"),
-    Mutation("wavefront: L⁻¹ region one column short (work starts inside it)", "cuda/cinc_wavefront_block.h",
-             "work(base + p.C * p.C)", "work(base + p.C * (p.C - 1))", tests="wavefront"),
-    Mutation("wavefront: weight copy placed over the work region", "cuda/cinc_wavefront_block.h",
-             "weight_copy(base + p.C * p.C + p.work_elements)", "weight_copy(base + p.C * p.C)", tests="wavefront"),
+    Mutation("wavefront: ring one slot short (a cluster peer writes a slot still being read)", WAVEFRONT,
+             "const int neighbours = 2 * k - 1;", "const int neighbours = 2 * k - 2;", tests="wavefront"),
+    Mutation("wavefront: ring without room for its second staging slot", PLAN,
+             "p.ring_elements = static_cast<int64_t>(p.ring_slots + 2)",
+             "p.ring_elements = static_cast<int64_t>(p.ring_slots + 1)", tests="wavefront"),
+    Mutation("wavefront: one staging slot for this diagonal and the next", WAVEFRONT,
+             "((p.ring_slots + (step & 1)) * p.ring_rows", "((p.ring_slots + 0 * (step & 1)) * p.ring_rows",
+             tests="wavefront"),
+    Mutation("wavefront: ring not zeroed at the start", PLAN,
+             "for (int64_t e = tid; e < ring_vectors; e += threads)", "for (int64_t e = tid; e < 0; e += threads)",
+             tests="wavefront"),
+    Mutation("wavefront: a diagonal's guard rows not zeroed", WAVEFRONT,
+             "return 2 * static_cast<int64_t>(p.k - 1) * (p.padded_channels / kVec<T>);", "return 0;",
+             tests="wavefront"),
+    Mutation("wavefront: partial sums sized for one slice", WAVEFRONT,
+             "const int64_t need = w.splits * partial_rows(w)", "const int64_t need = partial_rows(w)",
+             tests="wavefront"),
+    Mutation("wavefront: ring placed over the partial sums", WAVEFRONT,
+             "b.ring = kRingShared ? base + p.partial_elements :", "b.ring = kRingShared ? base + p.partial_elements / 2 :",
+             tests="wavefront"),
+    Mutation("wavefront: coefficient copy placed over the ring", WAVEFRONT,
+             "b.weights = base + p.partial_elements + p.ring_elements;", "b.weights = base + p.partial_elements;",
+             tests="wavefront"),
+    Mutation("wavefront: no room for the coefficient copy in the launch's shared memory", PLAN,
+             "plan.shared_bytes = (plan.weights_in_shared ? with : without) * elem;",
+             "plan.shared_bytes = without * elem;", tests="wavefront"),
+    Mutation("wavefront: coefficient kernel's L⁻¹ placed over L's last row", PLAN,
+             "T* inverse = centre + C * stride;", "T* inverse = centre + (C - 1) * stride;", tests="wavefront"),
+    Mutation("wavefront: coefficient kernel's shared memory sized for L alone", PLAN,
+             "const int64_t coefficient_elements = 2 * p.C * odd_stride(p.C);",
+             "const int64_t coefficient_elements = p.C * odd_stride(p.C);", tests="wavefront"),
+    Mutation("wavefront (bank conflicts): ring rows not padded", WAVEFRONT,
+             "while (vectors % 8 != 3 && vectors % 8 != 5) ++vectors;", "", tests="counts"),
+    Mutation("wavefront (bank conflicts): coefficient chunks not padded", WAVEFRONT,
+             "const int pad = ((row - chunk) % 8 + 8) % 8;", "const int pad = 0;", tests="counts"),
+    Mutation("wavefront (bank conflicts): partial sums an even number of pixels per vector", WAVEFRONT,
+             "return static_cast<int64_t>(w.groups) * kPixelBlock + 1;",
+             "return static_cast<int64_t>(w.groups) * kPixelBlock;", tests="counts"),
     Mutation("forward: input tile sized without its halo", "cuda/cinc_forward_kernel.cuh",
              "x_tile_elements(l.tile_h + p.k - 1, l.tile_w + p.k - 1)", "x_tile_elements(l.tile_h, l.tile_w)",
              tests="forward"),
@@ -153,7 +185,7 @@ def main(argv=None) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("# Mutations of csrc/cuda and tests/test_cuda_emulated.py\n\n")
-            f.write("`python tests/cuda_emulation/mutation_check.py`: each row breaks one thing in a copy of csrc/ "
+            f.write("`python tools/cuda_mutation_check.py`: each row breaks one thing in a copy of csrc/ "
                     "and runs the emulated tests of the kernel it touches.\n\n")
             f.write("| # | mutation | caught | first failing test / why |\n|---|---|---|---|\n")
             for n, name, caught, what, _ in rows:

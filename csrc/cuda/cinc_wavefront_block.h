@@ -60,14 +60,16 @@ CINC_HD int ring_slots_for(int k) {
   return neighbours > kStoreGroup ? neighbours : kStoreGroup;
 }
 
-// A row stride ≥ n elements made of an odd number of 16-byte vectors: 8 consecutive rows of one 16-byte access each
-// then land on 8 disjoint groups of 4 banks (the 32 banks once).
+// A row stride ≥ n elements of 3 or 5 (mod 8) 16-byte vectors, or (`tight`) of an odd number of them. The hot loop's
+// ring reads of a warp are 16-byte words at row · stride + chunk for a few consecutive rows (pixel groups) and
+// consecutive chunks (slices): any odd stride spreads 8 consecutive rows of one slice over the 8 groups of 4 banks;
+// ≡ 3 or 5 also keeps the next slice's rows off them (≡ 1 or 7 stacks row r + 1 of one slice on row r of the next).
 template <typename T>
-CINC_HD int conflict_free_stride(int64_t n) {
+CINC_HD int conflict_free_stride(int64_t n, bool tight = false) {
   const int v = kVec<T>;
-  int s = static_cast<int>((n + v - 1) / v) * v;
-  if ((s / v) % 2 == 0) s += v;
-  return s;
+  int vectors = static_cast<int>((n + v - 1) / v);
+  while (tight ? vectors % 2 == 0 : vectors % 8 != 3 && vectors % 8 != 5) ++vectors;
+  return vectors * v;
 }
 
 CINC_HD int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }

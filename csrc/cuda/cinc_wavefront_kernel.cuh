@@ -80,6 +80,19 @@ __global__ void __launch_bounds__(kWavefrontMaxThreads<T>) wavefront_kernel(cons
       stage_value(p, b, first, 0, e, staged_value<T, kAdjoint>(p, image, first, e));
     }
   }
+  // The right-hand side of step s + 1 is loaded into registers during phase B of step s - 1 (here, for s = 0) and
+  // stored to its staging slot at the end of phase A of step s: its latency hides behind a barrier and a hot loop.
+  T prefetched[kPrefetch<T>];
+  const auto prefetch = [&](int64_t to) {
+    const DiagonalSpan next = wavefront_diagonal(p, to < steps ? to : steps - 1, kAdjoint);
+    const int next_items = to < steps ? next.count * C : 0;
+    CINC_UNROLL
+    for (int r = 0; r < kPrefetch<T>; ++r) {
+      const int e = tid + r * threads;
+      prefetched[r] = e < next_items ? staged_value<T, kAdjoint>(p, image, next, e) : T(0);
+    }
+  };
+  prefetch(1);
   // In a cluster, also: every block has started and zeroed its ring before any other block writes into it.
   if constexpr (kCluster) {
     cluster_barrier();
@@ -97,19 +110,13 @@ __global__ void __launch_bounds__(kWavefrontMaxThreads<T>) wavefront_kernel(cons
       const int items = (rows.regular + rows.edge) * b.owned;
       for (int e = tid; e < items; e += threads) wavefront_store_group(p, b, previous, rows, e);
     }
-    // The next diagonal's right-hand side: loads issued now, stored to its staging slot after the hot loop.
-    const bool has_next = step + 1 < steps;
-    const DiagonalSpan next = wavefront_diagonal(p, has_next ? step + 1 : step, kAdjoint);
-    const int next_items = has_next ? next.count * C : 0;
-    T prefetched[kPrefetch<T>];
-    CINC_UNROLL
-    for (int r = 0; r < kPrefetch<T>; ++r) {
-      const int e = tid + r * threads;
-      prefetched[r] = e < next_items ? staged_value<T, kAdjoint>(p, image, next, e) : T(0);
-    }
     const DiagonalWork work = diagonal_work<T>(span.count, b.groups, threads, p.k, p.padded_channels);
     const int items = work.splits * work.items;
     for (int e = tid; e < items; e += threads) wavefront_partial_sums<T, kAdjoint>(p, b, span, step, work, e);
+    // The next diagonal's right-hand side to its staging slot (what did not fit in the registers: loaded now).
+    const bool has_next = step + 1 < steps;
+    const DiagonalSpan next = wavefront_diagonal(p, has_next ? step + 1 : step, kAdjoint);
+    const int next_items = has_next ? next.count * C : 0;
     CINC_UNROLL
     for (int r = 0; r < kPrefetch<T>; ++r) {
       const int e = tid + r * threads;
@@ -135,6 +142,7 @@ __global__ void __launch_bounds__(kWavefrontMaxThreads<T>) wavefront_kernel(cons
         }
       }
     }
+    prefetch(step + 2);
     if constexpr (kCluster) {
       cluster_barrier();
     } else {
@@ -158,8 +166,9 @@ __global__ void __launch_bounds__(kWavefrontMaxThreads<T>) wavefront_kernel(cons
 //  * threads: a whole number of warps — at least 6 per SM, at most kWavefrontMaxThreads (256 when an SM is to hold
 //    two blocks, i.e. there are more blocks than SMs) — that keeps the most threads busy in the hot loop over the
 //    image's diagonals (within 2 % of the best, the most threads), among the counts whose partial sums leave room for
-//    the ring in shared memory; a cluster needs the ring there (its blocks write into each other's rings), so
-//    without such a count the image gets one block, and its ring goes to global memory if it still does not fit;
+//    the ring in shared memory; without one, the ring's rows are packed tighter (conflict_free_stride), then — a
+//    cluster needs the ring in shared memory: its blocks write into each other's rings — the image gets one block,
+//    and its ring goes to global memory if it still does not fit;
 //  * the coefficient copy in shared memory when it fits, unless it is what keeps a second block off an SM that is
 //    to hold two.
 template <typename T>
@@ -169,9 +178,12 @@ WavefrontPlan plan_wavefront(WavefrontParams<T>& p, int64_t batch, const Wavefro
   p.padded_channels = static_cast<int>(round_up(p.C, kChannelBlock));
   p.groups_total = p.padded_channels / kChannelBlock;
   p.ring_slots = ring_slots_for(p.k);
-  p.ring_stride = conflict_free_stride<T>(p.padded_channels);
   p.ring_rows = static_cast<int>(p.H + 2 * (p.k - 1) + kPixelBlock - 1);
-  p.ring_elements = static_cast<int64_t>(p.ring_slots + 2) * p.ring_rows * p.ring_stride;
+  const auto ring_stride = [&](bool tight) {
+    p.ring_stride = conflict_free_stride<T>(p.padded_channels, tight);
+    p.ring_elements = static_cast<int64_t>(p.ring_slots + 2) * p.ring_rows * p.ring_stride;
+  };
+  ring_stride(false);
   p.max_diagonal = static_cast<int>(std::min(p.H, p.W));
   const int64_t limit = device.shared_per_block / elem;
 
@@ -225,13 +237,20 @@ WavefrontPlan plan_wavefront(WavefrontParams<T>& p, int64_t batch, const Wavefro
     return threads;
   };
 
+  // Where the ring does not fit, first a tighter stride (a few more bank conflicts), then one block per image.
   split_groups(blocks);
-  for (;;) {
+  for (bool tight = false;;) {
     const bool two_per_sm = batch * p.blocks_per_image > device.multiprocessors;
     plan.threads = choose_threads(two_per_sm, true);
     plan.ring_in_shared = plan.threads > 0;
-    if (plan.ring_in_shared || p.blocks_per_image == 1) break;
-    split_groups(1);
+    if (plan.ring_in_shared) break;
+    if (!tight) {
+      ring_stride(tight = true);
+    } else if (p.blocks_per_image > 1) {
+      split_groups(1);
+    } else {
+      break;
+    }
   }
   const bool two_per_sm = batch * p.blocks_per_image > device.multiprocessors;
   if (!plan.ring_in_shared) plan.threads = choose_threads(two_per_sm, false);

@@ -138,6 +138,7 @@ struct Phase {
 
 struct Counters {
   bool enabled = false;
+  std::mutex mutex;  // the blocks of a cluster end their phases at once
   std::vector<Phase> phases;
 };
 
@@ -249,7 +250,10 @@ inline void end_phase(std::vector<ThreadState*>& threads, int block, const std::
     }
   }
   for (ThreadState* t : threads) t->trace.clear();
-  if (any) c.phases.push_back(std::move(phase));
+  if (any) {
+    const std::lock_guard<std::mutex> lock(c.mutex);
+    c.phases.push_back(std::move(phase));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

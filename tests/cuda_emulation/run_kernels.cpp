@@ -33,6 +33,7 @@
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
+#include <iomanip>
 #include <cstdlib>
 #include <limits>
 #include <map>
@@ -177,7 +178,7 @@ std::string plan_text(const cinc::cuda::WavefrontPlan& plan, const cinc::cuda::W
   out << "fits=" << plan.fits << " blocks_per_image=" << plan.blocks_per_image << " threads=" << plan.threads
       << " ring_in_shared=" << plan.ring_in_shared << " weights_in_shared=" << plan.weights_in_shared
       << " shared=" << plan.shared_bytes << " coefficient_shared=" << plan.coefficient_shared_bytes
-      << " coefficient_chunks=" << plan.coefficient_chunks << " utilisation="
+      << " coefficient_chunks=" << plan.coefficient_chunks << " utilisation=" << std::setprecision(12)
       << cinc::cuda::hot_loop_utilisation<T>(p.H, p.W, p.groups_per_block, plan.threads, p.k, p.padded_channels);
   return out.str();
 }
