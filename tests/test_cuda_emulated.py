@@ -1,16 +1,18 @@
 """The CUDA kernels executed as written on the CPU, against the float64 reference.
 
 tests/cuda_emulation/run_kernels.cpp compiles the kernels of csrc/cuda/*.cuh (the same ones that nvcc compiles into
-the extension) with the host compiler and tests/cuda_emulation/cuda_host_emulation.h: one CPU thread per CUDA thread,
-``__syncthreads()`` a real barrier, shared memory filled with NaN and guarded past the launch's size, and the whole
-thing built with ThreadSanitizer, which fails the run on any pair of accesses that the barriers do not order. The
-shapes below take every shared-memory layout of the wavefront (ring + weight copy, ring, output in global memory),
-k = 1…7, float32 and float64 (and float16/bfloat16 for the forward), strided inputs, thread counts that make each
-thread loop over several items, and forward tiles/channel chunks/output groups that do not divide the image or the
-channels.
+the extension) with the host compiler and tests/cuda_emulation/cuda_host_emulation.h: one CPU thread per CUDA thread
+(of every block of a thread-block cluster), ``__syncthreads()`` and the cluster barrier real barriers, shared memory
+filled with NaN and guarded past the launch's size, and the whole thing built with ThreadSanitizer, which fails the
+run on any pair of accesses that the barriers do not order. The shapes below take every layout of the wavefront (ring
+and coefficient copy in shared memory, ring only, ring in global memory; one block or a cluster per image), k = 1…7,
+float32 and float64 (and float16/bfloat16 for the forward), strided inputs, thread counts that make each thread loop
+over several items, and forward tiles/channel chunks/output groups that do not divide the image or the channels. The
+wavefront's launch plan is tested for an H100 and an A100, and its shared-memory accesses are counted (bank
+conflicts per warp-wide access, busy threads per phase) at the issue's target shapes.
 
-tests/cuda_emulation/mutation_check.py deletes each ``__syncthreads()`` and mis-sizes each shared buffer in turn and
-checks that this file fails.
+tools/cuda_mutation_check.py deletes each barrier, mis-sizes each shared buffer and undoes each conflict-free layout in
+turn and checks that this file fails.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from .cases import RTOL, assert_rel_close, make_image, make_weight, with_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMULATION = os.path.join(ROOT, "tests", "cuda_emulation")
-# mutation_check.py points this at a mutated copy of csrc/.
+# tools/cuda_mutation_check.py points this at a mutated copy of csrc/.
 CSRC = os.environ.get("CINC_EMULATION_CSRC", os.path.join(ROOT, "csrc"))
 DTYPES = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
 H200_SHARED = 232448
@@ -59,7 +61,7 @@ def _build(out_dir, sanitize):
     # c10's header-only float16/bfloat16 types, for the forward's half instantiations.
     torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
     done = subprocess.run([cxx, *flags, "-I", CSRC, "-isystem", torch_include, "-o", exe,
-                           os.path.join(EMULATION, "run_kernels.cpp")], capture_output=True, text=True)
+                           os.path.join(EMULATION, "run_kernels.cpp")], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         if sanitize:
             return None
@@ -68,7 +70,7 @@ def _build(out_dir, sanitize):
 
 
 def _starts(command) -> subprocess.CompletedProcess:
-    return subprocess.run([*command, "math"], capture_output=True, text=True, env=dict(os.environ, TSAN_OPTIONS=TSAN))
+    return subprocess.run([*command, "math"], capture_output=True, text=True, env=dict(os.environ, TSAN_OPTIONS=TSAN), check=False)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +121,7 @@ def _run(command, op, dtype, weight, *, x=None, bias=None, unit_diagonal=False, 
         args += [f"H={H}", f"W={W}"]
         shape = ()
     env = dict(os.environ, TSAN_OPTIONS=TSAN)
-    done = subprocess.run(args, input=payload, capture_output=True, env=env, timeout=600)
+    done = subprocess.run(args, input=payload, capture_output=True, env=env, timeout=600, check=False)
     if done.returncode == 3:
         raise RuntimeError(done.stderr.decode().strip())
     assert done.returncode == 0, (
@@ -150,7 +152,7 @@ def _plan(command, dtype, B, C, H, W, k, **device):
     cluster, threads, blocks as run_kernels takes them."""
     args = [*command, "plan", dtype, f"B={B}", f"C={C}", f"H={H}", f"W={W}", f"k={k}",
             *(f"{key}={v}" for key, v in device.items())]
-    done = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, TSAN_OPTIONS=TSAN))
+    done = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, TSAN_OPTIONS=TSAN), check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     return {key: float(v) if "." in v else int(v) for key, v in (item.split("=") for item in done.stdout.split())}
 
@@ -179,7 +181,9 @@ WAVEFRONT_SHAPES = [(2, 3, 5, 7, 3), (1, 1, 1, 1, 1), (1, 4, 1, 6, 2), (2, 5, 7,
 def test_wavefront_kernel_every_layout(emulator, op, B, C, H, W, k):
     """Each shape in float32 and float64, each layout of the plan; the odd runs in a thread-block cluster (distributed
     shared memory, a cluster barrier per diagonal) where the shape has several output groups and the ring is in shared
-    memory; every third run with 32 threads, so that a thread loops over several items."""
+    memory; every third run with 32 threads, so that a thread loops over several items. The coefficient kernel runs
+    with its own 256 threads in two runs of the six and with 32 (each thread looping over several columns and
+    entries) in the others: ThreadSanitizer makes every emulated thread expensive."""
     adjoint = op == "inverse_transpose"
     seed = _seed(op, B, C, H, W, k)
     layouts = ("contiguous", "channels_last", "noncontiguous")
@@ -198,8 +202,10 @@ def test_wavefront_kernel_every_layout(emulator, op, B, C, H, W, k):
         blocks = min(groups, 2 + n % 3) if n % 2 == 1 and groups > 1 and layout_name != "global" else 1
         limits = _layout_limits(emulator, dtype, B, C, H, W, k, threads, blocks)
         shared = limits[layout_name]
+        coefficient_threads = 256 if n % 3 == 1 else 32
         got, launch = _run(emulator, op, dtype, w, x=with_layout(rhs, layouts[n % 3]), bias=bias,
-                           unit_diagonal=unit_diagonal, shared=shared, threads=threads, blocks=blocks)
+                           unit_diagonal=unit_diagonal, shared=shared, threads=threads, blocks=blocks,
+                           extra=[f"coefficient_threads={coefficient_threads}"])
         what = f"{op} {dtype} {layout_name} {layouts[n % 3]} unit={unit_diagonal} {launch}"
         # (Two limits coincide on some shapes; the plan then takes the richer layout.)
         assert launch["ring_in_shared"] == (shared >= limits["ring"]), what
@@ -227,8 +233,8 @@ def test_wavefront_refuses_what_does_not_fit(emulator):
         _run(emulator, "inverse", "double", w, x=y, shared=too_small, blocks=1)
 
 
-H100 = dict(sms=132, cluster=8, shared=232448, shared_sm=233472)
-A100 = dict(sms=108, cluster=1, shared=166912, shared_sm=167936)
+H100 = {"sms": 132, "cluster": 8, "shared": 232448, "shared_sm": 233472}
+A100 = {"sms": 108, "cluster": 1, "shared": 166912, "shared_sm": 167936}
 
 
 @pytest.mark.parametrize("B,C,H,W,blocks", [(1, 48, 32, 32, 6), (16, 48, 32, 32, 6), (16, 12, 32, 32, 3),
@@ -321,7 +327,8 @@ def _by_site(phases, end=None):
             continue
         for s in phase["sites"]:
             key = (s["site"], "store" if s["store"] else "load", s["remote"])
-            t = sites.setdefault(key, dict(warp_accesses=0, wavefronts=0, ideal=0, worst=0.0, accesses=0, offered=0))
+            t = sites.setdefault(key, {"warp_accesses": 0, "wavefronts": 0, "ideal": 0, "worst": 0.0, "accesses": 0,
+                                   "offered": 0})
             for field in ("warp_accesses", "wavefronts", "ideal", "accesses"):
                 t[field] += s[field]
             t["offered"] += phase["threads"] * s["max_per_thread"]
@@ -442,13 +449,13 @@ def test_emulation_notices_a_stray_write_and_a_race(emulator):
     that reads a word another thread wrote with no barrier between is reported by ThreadSanitizer, within a block and
     across the blocks of a cluster (a write into another block's shared memory read there without a cluster barrier);
     with the cluster barrier the other block reads what was written."""
-    guard = subprocess.run([*emulator, "selftest", "guard"], capture_output=True, text=True)
+    guard = subprocess.run([*emulator, "selftest", "guard"], capture_output=True, text=True, check=False)
     assert guard.returncode == 3 and "past the 64 bytes" in guard.stderr, guard.stderr
     env = dict(os.environ, TSAN_OPTIONS=TSAN)
-    ordered = subprocess.run([*emulator, "selftest", "cluster"], capture_output=True, text=True, env=env)
+    ordered = subprocess.run([*emulator, "selftest", "cluster"], capture_output=True, text=True, env=env, check=False)
     assert ordered.returncode == 0 and ordered.stdout.split() == [str(v) for v in range(1, 33)], ordered.stderr
-    race = subprocess.run([*emulator, "selftest", "race"], capture_output=True, text=True, env=env)
-    cluster_race = subprocess.run([*emulator, "selftest", "cluster_race"], capture_output=True, text=True, env=env)
+    race = subprocess.run([*emulator, "selftest", "race"], capture_output=True, text=True, env=env, check=False)
+    cluster_race = subprocess.run([*emulator, "selftest", "cluster_race"], capture_output=True, text=True, env=env, check=False)
     if "_tsan" not in emulator[-1]:
         pytest.skip("no working ThreadSanitizer build on this machine (see the warning): no race check")
     assert race.returncode == 66 and "data race" in race.stderr, race.stderr[-2000:]

@@ -114,13 +114,13 @@ def run_ptxas(nvcc: str, arch: str, csrc: str) -> tuple[str, str | None]:
                "-D__CUDA_NO_HALF2_OPERATORS__", "-I", csrc, "-I", torch_include(),
                f"-gencode=arch=compute_{arch},code=sm_{arch}", "--resource-usage", "-c", src,
                "-o", os.path.join(tmp, "k.o")]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"nvcc failed for sm_{arch}:\n{done.stderr[-4000:]}")
         cuobjdump = cuobjdump_path(nvcc)
         sass = None
         if cuobjdump is not None:
-            listing = subprocess.run([cuobjdump, "-sass", os.path.join(tmp, "k.o")], capture_output=True, text=True)
+            listing = subprocess.run([cuobjdump, "-sass", os.path.join(tmp, "k.o")], capture_output=True, text=True, check=False)
             if listing.returncode != 0:
                 raise RuntimeError(f"cuobjdump failed for sm_{arch}:\n{listing.stderr[-4000:]}")
             sass = listing.stdout
@@ -152,7 +152,7 @@ def demangle(names: list[str]) -> dict[str, str]:
     cxxfilt = shutil.which("c++filt")
     if cxxfilt is None:
         return {n: n for n in names}
-    done = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True)
+    done = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True, check=False)
     return dict(zip(names, done.stdout.splitlines()))
 
 
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     if nvcc is None:
         print("error: no nvcc found (set CUDA_HOME to the CUDA toolkit)", file=sys.stderr)
         return 2
-    lines = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    lines = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout.strip().splitlines()
     version = next((line.strip() for line in lines if "release" in line), lines[-1] if lines else "nvcc")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rows = []

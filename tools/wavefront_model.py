@@ -44,8 +44,7 @@ ISSUE_PER_ITERATION = 80      # instructions of one hot-loop iteration of one wa
 ITERATION_LATENCY = 100       # one warp alone: 64 FFMA issued back to back after ~30 clocks of LDS latency
 PHASE_FILL = 60               # first loads of a phase, last FFMA to the store
 SYNCTHREADS = 30              # __syncthreads() with every warp arrived
-CLUSTER_BARRIER = 400         # barrier.cluster arrive/wait across 2-8 SMs, remote stores drained (not measured)
-REMOTE_LATENCY = 200          # a distributed-shared-memory store to its arrival
+CLUSTER_SYNC = 450            # the last distributed-shared-memory store landing, then barrier.cluster arrive/wait
 REMOTE_BYTES_PER_CLOCK = 32   # distributed-shared-memory stores leaving one SM
 MEMORY_LATENCY = 700          # an HBM load (L2 miss); the prefetch hides it behind phase B, a barrier and phase A
 LAUNCH = 3e-6                 # per kernel launch in a stream (seconds)
@@ -82,8 +81,20 @@ def plan(exe: str, B: int, C: int, S: int, k: int = 3) -> dict:
     return {key: float(v) if "." in v else int(v) for key, v in (item.split("=") for item in out.split())}
 
 
+_COUNTED: dict[tuple, list[dict]] = {}
+
+
 def count(exe: str, op: str, B: int, C: int, S: int, k: int, tmp: str) -> list[dict]:
-    """One image of the launch planned for a batch of B, counted."""
+    """One image of the launch planned for a batch of B, counted (the counts depend on the batch only through the
+    plan: launches planned alike are counted once)."""
+    p = plan(exe, B, C, S, k)
+    key = (op, C, S, k, p["blocks_per_image"], p["threads"], p["weights_in_shared"], p["ring_in_shared"])
+    if key not in _COUNTED:
+        _COUNTED[key] = _count(exe, op, B, C, S, k, tmp)
+    return _COUNTED[key]
+
+
+def _count(exe: str, op: str, B: int, C: int, S: int, k: int, tmp: str) -> list[dict]:
     rng = np.random.default_rng(C * 1000 + S)
     w = rng.standard_normal((C, C, k, k)) * 0.3 / (k * math.sqrt(C))
     w[:, :, k - 1, k - 1] += np.diag(2.0 + rng.random(C))
@@ -134,7 +145,7 @@ def steps_of(phases: list[dict], block: int = 0) -> tuple[list[Step], str, str]:
     return out, mid, end
 
 
-def step_clocks(s: Step, cluster: bool, coefficients_in_shared: bool) -> tuple[float, float]:
+def step_clocks(s: Step, cluster: bool, coefficients_in_shared: bool, cluster_sync: float) -> tuple[float, float]:
     """(throughput-bound clocks, latency clocks) of one step: the first is what other blocks on the SM compete for."""
     issue_a = s.warp_iterations * ISSUE_PER_ITERATION / 4
     # Coefficients from L1 instead of shared memory: as many L1 wavefronts as the shared ones they replace.
@@ -144,7 +155,7 @@ def step_clocks(s: Step, cluster: bool, coefficients_in_shared: bool) -> tuple[f
     issue_b = s.phase_b_warp_accesses * 3 / 4
     thr_b = max(issue_b, s.wavefronts_b, s.remote_bytes / REMOTE_BYTES_PER_CLOCK)
     latency = max(0.0, latency_a - thr_a) + PHASE_FILL + SYNCTHREADS + PHASE_FILL
-    latency += (REMOTE_LATENCY + CLUSTER_BARRIER) if cluster else SYNCTHREADS
+    latency += cluster_sync if cluster else SYNCTHREADS
     return thr_a + thr_b, latency
 
 
@@ -178,7 +189,8 @@ class Prediction:
     notes: str
 
 
-def after(exe: str, op: str, B: int, C: int, S: int, tmp: str, k: int = 3) -> Prediction:
+def after(exe: str, op: str, B: int, C: int, S: int, tmp: str, k: int = 3,
+          cluster_sync: float = CLUSTER_SYNC) -> Prediction:
     p = plan(exe, B, C, S, k)
     steps, _, _ = steps_of(count(exe, op, B, C, S, k, tmp))
     G = p["blocks_per_image"]
@@ -189,11 +201,11 @@ def after(exe: str, op: str, B: int, C: int, S: int, tmp: str, k: int = 3) -> Pr
     on_one_sm = math.ceil(resident / SMS)
     clocks = 0.0
     for s in steps:
-        thr, lat = step_clocks(s, G > 1, bool(p["weights_in_shared"]))
+        thr, lat = step_clocks(s, G > 1, bool(p["weights_in_shared"]), cluster_sync)
         clocks += max(on_one_sm * thr, thr + lat)
     ring_bytes = p["ring_elements"] * 4
     weights_bytes = p["weight_elements"] * 4 if p["weights_in_shared"] else 0
-    prologue = (ring_bytes + weights_bytes) / 128 + 2 * MEMORY_LATENCY + CLUSTER_BARRIER * (G > 1)
+    prologue = (ring_bytes + weights_bytes) / 128 + 2 * MEMORY_LATENCY + cluster_sync * (G > 1)
     seconds = coefficient_seconds(C, k) + LAUNCH + waves * (prologue + clocks) / CLOCK
     flop = 2.0 * B * S * S * C * C * k * k
     global_bytes = 4.0 * (2 * B * C * S * S + G * B * (C * C * k * k if p["weights_in_shared"] else 0)
@@ -202,6 +214,45 @@ def after(exe: str, op: str, B: int, C: int, S: int, tmp: str, k: int = 3) -> Pr
                       sum(s.wavefronts_a + s.wavefronts_b for s in steps) / len(steps),
                       f"{per_sm} blocks/SM fit, {on_one_sm} resident; coefficients "
                       f"{'in shared memory' if p['weights_in_shared'] else 'from L1'}")
+
+
+def explain(exe: str, op: str, B: int, C: int, S: int, tmp: str, k: int = 3) -> str:
+    """The arithmetic of one prediction, as Markdown (docs/gpu-performance.md's worked example)."""
+    p = plan(exe, B, C, S, k)
+    steps, _, _ = steps_of(count(exe, op, B, C, S, k, tmp))
+    G = p["blocks_per_image"]
+    longest = max(range(len(steps)), key=lambda n: steps[n].warp_iterations)
+    s = steps[longest]
+    thr, lat = step_clocks(s, G > 1, bool(p["weights_in_shared"]), CLUSTER_SYNC)
+    sums = [step_clocks(t, G > 1, bool(p["weights_in_shared"]), CLUSTER_SYNC) for t in steps]
+    total_thr, total_lat = sum(t for t, _ in sums), sum(t for _, t in sums)
+    new = after(exe, op, B, C, S, tmp, k)
+    ref = cudnn_forward(B, C, S, k)
+    macs = S * S * C * C * k * k / G
+    lines = [
+        (f"Plan ({'sm_90, ' if G > 1 else ''}H100): {G} block(s) per image, {p['threads']} threads each, "
+        f"{B * G} blocks on {min(B * G, SMS)} SMs, {new.waves} wave(s); ring "
+        f"{'and coefficient copy ' if p['weights_in_shared'] else ''}in shared memory: {p['shared']} bytes per block. "
+        f"A block owns {min(C, p['groups_per_block'] * Q)} output channels: "
+        f"{S}·{S}·{min(C, p['groups_per_block'] * Q)}·{k * k}·{C} = {macs / 1e6:.2f} M multiply-adds per image, "
+        f"{macs / FMA_PER_CLOCK:,.0f} clocks at {FMA_PER_CLOCK:.0f} FMA per clock."),
+        "",
+        (f"The longest diagonal (step {longest}, {S} pixels): counted {s.warp_iterations:.0f} warp-iterations of the hot "
+        f"loop, the busiest thread {s.iterations}; {s.wavefronts_a} shared wavefronts in phase A, {s.wavefronts_b} in "
+        f"phase B, {s.remote_bytes} bytes into the other blocks."),
+        (f"Phase A: max(issue {s.warp_iterations:.0f} × 80 / 4 = {s.warp_iterations * 20:.0f}, wavefronts "
+        f"{s.wavefronts_a}{'' if p['weights_in_shared'] else f' + {s.warp_iterations * P:.0f} from L1'}, busiest "
+        f"thread {s.iterations} × 100 = {s.iterations * 100}) clocks; phase B and the rest of the throughput "
+        f"{thr - max(s.warp_iterations * 20, s.wavefronts_a):.0f}; fills, barriers and latency {lat:.0f}: "
+        f"{thr + lat:.0f} clocks = {(thr + lat) / CLOCK * 1e6:.2f} µs."),
+        "",
+        (f"All {len(steps)} steps: {total_thr:,.0f} clocks of issue or wavefronts + {total_lat:,.0f} of fills, "
+        f"barriers and latency = {(total_thr + total_lat) / CLOCK * 1e6:.1f} µs; coefficient kernel "
+        f"{coefficient_seconds(C, k) * 1e6:.1f} µs; launch and prologue: total {new.seconds * 1e6:.1f} µs."),
+        (f"cuDNN's forward: {2 * B * S * S * C * C * k * k / 1e9:.3f} GFLOP at {CUDNN_EFFICIENCY:.0%} of 50 TFLOP/s "
+        f"+ 3 µs = {ref * 1e6:.1f} µs. Ratio {new.seconds / ref:.2f}×."),
+    ]
+    return "\n".join(lines)
 
 
 def before(B: int, C: int, S: int, k: int = 3) -> Prediction:
@@ -244,7 +295,7 @@ def before(B: int, C: int, S: int, k: int = 3) -> Prediction:
         loops = math.ceil(items / threads)
         issue_res = busy_warps * taps_c * 30 / 4
         latency_res = loops * taps_c * 30
-        residual = max(issue_res, warp_wavefronts * (1 if in_shared else 1), latency_res)
+        residual = max(issue_res, warp_wavefronts, latency_res)
         solve_items = n * C
         solve_warps = math.ceil(solve_items / 32)
         solve_wavefronts = solve_warps * (C / 2) * 2
@@ -276,15 +327,23 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256])
     parser.add_argument("--ops", nargs="+", default=["inverse", "inverse_transpose"])
     parser.add_argument("--out", default=os.path.join(ROOT, "tools", "results"))
+    parser.add_argument("--cluster-sync", type=float, nargs="+", default=[300, 700],
+                        help="other cluster-barrier costs (clocks) to show the B = 16 rows with")
+    parser.add_argument("--explain", type=int, nargs=3, metavar=("B", "C", "SIZE"),
+                        help="print the arithmetic of one inverse prediction and exit")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="wavefront_model_") as tmp:
         exe = build_emulator(tmp)
+        if args.explain:
+            print(explain(exe, "inverse", *args.explain, tmp))
+            return 0
         for op in args.ops:
             for S in args.sizes:
                 for C in args.channels:
                     for B in args.batches:
                         new = after(exe, op, B, C, S, tmp)
+                        others = {c: after(exe, op, B, C, S, tmp, cluster_sync=c).seconds for c in args.cluster_sync}
                         old = before(B, C, S)
                         ref = cudnn_forward(B, C, S)
                         rows.append(dict(
@@ -295,7 +354,8 @@ def main(argv=None) -> int:
                             after_us=new.seconds * 1e6, after_ratio=new.seconds / ref,
                             blocks_per_image=new.blocks_per_image, threads=new.threads, sms_busy=new.sms_busy,
                             waves=new.waves, steps=new.steps, wavefronts_per_step=new.wavefronts_per_step,
-                            gflop=new.flop / 1e9, global_mb=new.global_bytes / 1e6, notes=new.notes))
+                            gflop=new.flop / 1e9, global_mb=new.global_bytes / 1e6, notes=new.notes,
+                            **{f"after_ratio_sync{int(c)}": t / ref for c, t in others.items()}))
                         r = rows[-1]
                         print(f"{op:17s} B={B:3d} C={C:2d} {S}²: cuDNN {r['cudnn_us']:8.1f} µs | before "
                               f"{r['before_us']:9.1f} µs ({r['before_ratio']:6.1f}×) | after {r['after_us']:8.1f} µs "

@@ -136,7 +136,7 @@ void run_wavefront(const at::Tensor& rhs, const at::Tensor& weight, const std::o
   const int forced_blocks = environment_int("CINC_CUDA_WAVEFRONT_BLOCKS");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   WavefrontPlan plan = plan_wavefront(p, B, limits, forced_threads, forced_blocks);
-  if (plan.blocks_per_image > 1) {
+  if (plan.fits && plan.blocks_per_image > 1) {
     const bool fits = adjoint ? (plan.weights_in_shared ? cluster_fits<T, true, true>(plan, B, stream)
                                                         : cluster_fits<T, true, false>(plan, B, stream))
                               : (plan.weights_in_shared ? cluster_fits<T, false, true>(plan, B, stream)
@@ -154,8 +154,9 @@ void run_wavefront(const at::Tensor& rhs, const at::Tensor& weight, const std::o
   at::Tensor workspace =
       at::empty({plan.coefficient_elements + B * plan.ring_global_elements}, rhs.options().memory_format(
                                                                                   at::MemoryFormat::Contiguous));
-  p.coefficients = workspace.data_ptr<T>();
-  p.ring_global = workspace.data_ptr<T>() + plan.coefficient_elements;
+  T* coefficients = workspace.data_ptr<T>();
+  p.coefficients = coefficients;
+  p.ring_global = coefficients + plan.coefficient_elements;
 
   const dim3 coefficient_grid(static_cast<unsigned int>(k * k), static_cast<unsigned int>(plan.coefficient_chunks));
   const size_t coefficient_shared = static_cast<size_t>(plan.coefficient_shared_bytes);
@@ -163,12 +164,12 @@ void run_wavefront(const at::Tensor& rhs, const at::Tensor& weight, const std::o
     auto kernel = wavefront_coefficients_kernel<T, true>;
     allow_shared(kernel, plan.coefficient_shared_bytes);
     kernel<<<coefficient_grid, kCoefficientThreads, coefficient_shared, stream>>>(
-        weight.data_ptr<T>(), C, k, unit_diagonal, p.padded_channels, p.coefficients);
+        weight.data_ptr<T>(), C, k, unit_diagonal, p.padded_channels, coefficients);
   } else {
     auto kernel = wavefront_coefficients_kernel<T, false>;
     allow_shared(kernel, plan.coefficient_shared_bytes);
     kernel<<<coefficient_grid, kCoefficientThreads, coefficient_shared, stream>>>(
-        weight.data_ptr<T>(), C, k, unit_diagonal, p.padded_channels, p.coefficients);
+        weight.data_ptr<T>(), C, k, unit_diagonal, p.padded_channels, coefficients);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   adjoint ? dispatch_wavefront<T, true>(plan, p, B, stream) : dispatch_wavefront<T, false>(plan, p, B, stream);

@@ -3,7 +3,8 @@
 //
 //   ld(p), st(p, v)            a load / store. On the GPU exactly `*p` / `*p = v`; the emulation counts the
 //                              shared-memory ones per warp-wide access (bank conflicts) and per thread and phase
-//                              (utilisation), which is why the kernels route their shared-memory traffic through them.
+//                              (utilisation), which is why the kernels route their shared-memory traffic through them,
+//                              and checks that every 16-byte access is 16-byte aligned (the GPU faults otherwise).
 //   Vec<T>                     16 bytes of T (4 floats, 2 doubles), 16-byte aligned: one 128-bit access.
 //   block_shared_memory()      the block's dynamic shared memory.
 //   cluster_barrier()          barrier.cluster (arrive with release, wait with acquire) across a thread-block

@@ -259,7 +259,7 @@ CINC_HD void wavefront_copy_weights(const WavefrontParams<T>& p, const Wavefront
   const int column = static_cast<int>(e % per_row) * kVec<T>;
   Vec<T> v = zero_vec<T>();
   if (b.o_begin + column < p.padded_channels) {
-    v = *reinterpret_cast<const Vec<T>*>(p.coefficients + row * p.padded_channels + b.o_begin + column);
+    v = ld(reinterpret_cast<const Vec<T>*>(p.coefficients + row * p.padded_channels + b.o_begin + column));
   }
   T* to = shared_weights + (row / kVec<T>) * p.weight_chunk_stride + (row % kVec<T>) * p.weight_stride + column;
   st(reinterpret_cast<Vec<T>*>(to), v);
@@ -483,7 +483,7 @@ CINC_HD void wavefront_store_group(const WavefrontParams<T>& p, const WavefrontB
       Vec<T> v;
       CINC_UNROLL
       for (int x = 0; x < kVec<T>; ++x) v.v[x] = values[u * kVec<T> + x];
-      *reinterpret_cast<Vec<T>*>(out + u * kVec<T>) = v;
+      st(reinterpret_cast<Vec<T>*>(out + u * kVec<T>), v);
     }
   } else {
     CINC_UNROLL

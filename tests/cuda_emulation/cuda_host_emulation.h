@@ -14,7 +14,8 @@
 // * blocks of a cluster run at once, clusters one after the other (plain launches: clusters of one block), so
 //   ThreadSanitizer sees every pair of accesses that the barriers do not order, within a block and across a cluster;
 // * a launch over the device's limits (threads, the kernel's __launch_bounds__, shared memory, cluster size) fails,
-//   as cudaLaunchKernel would.
+//   as cudaLaunchKernel would; a vector access through ld()/st() that its alignment does not divide aborts, as the
+//   GPU would fault.
 //
 // Counting (when set_counting(true)): every load and store that the kernels route through ld()/st() and that lands in
 // shared memory is recorded per thread and per phase (the accesses between two barriers). When a phase ends, the
@@ -195,6 +196,15 @@ inline void record(const void* p, size_t bytes, bool store, const std::source_lo
   const auto address = reinterpret_cast<uintptr_t>(p);
   if (!in_shared(*t, address, &remote)) return;
   t->trace.push_back(Access{where.file_name(), where.line(), static_cast<uint32_t>(bytes), address, store});
+}
+
+// A vector access at an address its alignment does not divide faults on the GPU ("misaligned address").
+inline void check_alignment(const void* p, size_t alignment, const std::source_location& at) {
+  if (reinterpret_cast<uintptr_t>(p) % alignment != 0) {
+    std::fprintf(stderr, "emulation: misaligned %zu-byte access at %s:%u\n", alignment, at.file_name(),
+                 static_cast<unsigned>(at.line()));
+    std::abort();
+  }
 }
 
 inline std::string short_file(const char* path) {
@@ -465,12 +475,14 @@ namespace cuda {
 
 template <typename V>
 inline V ld(const V* p, const std::source_location at = std::source_location::current()) {
+  cuda_emulation::check_alignment(p, alignof(V), at);
   cuda_emulation::record(p, sizeof(V), false, at);
   return *p;
 }
 
 template <typename V>
 inline void st(V* p, const V& v, const std::source_location at = std::source_location::current()) {
+  cuda_emulation::check_alignment(p, alignof(V), at);
   cuda_emulation::record(p, sizeof(V), true, at);
   *p = v;
 }
