@@ -111,7 +111,7 @@ SIZING_MUTATIONS = [
     Mutation("wavefront (bank conflicts): ring rows not padded", WAVEFRONT,
              "while (vectors % 8 != 3 && vectors % 8 != 5) ++vectors;", "", tests="counts"),
     Mutation("wavefront (bank conflicts): coefficient chunks not padded", WAVEFRONT,
-             "const int pad = ((row - chunk) % 8 + 8) % 8;", "const int pad = 0;", tests="counts"),
+             "const int pad = ((groups - chunk) % 8 + 8) % 8;", "const int pad = 0;", tests="counts"),
     Mutation("wavefront (bank conflicts): partial sums an even number of pixels per vector", WAVEFRONT,
              "return static_cast<int64_t>(w.groups) * kPixelBlock + 1;",
              "return static_cast<int64_t>(w.groups) * kPixelBlock;", tests="counts"),

@@ -182,11 +182,15 @@ struct WavefrontBlock {
   int owned;    // output channels < C this block owns
   T* partial;   // shared memory
   T* ring;      // shared memory or this image's global ring
-  // The shared copy [k² · chunks][kVec][weight_stride] with chunks weight_chunk_stride apart, or the global
-  // coefficients [k² · chunks][kVec][padded_channels] (offset to the block's first channel).
+  // The coefficient of input channel chunk·kVec + e and output channel o_begin + og·kChannelBlock + u·kVec + v is
+  // weights[chunk · chunk_stride + e · row_stride + u · vector_stride + og · group_stride + v], for the shared copy
+  // ([k² · chunks][kVec rows][kChannelBlock/kVec vectors][groups], chunks padded: weight_chunk_stride_for) or the
+  // global coefficients ([k² · padded_channels][padded_channels], offset to the block's first channel).
   const T* weights;
-  int weight_stride;
   int weight_chunk_stride;
+  int weight_row_stride;
+  int weight_vector_stride;
+  int weight_group_stride;
 
   // Image row `row` (-(k-1) ≤ row < H + k-1 + kPixelBlock-1) of the slot of `diagonal`.
   CINC_HD T* ring_row(const WavefrontParams<T>& p, int64_t diagonal, int64_t row) const {
@@ -215,23 +219,28 @@ CINC_HD WavefrontBlock<T> wavefront_block(const WavefrontParams<T>& p, unsigned 
   b.ring = kRingShared ? base + p.partial_elements : p.ring_global + image * p.ring_elements;
   if (kWeightsShared) {
     b.weights = base + p.partial_elements + p.ring_elements;
-    b.weight_stride = p.weight_stride;
     b.weight_chunk_stride = p.weight_chunk_stride;
+    b.weight_row_stride = p.weight_stride;
+    b.weight_vector_stride = p.groups_per_block * kVec<T>;
+    b.weight_group_stride = kVec<T>;
   } else {
     b.weights = p.coefficients + b.o_begin;
-    b.weight_stride = p.padded_channels;
     b.weight_chunk_stride = kVec<T> * p.padded_channels;
+    b.weight_row_stride = p.padded_channels;
+    b.weight_vector_stride = kVec<T>;
+    b.weight_group_stride = kChannelBlock;
   }
   return b;
 }
 
-// The shared coefficient copy's chunk stride: kVec rows of weight_stride, padded so that it is ≡ a row (mod 8 16-byte
-// words). The slices sharing a warp read consecutive chunks, each the same words of a row; with that stride slice s's
-// words (s·row + og, og < row, in 16-byte words) tile the 8 groups of 4 banks evenly.
+// The shared coefficient copy's chunk stride: kVec rows of weight_stride, padded to ≡ `groups` (mod 8) 16-byte words.
+// One load instruction of a warp reads, for each slice s in it (consecutive chunks), the 16-byte words of its output
+// groups og < groups, contiguous (the layout puts the groups innermost): s · stride + og. With stride ≡ groups the
+// slices' words tile the 8 groups of 4 banks evenly.
 template <typename T>
-CINC_HD int weight_chunk_stride_for(int weight_stride) {
-  const int row = weight_stride / kVec<T>, chunk = kVec<T> * row;  // in 16-byte words
-  const int pad = ((row - chunk) % 8 + 8) % 8;
+CINC_HD int weight_chunk_stride_for(int weight_stride, int groups) {
+  const int chunk = kVec<T> * weight_stride / kVec<T>;  // in 16-byte words
+  const int pad = ((groups - chunk) % 8 + 8) % 8;
   return (chunk + pad) * kVec<T>;
 }
 
@@ -261,7 +270,9 @@ CINC_HD void wavefront_copy_weights(const WavefrontParams<T>& p, const Wavefront
   if (b.o_begin + column < p.padded_channels) {
     v = ld(reinterpret_cast<const Vec<T>*>(p.coefficients + row * p.padded_channels + b.o_begin + column));
   }
-  T* to = shared_weights + (row / kVec<T>) * p.weight_chunk_stride + (row % kVec<T>) * p.weight_stride + column;
+  const int og = column / kChannelBlock, u = (column % kChannelBlock) / kVec<T>;
+  T* to = shared_weights + (row / kVec<T>) * p.weight_chunk_stride + (row % kVec<T>) * p.weight_stride +
+          u * p.groups_per_block * kVec<T> + og * kVec<T>;
   st(reinterpret_cast<Vec<T>*>(to), v);
 }
 
@@ -335,7 +346,7 @@ CINC_HD void wavefront_partial_sums(const WavefrontParams<T>& p, const Wavefront
     }
     const int c = chunk * V;
     const T* w_chunk = b.weights + static_cast<int64_t>(q < w.chunks ? q : w.chunks - 1) * b.weight_chunk_stride +
-                       og * Q;
+                       og * b.weight_group_stride;
     Vec<T> x[P];
     CINC_UNROLL
     for (int m = 0; m < P; ++m) x[m] = ld(reinterpret_cast<const Vec<T>*>(x_row[m] + c));
@@ -348,7 +359,8 @@ CINC_HD void wavefront_partial_sums(const WavefrontParams<T>& p, const Wavefront
       Vec<T> coefficient[QV];
       CINC_UNROLL
       for (int u = 0; u < QV; ++u) {
-        coefficient[u] = ld(reinterpret_cast<const Vec<T>*>(w_chunk + e * b.weight_stride + u * V));
+        coefficient[u] = ld(reinterpret_cast<const Vec<T>*>(w_chunk + e * b.weight_row_stride +
+                                                             u * b.weight_vector_stride));
       }
       CINC_UNROLL
       for (int m = 0; m < P; ++m) {

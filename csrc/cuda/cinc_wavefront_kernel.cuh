@@ -205,7 +205,7 @@ WavefrontPlan plan_wavefront(WavefrontParams<T>& p, int64_t batch, const Wavefro
     p.groups_per_block = (p.groups_total + g - 1) / g;
     p.blocks_per_image = (p.groups_total + p.groups_per_block - 1) / p.groups_per_block;
     p.weight_stride = p.groups_per_block * kChannelBlock;
-    p.weight_chunk_stride = weight_chunk_stride_for<T>(p.weight_stride);
+    p.weight_chunk_stride = weight_chunk_stride_for<T>(p.weight_stride, p.groups_per_block);
     p.weight_elements = static_cast<int64_t>(p.k) * p.k * (p.padded_channels / kVec<T>) * p.weight_chunk_stride;
   };
   // The last block of an image may own fewer groups, so more slices: size for both.
