@@ -55,30 +55,41 @@ void allow_shared(Kernel kernel, int64_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
-template <typename T, bool kAdjoint, bool kRingShared, bool kWeightsShared, bool kCluster>
+// The wavefront launch: a cluster dimension for the cluster kernels, and (sm_90) programmatic dependent launch, so
+// that its prologue overlaps the coefficient kernel before it in the stream (the kernel waits for it in
+// wait_for_prerequisites()).
+template <bool kCluster>
 cudaLaunchConfig_t wavefront_config(const WavefrontPlan& plan, int64_t batch, cudaStream_t stream,
-                                    cudaLaunchAttribute* attribute) {
+                                    bool dependent_launch, cudaLaunchAttribute* attributes) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned int>(batch * plan.blocks_per_image));
   config.blockDim = dim3(static_cast<unsigned int>(plan.threads));
   config.dynamicSmemBytes = static_cast<size_t>(plan.shared_bytes);
   config.stream = stream;
-  attribute->id = cudaLaunchAttributeClusterDimension;
-  attribute->val.clusterDim.x = kCluster ? static_cast<unsigned int>(plan.blocks_per_image) : 1;
-  attribute->val.clusterDim.y = 1;
-  attribute->val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = kCluster ? 1 : 0;
+  config.attrs = attributes;
+  config.numAttrs = 0;
+  if (kCluster) {
+    cudaLaunchAttribute& a = attributes[config.numAttrs++];
+    a.id = cudaLaunchAttributeClusterDimension;
+    a.val.clusterDim.x = static_cast<unsigned int>(plan.blocks_per_image);
+    a.val.clusterDim.y = 1;
+    a.val.clusterDim.z = 1;
+  }
+  if (dependent_launch) {
+    cudaLaunchAttribute& a = attributes[config.numAttrs++];
+    a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    a.val.programmaticStreamSerializationAllowed = 1;
+  }
   return config;
 }
 
 template <typename T, bool kAdjoint, bool kRingShared, bool kWeightsShared, bool kCluster>
-void launch_wavefront(const WavefrontPlan& plan, const WavefrontParams<T>& p, int64_t batch, cudaStream_t stream) {
+void launch_wavefront(const WavefrontPlan& plan, const WavefrontParams<T>& p, int64_t batch, cudaStream_t stream,
+                      bool dependent_launch) {
   auto kernel = wavefront_kernel<T, kAdjoint, kRingShared, kWeightsShared, kCluster>;
   allow_shared(kernel, plan.shared_bytes);
-  cudaLaunchAttribute attribute;
-  const cudaLaunchConfig_t config =
-      wavefront_config<T, kAdjoint, kRingShared, kWeightsShared, kCluster>(plan, batch, stream, &attribute);
+  cudaLaunchAttribute attributes[2];
+  const cudaLaunchConfig_t config = wavefront_config<kCluster>(plan, batch, stream, dependent_launch, attributes);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
 }
 
@@ -88,9 +99,8 @@ template <typename T, bool kAdjoint, bool kWeightsShared>
 bool cluster_fits(const WavefrontPlan& plan, int64_t batch, cudaStream_t stream) {
   auto kernel = wavefront_kernel<T, kAdjoint, true, kWeightsShared, true>;
   allow_shared(kernel, plan.shared_bytes);
-  cudaLaunchAttribute attribute;
-  const cudaLaunchConfig_t config = wavefront_config<T, kAdjoint, true, kWeightsShared, true>(plan, batch, stream,
-                                                                                             &attribute);
+  cudaLaunchAttribute attributes[2];
+  const cudaLaunchConfig_t config = wavefront_config<true>(plan, batch, stream, false, attributes);
   int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
     (void)cudaGetLastError();  // clear the error: the caller falls back to one block per image
@@ -100,15 +110,16 @@ bool cluster_fits(const WavefrontPlan& plan, int64_t batch, cudaStream_t stream)
 }
 
 template <typename T, bool kAdjoint>
-void dispatch_wavefront(const WavefrontPlan& plan, const WavefrontParams<T>& p, int64_t batch, cudaStream_t stream) {
+void dispatch_wavefront(const WavefrontPlan& plan, const WavefrontParams<T>& p, int64_t batch, cudaStream_t stream,
+                        bool dependent) {
   if (plan.blocks_per_image > 1) {
-    plan.weights_in_shared ? launch_wavefront<T, kAdjoint, true, true, true>(plan, p, batch, stream)
-                           : launch_wavefront<T, kAdjoint, true, false, true>(plan, p, batch, stream);
+    plan.weights_in_shared ? launch_wavefront<T, kAdjoint, true, true, true>(plan, p, batch, stream, dependent)
+                           : launch_wavefront<T, kAdjoint, true, false, true>(plan, p, batch, stream, dependent);
   } else if (!plan.ring_in_shared) {
-    launch_wavefront<T, kAdjoint, false, false, false>(plan, p, batch, stream);
+    launch_wavefront<T, kAdjoint, false, false, false>(plan, p, batch, stream, dependent);
   } else {
-    plan.weights_in_shared ? launch_wavefront<T, kAdjoint, true, true, false>(plan, p, batch, stream)
-                           : launch_wavefront<T, kAdjoint, true, false, false>(plan, p, batch, stream);
+    plan.weights_in_shared ? launch_wavefront<T, kAdjoint, true, true, false>(plan, p, batch, stream, dependent)
+                           : launch_wavefront<T, kAdjoint, true, false, false>(plan, p, batch, stream, dependent);
   }
 }
 
@@ -131,7 +142,8 @@ void run_wavefront(const at::Tensor& rhs, const at::Tensor& weight, const std::o
   p.H = H;
   p.W = W;
   p.k = k;
-  WavefrontDevice limits = wavefront_device(device);
+  const WavefrontDevice device_limits = wavefront_device(device);
+  WavefrontDevice limits = device_limits;
   const int forced_threads = environment_int("CINC_CUDA_WAVEFRONT_THREADS");
   const int forced_blocks = environment_int("CINC_CUDA_WAVEFRONT_BLOCKS");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
@@ -172,7 +184,10 @@ void run_wavefront(const at::Tensor& rhs, const at::Tensor& weight, const std::o
         weight.data_ptr<T>(), C, k, unit_diagonal, p.padded_channels, coefficients);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  adjoint ? dispatch_wavefront<T, true>(plan, p, B, stream) : dispatch_wavefront<T, false>(plan, p, B, stream);
+  // Programmatic dependent launch needs sm_90, the first architecture with clusters.
+  const bool dependent = device_limits.max_cluster > 1;
+  adjoint ? dispatch_wavefront<T, true>(plan, p, B, stream, dependent)
+          : dispatch_wavefront<T, false>(plan, p, B, stream, dependent);
 }
 
 at::Tensor solve_cuda(const at::Tensor& rhs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -11,6 +11,11 @@
 //                              cluster (sm_90): orders shared-memory and global accesses of all its blocks.
 //   cluster_peer(p, rank)      the address of `p`'s counterpart in the shared memory of block `rank` of the cluster
 //                              (distributed shared memory, sm_90); only stored to, never loaded from, by the kernels.
+//   allow_dependent_launch()   griddepcontrol.launch_dependents / .wait (sm_90, programmatic dependent launch): the
+//   wait_for_prerequisites()   next kernel in the stream may start before this one ends, and waits, where it says,
+//                              for the grids it depends on to finish and their writes to be visible. Without the
+//                              launch attribute, and before sm_90, both do nothing; the emulation runs kernels one
+//                              after the other.
 #pragma once
 
 #include <cstdint>
@@ -70,6 +75,18 @@ __device__ __forceinline__ V* cluster_peer(V* p, unsigned int rank) {
 #else
   (void)rank;
   return p;
+#endif
+}
+
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_prerequisites() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
 

@@ -31,6 +31,8 @@ template <typename T, bool kAdjoint>
 __global__ void __launch_bounds__(kCoefficientThreads)
     wavefront_coefficients_kernel(const T* weight, int64_t C, int k, bool unit_diagonal, int padded,
                                   T* coefficients) {
+  // The wavefront kernel may start now: it waits for this grid before it reads the coefficients.
+  allow_dependent_launch();
   T* centre = reinterpret_cast<T*>(block_shared_memory());
   const int64_t stride = odd_stride(C);
   T* inverse = centre + C * stride;
@@ -67,11 +69,6 @@ __global__ void __launch_bounds__(kWavefrontMaxThreads<T>) wavefront_kernel(cons
 
   const int64_t ring_vectors = p.ring_elements / kVec<T>;
   for (int64_t e = tid; e < ring_vectors; e += threads) wavefront_zero_ring(b, e);
-  if (kWeightsShared) {
-    T* weights = reinterpret_cast<T*>(shared) + p.partial_elements + p.ring_elements;
-    const int64_t copies = weight_copy_items(p);
-    for (int64_t e = tid; e < copies; e += threads) wavefront_copy_weights(p, b, weights, e);
-  }
   __syncthreads();
   {
     const DiagonalSpan first = wavefront_diagonal(p, 0, kAdjoint);
@@ -93,6 +90,14 @@ __global__ void __launch_bounds__(kWavefrontMaxThreads<T>) wavefront_kernel(cons
     }
   };
   prefetch(1);
+  // All of the above overlaps the coefficient kernel (launched before this one in the stream, with programmatic
+  // dependent launch on sm_90); the coefficients are read from here on.
+  wait_for_prerequisites();
+  if (kWeightsShared) {
+    T* weights = reinterpret_cast<T*>(shared) + p.partial_elements + p.ring_elements;
+    const int64_t copies = weight_copy_items(p);
+    for (int64_t e = tid; e < copies; e += threads) wavefront_copy_weights(p, b, weights, e);
+  }
   // In a cluster, also: every block has started and zeroed its ring before any other block writes into it.
   if constexpr (kCluster) {
     cluster_barrier();

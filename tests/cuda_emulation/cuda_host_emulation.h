@@ -503,6 +503,10 @@ inline void cluster_barrier(const std::source_location at = std::source_location
   });
 }
 
+// Kernels run one after the other here: nothing to allow or wait for.
+inline void allow_dependent_launch() {}
+inline void wait_for_prerequisites() {}
+
 template <typename V>
 inline V* cluster_peer(V* p, unsigned int rank) {
   const cuda_emulation::ThreadState* t = cuda_emulation::current_thread;
