@@ -217,10 +217,10 @@ def test_wavefront_kernel_every_layout(emulator, op, B, C, H, W, k):
 
 
 def test_wavefront_kernel_many_threads_and_batch(emulator):
-    """The plan's own launch for a batch smaller than the SM count: a cluster per image (two images, so two clusters
-    one after the other), diagonals of more than one warp of items."""
+    """Clusters of 4 blocks, one after the other for two images, with the plan's threads: diagonals of more than one
+    warp of items."""
     w, bias, y = _inputs(7, 2, 16, 12, 10, 2, torch.float32)
-    got, launch = _run(emulator, "inverse", "float", w, x=y, bias=bias)
+    got, launch = _run(emulator, "inverse", "float", w, x=y, bias=bias, blocks=4)
     assert launch["threads"] > 32 and launch["blocks_per_image"] == 4
     assert_rel_close(got, reference.inverse(y, w, bias, False), torch.float32, what=str(launch))
 
@@ -237,11 +237,13 @@ H100 = {"sms": 132, "cluster": 8, "shared": 232448, "shared_sm": 233472}
 A100 = {"sms": 108, "cluster": 1, "shared": 166912, "shared_sm": 167936}
 
 
-@pytest.mark.parametrize("B,C,H,W,blocks", [(1, 48, 32, 32, 6), (16, 48, 32, 32, 6), (16, 12, 32, 32, 3),
-                                            (16, 96, 64, 64, 8), (132, 48, 32, 32, 1), (256, 48, 32, 32, 1)])
+@pytest.mark.parametrize("B,C,H,W,blocks", [(1, 48, 32, 32, 6), (16, 48, 32, 32, 6), (16, 24, 32, 32, 6),
+                                            (16, 96, 64, 64, 8), (132, 48, 32, 32, 1), (256, 48, 32, 32, 1),
+                                            (16, 12, 32, 32, 1), (1, 12, 64, 64, 1)])
 def test_wavefront_plan_fills_an_h100(emulator, B, C, H, W, blocks):
     """Blocks per image from the batch, the channels and the SM count: a batch that leaves SMs idle gets clusters of
-    up to 8 blocks over equal shares of the output groups, without asking for more SMs than there are."""
+    up to 8 blocks over equal shares of the output groups, without asking for more SMs than there are — unless the
+    diagonals carry too little work for a cluster barrier to pay (C = 12: 108 multiply-adds per pixel and channel)."""
     p = _plan(emulator, "float", B, C, H, W, 3, **H100)
     assert p["fits"] == 1 and p["ring_in_shared"] == 1
     assert p["blocks_per_image"] == blocks, p

@@ -226,7 +226,7 @@ def explain(exe: str, op: str, B: int, C: int, S: int, tmp: str, k: int = 3) -> 
     p = plan(exe, B, C, S, k)
     steps, _, _ = steps_of(count(exe, op, B, C, S, k, tmp))
     G = p["blocks_per_image"]
-    longest = max(range(len(steps)), key=lambda n: steps[n].warp_iterations)
+    longest = S - 1  # the anti-diagonal through the corners: S pixels
     s = steps[longest]
     thr, lat = step_clocks(s, G > 1, bool(p["weights_in_shared"]), CLUSTER_SYNC)
     sums = [step_clocks(t, G > 1, bool(p["weights_in_shared"]), CLUSTER_SYNC) for t in steps]

@@ -15,17 +15,18 @@
 // wavefront_coefficients_kernel computes A (k²·C³ multiply-adds, once per call) into a global workspace.
 //
 // Per diagonal, a block (channels [o_begin, o_begin + groups·kChannelBlock) of one image):
-//   A. partial sums: the (tap, input chunk) sum is split over as many slices as there are threads to spare; a thread
-//      item is kPixelBlock pixels × kChannelBlock output channels of one slice, its inputs 16-byte vectors of kVec
-//      channels from the ring (neighbours) or the staging slot (y - bias), its coefficients 16-byte vectors of A.
-//      Lanes of a warp take consecutive pixel groups, then output groups: ring reads are 8 distinct rows (a padded
-//      row stride makes 8 rows of 16 bytes cover the 32 banks once), coefficient reads 16-byte words of one row.
+//   A. partial sums: the (tap, input chunk) sum is split into slices, as many as keep the threads busy; a thread item
+//      is kPixelBlock pixels × kChannelBlock output channels of one slice, its inputs 16-byte vectors of kVec channels
+//      from the ring (neighbours) or the staging slot (y - bias), its coefficients 16-byte vectors of A. Lanes of a
+//      warp take consecutive pixel groups, then output groups, then slices (which take neighbouring chunks): the
+//      layouts below spread every warp-wide access over the banks (tests/test_cuda_emulated.py counts them).
 //      Also in this phase: the previous diagonal's finished row groups go to the output (16-byte stores of
-//      kStoreGroup pixels) and the next diagonal's y - bias is loaded into registers before the hot loop and
-//      stored to its staging slot after it (prefetch).
+//      kStoreGroup pixels), and the next diagonal's y - bias, loaded into registers during the previous phase B,
+//      goes to its staging slot.
 //   barrier
 //   B. the slices' partial sums are added; the result goes into this block's ring and, in a cluster, into every
-//      other block's ring (distributed shared memory: stores only, so every load of the kernel is a local one).
+//      other block's ring (distributed shared memory: stores only, so every load of the kernel is a local one); the
+//      diagonal's guard rows are zeroed; the right-hand side two diagonals ahead is loaded into registers.
 //   barrier (a cluster barrier in a cluster)
 //
 // Ring: [slot][row][channel], slot = diagonal mod ring_slots_for(k), rows -(k-1) … H+k+kPixelBlock-3 (rows of zeros

@@ -21,6 +21,10 @@ namespace cuda {
 template <typename T>
 constexpr int kWavefrontMaxThreads = sizeof(T) == 8 ? 384 : 512;
 
+// What a cluster step (the last distributed-shared-memory store landing, then barrier.cluster) costs beyond a
+// __syncthreads(), in multiply-adds of one SM: ~420 clocks at ~111 per clock (docs/gpu-performance.md, an estimate).
+constexpr int64_t kClusterStepFma = 48000;
+
 // Right-hand-side values a thread loads for the next diagonal before the hot loop (registers held across it).
 template <typename T>
 constexpr int kPrefetch = sizeof(T) == 8 ? 4 : 8;
@@ -167,7 +171,8 @@ __global__ void __launch_bounds__(kWavefrontMaxThreads<T>) wavefront_kernel(cons
 //
 // Choices, in order (docs/gpu-performance.md derives them):
 //  * blocks per image: when the batch leaves SMs idle and the device has clusters, enough blocks to fill them
-//    (≤ device.max_cluster), each owning an equal share of the output-channel groups;
+//    (≤ device.max_cluster), each owning an equal share of the output-channel groups — unless an image's diagonals
+//    have too little work for the cluster barrier to pay (kClusterStepFma);
 //  * threads: a whole number of warps — at least 6 per SM, at most kWavefrontMaxThreads (256 when an SM is to hold
 //    two blocks, i.e. there are more blocks than SMs) — that keeps the most threads busy in the hot loop over the
 //    image's diagonals (within 2 % of the best, the most threads), among the counts whose partial sums leave room for
@@ -205,6 +210,10 @@ WavefrontPlan plan_wavefront(WavefrontParams<T>& p, int64_t batch, const Wavefro
   if (device.max_cluster > 1) {
     const int64_t want = forced_blocks > 0 ? forced_blocks : device.multiprocessors / std::max<int64_t>(batch, 1);
     blocks = static_cast<int>(std::clamp<int64_t>(want, 1, std::min(device.max_cluster, p.groups_total)));
+    // A cluster step costs about kClusterStepFma multiply-adds of one SM more than a block's: worth it only when the
+    // work it takes off each block (of an average diagonal, half the longest) saves more than that.
+    const int64_t longest = static_cast<int64_t>(p.max_diagonal) * p.C * p.k * p.k * p.C;
+    if (forced_blocks <= 0 && longest / 2 - longest / 2 / blocks < kClusterStepFma) blocks = 1;
   }
   const auto split_groups = [&](int g) {
     p.groups_per_block = (p.groups_total + g - 1) / g;
