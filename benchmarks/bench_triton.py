@@ -1,7 +1,7 @@
 """The Triton backend beside cuDNN (and the CUDA backend when it is built), at the shapes of the GPU targets.
 
     python benchmarks/bench_triton.py                          # B=64, k=3, C ∈ {12, 48, 96}, H=W ∈ {8, 16, 32, 64}
-    python benchmarks/bench_triton.py --out "$OUT/triton"      # what benchmarks/gpu_check.sh runs
+    python benchmarks/bench_triton.py --out "$OUT/triton"      # what tools/gpu_check.sh runs
     TRITON_INTERPRET=1 python benchmarks/bench_triton.py --batch 1 --channels 3 --sizes 4 --no-write   # CPU smoke run
 
 For every shape: correctness first (forward against the float64 reference, ``inverse(forward(x))`` against ``x``,

@@ -1,36 +1,14 @@
-// The inverse x = M⁻¹(y - bias) and its adjoint u = M⁻ᵀ g on CUDA: ONE launch per call.
+// The inverse x = M⁻¹(y - bias) and its adjoint u = M⁻ᵀ g on CUDA: two launches per call.
 //
-// Each thread block owns one image and walks all H + W - 1 anti-diagonals itself (from the top-left for the inverse,
-// from the bottom-right for the adjoint), with __syncthreads() between the two steps of every diagonal:
-//   A. residual r[c, p] = rhs - bias - (tap sum over the already solved neighbours), one block of 4 pixels ×
-//      4 channels per thread;
-//   B. channel substitution as C independent dot products with the precomputed L⁻¹ (x = L⁻¹ r, u = L⁻ᵀ r), one
-//      (pixel, channel) per thread, instead of C dependent steps per pixel.
-// The tap sums and the substitution that builds L⁻¹ are cinc_math.h's (causal_neighbour_block /
-// anticausal_neighbour_block, which the CPU kernels also run; solve_lower_in_place); the dot products with L⁻¹
-// (lower_inverse_*_row_dot) are cinc_wavefront_block.h's.
+// wavefront_coefficients_kernel turns the weight into the coefficients of the substitution (L⁻¹ and -L⁻¹ W_tap, or
+// their adjoint forms) in a workspace; wavefront_kernel then walks the H + W - 1 anti-diagonals of every image, one
+// block per image or, on sm_90 when the batch leaves SMs idle, a thread-block cluster per image whose blocks own
+// disjoint output channels and exchange each diagonal through distributed shared memory. The kernels, their steps
+// and the launch plan are in cinc_wavefront_kernel.cuh and cinc_wavefront_block.h (ATen-free:
+// tests/cuda_emulation/ runs them as written on CPU threads); the performance model is docs/gpu-performance.md.
 //
-// Shared memory holds L⁻¹, a ring of the last 2(k-1) anti-diagonals of the solution (every neighbour a pixel reads
-// lies on one of them), the current diagonal's residual and, when it fits, a copy of the weight;
-// without room for the ring the solution is read back from the output in global memory (the block's own writes,
-// visible after __syncthreads()). The kernel is in cinc_wavefront_kernel.cuh, its steps and the layout in
-// cinc_wavefront_block.h; tests/cuda_emulation/ runs that kernel as written on CPU threads.
-//
-// Threads of a warp take consecutive pixels of the diagonal with the same channel, so weight and L⁻¹ reads are
-// broadcasts and ring/residual reads are consecutive words.
-//
-// Performance model (not yet measured: no GPU was available when this was written; benchmarks/gpu_check.sh
-// measures it). The residual step does (k²-1)·C multiply-adds per pixel and channel. One (pixel, channel) per
-// thread would need a shared-memory load of the neighbour and a (broadcast) load of the weight per multiply-add, and
-// shared-memory issue (~1 warp-wide load per clock per SM) would bound it: ~37 µs per diagonal, ~5 ms per call for
-// B = 64, C = 48, 64×64 on 64 of the H200's 132 SMs. Blocks of 4 pixels × 4 channels per thread need 8 loads per 16
-// multiply-adds instead of 32, which should bring that down ~4×. Next steps: split an image's channels over a
-// cluster of 2-4 blocks (distributed shared memory for the ring, cluster barriers; this would also serve batch 1),
-// then tensor-core MMA on the diagonal's (pixels × (k²-1)C) by ((k²-1)C × C) product, 3xTF32 to keep float32
-// accuracy. Batch 1 today: one block of up to 512 threads (wavefront_threads).
-//
-// A singular L (a zero on the centre tap's diagonal) is NOT checked here: checking would need a device-to-host
-// sync. L⁻¹ then holds inf and the output inf/nan. The Python docs say so.
+// A singular L (a zero on the centre tap's diagonal) is not checked here: checking would need a device-to-host sync.
+// L⁻¹ then holds inf and the output inf/nan. The Python docs say so.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -50,32 +28,99 @@ namespace cinc {
 namespace cuda {
 namespace {
 
-int shared_memory_limit(int device) {
-  int bytes = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return bytes;
+int device_attribute(cudaDeviceAttr attribute, int device) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
 }
 
-int multiprocessors(int device) {
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  return n;
+WavefrontDevice wavefront_device(int device) {
+  WavefrontDevice d;
+  d.multiprocessors = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  d.shared_per_block = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  d.shared_per_multiprocessor = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  d.max_cluster = device_attribute(cudaDevAttrClusterLaunch, device) != 0 ? 8 : 1;
+  return d;
 }
 
-// CINC_CUDA_WAVEFRONT_THREADS overrides the heuristic of wavefront_threads (benchmarks/bench_gpu.py sweeps it).
-int forced_wavefront_threads() {
-  const char* env = std::getenv("CINC_CUDA_WAVEFRONT_THREADS");
+// CINC_CUDA_WAVEFRONT_THREADS / CINC_CUDA_WAVEFRONT_BLOCKS override the plan's threads per block and blocks per
+// image (benchmarks/bench_gpu.py sweeps them).
+int environment_int(const char* name) {
+  const char* env = std::getenv(name);
   return env != nullptr ? std::atoi(env) : 0;
 }
 
-template <typename T, bool kAdjoint, bool kRing>
-void launch_wavefront(const WavefrontParams<T>& p, int64_t batch, int threads, size_t shared_bytes,
-                      cudaStream_t stream) {
-  auto kernel = wavefront_kernel<T, kAdjoint, kRing>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(shared_bytes)));
-  kernel<<<static_cast<unsigned int>(batch), threads, shared_bytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+template <typename Kernel>
+void allow_shared(Kernel kernel, int64_t bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+// The wavefront launch: a cluster dimension for the cluster kernels, and (sm_90) programmatic dependent launch, so
+// that its prologue overlaps the coefficient kernel before it in the stream (the kernel waits for it in
+// wait_for_prerequisites()).
+template <bool kCluster>
+cudaLaunchConfig_t wavefront_config(const WavefrontPlan& plan, int64_t batch, cudaStream_t stream,
+                                    bool dependent_launch, cudaLaunchAttribute* attributes) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned int>(batch * plan.blocks_per_image));
+  config.blockDim = dim3(static_cast<unsigned int>(plan.threads));
+  config.dynamicSmemBytes = static_cast<size_t>(plan.shared_bytes);
+  config.stream = stream;
+  config.attrs = attributes;
+  config.numAttrs = 0;
+  if (kCluster) {
+    cudaLaunchAttribute& a = attributes[config.numAttrs++];
+    a.id = cudaLaunchAttributeClusterDimension;
+    a.val.clusterDim.x = static_cast<unsigned int>(plan.blocks_per_image);
+    a.val.clusterDim.y = 1;
+    a.val.clusterDim.z = 1;
+  }
+  if (dependent_launch) {
+    cudaLaunchAttribute& a = attributes[config.numAttrs++];
+    a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    a.val.programmaticStreamSerializationAllowed = 1;
+  }
+  return config;
+}
+
+template <typename T, bool kAdjoint, bool kRingShared, bool kWeightsShared, bool kCluster>
+void launch_wavefront(const WavefrontPlan& plan, const WavefrontParams<T>& p, int64_t batch, cudaStream_t stream,
+                      bool dependent_launch) {
+  auto kernel = wavefront_kernel<T, kAdjoint, kRingShared, kWeightsShared, kCluster>;
+  allow_shared(kernel, plan.shared_bytes);
+  cudaLaunchAttribute attributes[2];
+  const cudaLaunchConfig_t config = wavefront_config<kCluster>(plan, batch, stream, dependent_launch, attributes);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+}
+
+// Whether the device can hold one cluster of the plan's blocks at once (a cluster's blocks must be resident together
+// on one GPC).
+template <typename T, bool kAdjoint, bool kWeightsShared>
+bool cluster_fits(const WavefrontPlan& plan, int64_t batch, cudaStream_t stream) {
+  auto kernel = wavefront_kernel<T, kAdjoint, true, kWeightsShared, true>;
+  allow_shared(kernel, plan.shared_bytes);
+  cudaLaunchAttribute attributes[2];
+  const cudaLaunchConfig_t config = wavefront_config<true>(plan, batch, stream, false, attributes);
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the error: the caller falls back to one block per image
+    return false;
+  }
+  return clusters > 0;
+}
+
+template <typename T, bool kAdjoint>
+void dispatch_wavefront(const WavefrontPlan& plan, const WavefrontParams<T>& p, int64_t batch, cudaStream_t stream,
+                        bool dependent) {
+  if (plan.blocks_per_image > 1) {
+    plan.weights_in_shared ? launch_wavefront<T, kAdjoint, true, true, true>(plan, p, batch, stream, dependent)
+                           : launch_wavefront<T, kAdjoint, true, false, true>(plan, p, batch, stream, dependent);
+  } else if (!plan.ring_in_shared) {
+    launch_wavefront<T, kAdjoint, false, false, false>(plan, p, batch, stream, dependent);
+  } else {
+    plan.weights_in_shared ? launch_wavefront<T, kAdjoint, true, true, false>(plan, p, batch, stream, dependent)
+                           : launch_wavefront<T, kAdjoint, true, false, false>(plan, p, batch, stream, dependent);
+  }
 }
 
 template <typename T>
@@ -85,38 +130,64 @@ void run_wavefront(const at::Tensor& rhs, const at::Tensor& weight, const std::o
   const int k = static_cast<int>(weight.size(3));
   const int device = rhs.get_device();
 
-  WavefrontParams<T> p;
+  WavefrontParams<T> p{};
   p.rhs = rhs.data_ptr<T>();
   p.rhs_stride_b = rhs.stride(0);
   p.rhs_stride_c = rhs.stride(1);
   p.rhs_stride_h = rhs.stride(2);
   p.rhs_stride_w = rhs.stride(3);
   p.bias = bias.has_value() ? bias->data_ptr<T>() : nullptr;
-  p.weight = weight.data_ptr<T>();
   p.out = out.data_ptr<T>();
   p.C = C;
   p.H = H;
   p.W = W;
   p.k = k;
-  p.unit_diagonal = unit_diagonal;
-  const int64_t limit_bytes = shared_memory_limit(device);
-  const WavefrontLayout layout = configure_wavefront(p, limit_bytes);
-  TORCH_CHECK(layout.fits, "the CUDA ", adjoint ? "inverse_transpose" : "inverse",
-              " keeps L⁻¹ and one anti-diagonal in shared memory, which needs more than the ", limit_bytes,
-              " bytes this GPU has per block for C = ", C, " and dtype ", rhs.scalar_type(),
-              "; use backend=\"torch\" (any device) or backend=\"cpu\" (after .cpu()) for so many channels");
-  const size_t shared_bytes = static_cast<size_t>(layout.total_elements) * sizeof(T);
-  const bool use_ring = layout.use_ring;
-
-  const int threads = wavefront_threads<T>(B, C, p.max_diagonal, multiprocessors(device), forced_wavefront_threads());
+  const WavefrontDevice device_limits = wavefront_device(device);
+  WavefrontDevice limits = device_limits;
+  const int forced_threads = environment_int("CINC_CUDA_WAVEFRONT_THREADS");
+  const int forced_blocks = environment_int("CINC_CUDA_WAVEFRONT_BLOCKS");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  if (adjoint) {
-    use_ring ? launch_wavefront<T, true, true>(p, B, threads, shared_bytes, stream)
-             : launch_wavefront<T, true, false>(p, B, threads, shared_bytes, stream);
-  } else {
-    use_ring ? launch_wavefront<T, false, true>(p, B, threads, shared_bytes, stream)
-             : launch_wavefront<T, false, false>(p, B, threads, shared_bytes, stream);
+  WavefrontPlan plan = plan_wavefront(p, B, limits, forced_threads, forced_blocks);
+  if (plan.fits && plan.blocks_per_image > 1) {
+    const bool fits = adjoint ? (plan.weights_in_shared ? cluster_fits<T, true, true>(plan, B, stream)
+                                                        : cluster_fits<T, true, false>(plan, B, stream))
+                              : (plan.weights_in_shared ? cluster_fits<T, false, true>(plan, B, stream)
+                                                        : cluster_fits<T, false, false>(plan, B, stream));
+    if (!fits) {
+      limits.max_cluster = 1;
+      plan = plan_wavefront(p, B, limits, forced_threads, forced_blocks);
+    }
   }
+  TORCH_CHECK(plan.fits, "the CUDA ", adjoint ? "inverse_transpose" : "inverse",
+              " keeps L and L⁻¹ and one anti-diagonal's partial sums in shared memory, which needs more than the ",
+              limits.shared_per_block, " bytes this GPU has per block for C = ", C, " and dtype ", rhs.scalar_type(),
+              "; use backend=\"torch\" (any device) or backend=\"cpu\" (after .cpu()) for so many channels");
+
+  at::Tensor workspace =
+      at::empty({plan.coefficient_elements + B * plan.ring_global_elements}, rhs.options().memory_format(
+                                                                                  at::MemoryFormat::Contiguous));
+  T* coefficients = workspace.data_ptr<T>();
+  p.coefficients = coefficients;
+  p.ring_global = coefficients + plan.coefficient_elements;
+
+  const dim3 coefficient_grid(static_cast<unsigned int>(k * k), static_cast<unsigned int>(plan.coefficient_chunks));
+  const size_t coefficient_shared = static_cast<size_t>(plan.coefficient_shared_bytes);
+  if (adjoint) {
+    auto kernel = wavefront_coefficients_kernel<T, true>;
+    allow_shared(kernel, plan.coefficient_shared_bytes);
+    kernel<<<coefficient_grid, kCoefficientThreads, coefficient_shared, stream>>>(
+        weight.data_ptr<T>(), C, k, unit_diagonal, p.padded_channels, coefficients);
+  } else {
+    auto kernel = wavefront_coefficients_kernel<T, false>;
+    allow_shared(kernel, plan.coefficient_shared_bytes);
+    kernel<<<coefficient_grid, kCoefficientThreads, coefficient_shared, stream>>>(
+        weight.data_ptr<T>(), C, k, unit_diagonal, p.padded_channels, coefficients);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Programmatic dependent launch needs sm_90, the first architecture with clusters.
+  const bool dependent = device_limits.max_cluster > 1;
+  adjoint ? dispatch_wavefront<T, true>(plan, p, B, stream, dependent)
+          : dispatch_wavefront<T, false>(plan, p, B, stream, dependent);
 }
 
 at::Tensor solve_cuda(const at::Tensor& rhs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -131,8 +202,11 @@ at::Tensor solve_cuda(const at::Tensor& rhs, const at::Tensor& weight, const std
   const std::optional<at::Tensor> bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
   at::Tensor out = at::empty(rhs.sizes(), rhs.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
-  TORCH_CHECK(rhs.size(0) <= INT32_MAX, name, ": batch ", rhs.size(0), " exceeds the CUDA grid limit");
-  TORCH_CHECK(rhs.size(2) * rhs.size(3) <= INT32_MAX, name, ": H·W must stay below 2^31");
+  // Up to 8 blocks per image in a grid of at most 2^31 - 1 blocks; a diagonal's items are counted in int.
+  TORCH_CHECK(rhs.size(0) <= INT32_MAX / 8, name, ": batch ", rhs.size(0), " exceeds the CUDA grid limit");
+  TORCH_CHECK(rhs.size(2) * rhs.size(3) <= INT32_MAX &&
+                  rhs.size(1) * std::min(rhs.size(2), rhs.size(3)) <= INT32_MAX / 8,
+              name, ": H·W and C·min(H, W) must stay below 2^31");
   AT_DISPATCH_FLOATING_TYPES(rhs.scalar_type(), "cinc_wavefront_cuda",
                              [&] { run_wavefront<scalar_t>(rhs, w, bc, unit_diagonal, adjoint, out); });
   return out;
