@@ -13,8 +13,8 @@ Parts (float32, k = 3 unless said; cuDNN is ``F.conv2d`` on the top-left padded 
                C ∈ {12, 48}, 32×32. ``--kernel-sizes 1`` gives the same at k = 1 (the barrier and latency floor of
                the wavefront without the tap cost).
   sweep        the inverse at C = 48, 32×32 for B ∈ {1, 16, 132, 264}: the default launch, then each thread count
-               (CINC_CUDA_THREADS) and each number of blocks per image (CINC_CUDA_BLOCKS_PER_IMAGE), beside cuDNN
-               at that B; every setting's result is compared with the default launch's.
+               (CINC_CUDA_WAVEFRONT_THREADS) and each number of blocks per image (CINC_CUDA_WAVEFRONT_BLOCKS),
+               beside cuDNN at that B; every setting's result is compared with the default launch's.
   finc         the FInC-algorithm baseline (finc_baseline.py: (H + W - 1)·⌈C/4⌉ launches replayed from a CUDA
                graph) against our inverse of the same layer (FInC's block-diagonal weight, unit diagonal), and our
                inverse of the full CInC layer: B = 16, C = 12, 32×32.
@@ -51,8 +51,8 @@ import cinc_kernels as ck  # noqa: E402
 from cinc_kernels import harness, reference  # noqa: E402
 
 # The wavefront's launch overrides, read by csrc/cuda at every call: threads per block, blocks per image.
-THREADS_ENV = "CINC_CUDA_THREADS"
-BLOCKS_PER_IMAGE_ENV = "CINC_CUDA_BLOCKS_PER_IMAGE"
+THREADS_ENV = "CINC_CUDA_WAVEFRONT_THREADS"
+BLOCKS_PER_IMAGE_ENV = "CINC_CUDA_WAVEFRONT_BLOCKS"
 PARTS = ("correctness", "ops", "sweep", "finc", "half", "fwdbwd", "profile")
 # Relative errors (norm of the difference over the norm of the reference) the correctness part accepts.
 TOLERANCE = {"forward": {torch.float32: 1e-5, torch.float64: 1e-10},

@@ -70,7 +70,8 @@ def _build(out_dir, sanitize):
 
 
 def _starts(command) -> subprocess.CompletedProcess:
-    return subprocess.run([*command, "math"], capture_output=True, text=True, env=dict(os.environ, TSAN_OPTIONS=TSAN), check=False)
+    return subprocess.run([*command, "math"], capture_output=True, text=True,
+                          env=dict(os.environ, TSAN_OPTIONS=TSAN), check=False)
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +309,8 @@ def _count(command, tmp_path, op, dtype, B, C, H, W, k, device):
     plan = _plan(command, dtype, B, C, H, W, k, **device)
     w, bias, rhs = _inputs(_seed("count", op, dtype, B, C, H, W), 1, C, H, W, k, DTYPES[dtype])
     path = tmp_path / f"{op}_{dtype}_{B}_{C}_{H}.json"
-    extra = [f"plan_batch={B}", f"sms={device['sms']}", f"cluster={device['cluster']}", f"shared_sm={device['shared_sm']}",
+    extra = [f"plan_batch={B}", f"sms={device['sms']}", f"cluster={device['cluster']}",
+             f"shared_sm={device['shared_sm']}",
              f"counters={path}"]
     got, launch = _run(command, op, dtype, w, x=rhs, bias=None if op == "inverse_transpose" else bias,
                        shared=device["shared"], extra=extra)
@@ -457,7 +459,8 @@ def test_emulation_notices_a_stray_write_and_a_race(emulator):
     ordered = subprocess.run([*emulator, "selftest", "cluster"], capture_output=True, text=True, env=env, check=False)
     assert ordered.returncode == 0 and ordered.stdout.split() == [str(v) for v in range(1, 33)], ordered.stderr
     race = subprocess.run([*emulator, "selftest", "race"], capture_output=True, text=True, env=env, check=False)
-    cluster_race = subprocess.run([*emulator, "selftest", "cluster_race"], capture_output=True, text=True, env=env, check=False)
+    cluster_race = subprocess.run([*emulator, "selftest", "cluster_race"], capture_output=True, text=True, env=env,
+                                  check=False)
     if "_tsan" not in emulator[-1]:
         pytest.skip("no working ThreadSanitizer build on this machine (see the warning): no race check")
     assert race.returncode == 66 and "data race" in race.stderr, race.stderr[-2000:]

@@ -28,7 +28,8 @@ def report(tmp_path_factory):
     if not _nvcc():
         pytest.skip("no nvcc (CUDA toolkit) on this machine: ptxas cannot report on the CUDA kernels")
     out = tmp_path_factory.mktemp("ptxas")
-    done = subprocess.run([sys.executable, SCRIPT, "--out", str(out)], capture_output=True, text=True, timeout=1800, check=False)
+    done = subprocess.run([sys.executable, SCRIPT, "--out", str(out)], capture_output=True, text=True, timeout=1800,
+                          check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     with open(out / "cuda_ptxas.csv") as f:
         return list(csv.DictReader(f))

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -99,8 +100,10 @@ def test_every_benchmark_stage_parses():
         assert args.part == words[0], name
     sweep = bench_gpu.parser().parse_args(next(words for name, words in benches if name == "sweep"))
     assert sweep.batches == [1, 16, 132, 264] and sweep.channels == [48]
-    assert bench_gpu.THREADS_ENV == "CINC_CUDA_THREADS"
-    assert bench_gpu.BLOCKS_PER_IMAGE_ENV == "CINC_CUDA_BLOCKS_PER_IMAGE"
+    # The sweep's overrides are the variables the CUDA launcher reads at each call.
+    launcher = (Path(__file__).resolve().parents[1] / "csrc/cuda/cinc_cuda_wavefront.cu").read_text()
+    read = set(re.findall(r'environment_int\("([A-Z_]+)"\)', launcher))
+    assert {bench_gpu.THREADS_ENV, bench_gpu.BLOCKS_PER_IMAGE_ENV} == read
 
 
 def test_ncu_is_guarded_and_triton_does_not_autotune_by_default():

@@ -45,7 +45,8 @@ WAVEFRONT_LAYOUTS = [("true", "true", "false"), ("true", "false", "false"), ("fa
 # One instantiation per specialisation that csrc/cuda/*.cu launches.
 INSTANCES = (
     [f"template __global__ void forward_kernel<{t}, {a}>(const ForwardParams<{t}>);" for t, a in FORWARD_TYPES]
-    + [f"template __global__ void wavefront_kernel<{t}, {adj}, {ring}, {weights}, {cluster}>(const WavefrontParams<{t}>);"
+    + [f"template __global__ void wavefront_kernel<{t}, {adj}, {ring}, {weights}, {cluster}>"
+       f"(const WavefrontParams<{t}>);"
        for t in ("float", "double") for adj in ("false", "true") for ring, weights, cluster in WAVEFRONT_LAYOUTS]
     + [f"template __global__ void wavefront_coefficients_kernel<{t}, {adj}>(const {t}*, int64_t, int, bool, int, {t}*);"
        for t in ("float", "double") for adj in ("false", "true")]
@@ -120,7 +121,8 @@ def run_ptxas(nvcc: str, arch: str, csrc: str) -> tuple[str, str | None]:
         cuobjdump = cuobjdump_path(nvcc)
         sass = None
         if cuobjdump is not None:
-            listing = subprocess.run([cuobjdump, "-sass", os.path.join(tmp, "k.o")], capture_output=True, text=True, check=False)
+            listing = subprocess.run([cuobjdump, "-sass", os.path.join(tmp, "k.o")], capture_output=True, text=True,
+                                     check=False)
             if listing.returncode != 0:
                 raise RuntimeError(f"cuobjdump failed for sm_{arch}:\n{listing.stderr[-4000:]}")
             sass = listing.stdout

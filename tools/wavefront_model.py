@@ -242,9 +242,9 @@ def explain(exe: str, op: str, B: int, C: int, S: int, tmp: str, k: int = 3) -> 
         f"{S}·{S}·{min(C, p['groups_per_block'] * Q)}·{k * k}·{C} = {macs / 1e6:.2f} M multiply-adds per image, "
         f"{macs / FMA_PER_CLOCK:,.0f} clocks at {FMA_PER_CLOCK:.0f} FMA per clock."),
         "",
-        (f"The longest diagonal (step {longest}, {S} pixels): counted {s.warp_iterations:.0f} warp-iterations of the hot "
-        f"loop, the busiest thread {s.iterations}; {s.wavefronts_a} shared wavefronts in phase A, {s.wavefronts_b} in "
-        f"phase B, {s.remote_bytes} bytes into the other blocks."),
+        (f"The longest diagonal (step {longest}, {S} pixels): counted {s.warp_iterations:.0f} warp-iterations of the "
+        f"hot loop, the busiest thread {s.iterations}; {s.wavefronts_a} shared wavefronts in phase A, "
+        f"{s.wavefronts_b} in phase B, {s.remote_bytes} bytes into the other blocks."),
         (f"Phase A: max(issue {s.warp_iterations:.0f} × 80 / 4 = {s.warp_iterations * 20:.0f}, wavefronts "
         f"{s.wavefronts_a}{'' if p['weights_in_shared'] else f' + {s.warp_iterations * P:.0f} from L1'}, busiest "
         f"thread {s.iterations} × 100 = {s.iterations * 100}) clocks; phase B and the rest of the throughput "
@@ -376,8 +376,9 @@ def main(argv=None) -> int:
         f.write("# The CUDA wavefront's performance model on an H100 (predictions, not measurements)\n\n"
                 "`python tools/wavefront_model.py`; the method and its constants: docs/gpu-performance.md. float32, "
                 "k = 3, square images. Ratios are to cuDNN's forward (modelled).\n\n"
-                "| op | B | C | H=W | steps | FLOP (G) | global (MB) | cuDNN µs | before: threads, SMs, wavefronts/step "
-                "| before µs | before / cuDNN | after: blocks/image, threads, SMs, waves | after wavefronts/step "
+                "| op | B | C | H=W | steps | FLOP (G) | global (MB) | cuDNN µs "
+                "| before: threads, SMs, wavefronts/step | before µs | before / cuDNN "
+                "| after: blocks/image, threads, SMs, waves | after wavefronts/step "
                 "| after µs | after / cuDNN |\n|" + "---|" * 15 + "\n")
         for r in rows:
             f.write(f"| {r['op']} | {r['B']} | {r['C']} | {r['size']} | {r['steps']} | {r['gflop']:.3g} | "
