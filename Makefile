@@ -6,7 +6,8 @@
 PYTHON ?= python3
 export CINC_CUDA ?= auto
 # Test processes run in parallel (pytest-xdist): `auto` is one per CPU core; JOBS=0 runs them in one process.
-# pytest-benchmark's plugin stays off: the suite has no benchmarks (benchmarks/ has), and it warns under xdist.
+# pytest-benchmark's plugin stays off where it is installed: the suite has no benchmarks (benchmarks/ has), and it warns
+# under xdist.
 JOBS ?= auto
 PYTEST := $(PYTHON) -m pytest -q -p no:cacheprovider -p no:benchmark -n $(JOBS)
 BUILD_LOG := build/build.log
