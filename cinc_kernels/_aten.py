@@ -55,6 +55,8 @@ def times_pixel_count(t: torch.Tensor, height: Size, width: Size) -> torch.Tenso
     """``t · H·W``, with ``H·W`` as a float: a product of two Python ints would overflow int64 once it meets a tensor
     for huge sizes, and ``float(height)`` would fix a symbolic size to one value where ``torch.sym_float`` keeps it
     symbolic."""
+    if type(height) is int and type(width) is int:  # the common case, without torch.sym_float's dispatch
+        return t * (float(height) * float(width))
     return cast(torch.Tensor, t * (torch.sym_float(height) * torch.sym_float(width)))
 
 
@@ -63,4 +65,9 @@ def logdet(weight: torch.Tensor, height: Size, width: Size, unit_diagonal: bool)
     centre tap has a zero on its diagonal. Only the diagonal is read, so a NaN in a masked entry has no effect."""
     if unit_diagonal:
         return weight.new_zeros(())
-    return times_pixel_count(centre_diagonal(weight).abs().log().sum(), height, width)
+    diagonal = centre_diagonal(weight)
+    if height == 0 or width == 0:
+        # The map of an image without pixels is the empty one: log-determinant 0, also for a singular weight
+        # (H·W · -inf would be NaN). Still attached to the weight's graph.
+        return 0 * diagonal.sum()
+    return times_pixel_count(diagonal.abs().log().sum(), height, width)

@@ -59,6 +59,8 @@ class Range:
 
 def check_int(name: str, value: Any, low: Optional[int] = None, high: Optional[int] = None) -> int:
     """``value`` if it is an int (not a bool) in ``low…high``."""
+    if type(value) is int and (low is None or value >= low) and (high is None or value <= high):
+        return value  # the common case, on every call of the ops: no Range built
     checked: int = Range(int, low, high).check(name, value)
     return checked
 

@@ -223,6 +223,9 @@ def test_singular_centre_tap(backend, device):
         else:
             assert not torch.isfinite(solve()).all()
     assert ck.cinc_logdet(w, 3, 5, backend=backend).item() == float("-inf")
+    # An image without pixels has the empty map, log-determinant 0, whatever the weight (H·W · -inf is NaN).
+    for H, W in [(0, 5), (3, 0), (0, 0)]:
+        assert ck.cinc_logdet(w, H, W, backend=backend).item() == 0.0, (H, W)
     x = ck.cinc_conv2d_inverse(y, w, unit_diagonal=True, backend=backend)
     assert rel_error(ck.cinc_conv2d(x, w, unit_diagonal=True, backend=backend), y) <= 20 * RTOL[torch.float32]
     assert ck.cinc_logdet(w, 3, 5, unit_diagonal=True, backend=backend).item() == 0.0
