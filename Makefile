@@ -4,6 +4,14 @@
 # They use the Python that `python3` names: the active virtual environment or conda environment, else the system's.
 # Another one: `make test PYTHON=path/to/venv/bin/python` (no need to activate it).
 PYTHON ?= python3
+# `make test` builds what this machine can run: the CUDA kernels only where a GPU is visible (compiling them for four
+# GPU architectures costs a 2-core machine three minutes, for kernels nothing here can launch); `make check` compiles
+# them anyway (cuda-compile). Setting CINC_CUDA yourself (auto, 0 or 1) decides for every target.
+ifeq ($(origin CINC_CUDA),undefined)
+  GPU_VISIBLE := $(shell { nvidia-smi -L 2>/dev/null || ls /dev/nvidia[0-9]* 2>/dev/null; } | head -n 1)
+  TEST_CINC_CUDA := $(if $(GPU_VISIBLE),auto,0)
+  test check: CINC_CUDA := $(TEST_CINC_CUDA)
+endif
 export CINC_CUDA ?= auto
 # Test processes run in parallel (pytest-xdist): `auto` is one per CPU core; JOBS=0 runs them in one process.
 # pytest-benchmark's plugin stays off where it is installed: the suite has no benchmarks (benchmarks/ has), and it warns
@@ -15,7 +23,7 @@ BUILD_LOG := build/build.log
 export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: deps build demo test test-suite test-triton check lint typecheck test-install docs bench clean \
-        triton-aot triton36-env
+        triton-aot triton36-env cuda-compile
 
 # What `deps` installs: requirements.txt for the demo and the build; under `make test` and `make check` (whose
 # prerequisites see this value) also what the tests, lint, types and docs need.
@@ -71,11 +79,28 @@ test-triton:
 
 # Everything CI runs (.ci/run), in order of cost: stops at the first failure.
 check: test
+	$(MAKE) --no-print-directory cuda-compile
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory typecheck
 	$(MAKE) --no-print-directory docs
 	$(MAKE) --no-print-directory triton-aot
 	$(MAKE) --no-print-directory test-install
+
+# The CUDA kernels compiled for every GPU architecture the package ships for (setup.py's default list), out of place
+# into build/cuda-compile/ (the in-place build is left as it is): compile errors show without a GPU. Skipped where no
+# CUDA toolkit is found, and where the in-place build already has the CUDA kernels (a GPU is visible).
+CUDA_COMPILE_LOG := build/cuda-compile.log
+cuda-compile:
+	@if $(PYTHON) -c "import json, sys; sys.exit(not json.load(open('cinc_kernels/_build_info.json'))['cuda_built'])" \
+	    2>/dev/null; then \
+	  echo "cuda-compile: the in-place build already has the CUDA kernels"; \
+	elif [ -x "$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ] || command -v nvcc > /dev/null; then \
+	  echo "cuda-compile: compiling the CUDA kernels into build/cuda-compile/; the compiler's output goes to $(CUDA_COMPILE_LOG)"; \
+	  CINC_CUDA=1 CINC_BUILD_LOG=$(CUDA_COMPILE_LOG) $(PYTHON) setup.py -q build_ext \
+	    --build-temp build/cuda-compile/temp --build-lib build/cuda-compile/lib; \
+	else \
+	  echo "cuda-compile: skipped, no CUDA toolkit (nvcc) found"; \
+	fi
 
 # lint, typecheck and docs use the tools `make test` installs (requirements-test.txt).
 lint:

@@ -345,7 +345,11 @@ def test_sigint_and_sigkill_at_random_moments_then_resume_to_the_same_parameters
             # while C code ran Python source (e.g. an extension's import) before the handler was installed.
             assert proc.returncode in (130, -signal.SIGINT), log
             assert "Traceback" not in err, log
-            assert "interrupted" in err, log
+            if "interrupted" not in err:
+                # The signal came after the run had finished and restored Python's handlers (the interpreter was
+                # shutting down): silent, and nothing to lose, since the last checkpoint is the final one.
+                assert proc.returncode == -signal.SIGINT, log
+                assert load_checkpoint(str(out / "checkpoint.pt"))["step"] == 24, log
     # A SIGKILL may leave a temporary file (never a torn real one); the next run into the folder removes it.
     assert not [f for f in os.listdir(out) if ".tmp" in f], log
     final = load_checkpoint(str(out / "checkpoint.pt"))

@@ -159,8 +159,9 @@ if [ -n "$DRY_RUN" ]; then
 elif ! command -v ncu > /dev/null; then
   echo "ncu: skipped, no ncu on this machine" >> "$STATUS"
 else
-  # One inverse and one adjoint at (16, 48, 32, 32): bank conflicts, generic against shared loads, issue slots.
-  stage ncu 40 ncu --target-processes all --kernel-name regex:wavefront --launch-count 2 \
+  # The wavefront kernels (not the coefficient kernels before them) of one inverse and one adjoint at (16, 48, 32,
+  # 32): bank conflicts, generic against shared loads, issue slots.
+  stage ncu 40 ncu --target-processes all --kernel-name regex:^wavefront_kernel --launch-count 2 \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
     --section WarpStateStats --section InstructionStats --section MemoryWorkloadAnalysis_Tables \
     --section SourceCounters --export "$WORK/ncu/wavefront" --force-overwrite \
