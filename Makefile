@@ -4,15 +4,15 @@
 # They use the Python that `python3` names: the active virtual environment or conda environment, else the system's.
 # Another one: `make test PYTHON=path/to/venv/bin/python` (no need to activate it).
 PYTHON ?= python3
-# `make test` builds what this machine can run: the CUDA kernels only where a GPU is visible (compiling them for four
+# The targets build what this machine can run: the CUDA kernels only where a GPU is visible (compiling them for four
 # GPU architectures costs a 2-core machine three minutes, for kernels nothing here can launch); `make check` compiles
-# them anyway (cuda-compile). Setting CINC_CUDA yourself (auto, 0 or 1) decides for every target.
+# them anyway (cuda-compile). Setting CINC_CUDA yourself (auto, 0 or 1; setup.py's own default is auto: whenever a
+# toolkit is found) decides instead.
 ifeq ($(origin CINC_CUDA),undefined)
   GPU_VISIBLE := $(shell { nvidia-smi -L 2>/dev/null || ls /dev/nvidia[0-9]* 2>/dev/null; } | head -n 1)
-  TEST_CINC_CUDA := $(if $(GPU_VISIBLE),auto,0)
-  test check: CINC_CUDA := $(TEST_CINC_CUDA)
+  CINC_CUDA := $(if $(GPU_VISIBLE),auto,0)
 endif
-export CINC_CUDA ?= auto
+export CINC_CUDA
 # Test processes run in parallel (pytest-xdist): `auto` is one per CPU core; JOBS=0 runs them in one process.
 # pytest-benchmark's plugin stays off where it is installed: the suite has no benchmarks (benchmarks/ has), and it warns
 # under xdist.

@@ -565,3 +565,25 @@ def test_a_venv_made_inside_a_venv_sees_that_venvs_packages(tmp_path):
     where = subprocess.run([inner, "-c", "import cinc_kernels; print(cinc_kernels.__file__)"], cwd=tmp_path,
                            capture_output=True, text=True, env=_without_pythonpath())
     assert where.returncode != 0 or not where.stdout.strip().startswith(ROOT + os.sep), "it imports the checkout"
+
+
+def _make_dry_run(*args: str, env_extra: dict | None = None) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("CINC_CUDA", "MAKEFLAGS", "MAKELEVEL")}
+    env.update(env_extra or {})
+    done = subprocess.run(["make", "-n", "build", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_builds_the_cuda_kernels_only_where_a_gpu_is_visible():
+    """Without CINC_CUDA, make's build has the CUDA kernels only where a GPU is visible; CINC_CUDA, from the command
+    line or the environment, decides otherwise."""
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False) \
+        if shutil.which("nvidia-smi") else None
+    visible = bool(listed and listed.returncode == 0 and listed.stdout.strip()) or bool(glob.glob("/dev/nvidia[0-9]*"))
+    assert f"(CINC_CUDA={'auto' if visible else '0'})" in _make_dry_run()
+    assert "(CINC_CUDA=1)" in _make_dry_run("CINC_CUDA=1")
+    assert "(CINC_CUDA=auto)" in _make_dry_run(env_extra={"CINC_CUDA": "auto"})
+
