@@ -27,7 +27,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
-TEST_FILE = os.path.join("tests", "test_cuda_emulated.py")
+# The emulated tests: the kernels' own, and the forward's k = 3 path (which builds through the first file's helpers,
+# so it sees the mutated copy too).
+TEST_FILES = [os.path.join("tests", "test_cuda_emulated.py"), os.path.join("tests", "test_cuda_forward_emulated.py")]
 
 
 @dataclasses.dataclass
@@ -143,7 +145,7 @@ def run_one(mutation: Mutation, timeout: int) -> tuple[bool, str, float]:
         csrc = os.path.join(tmp, "csrc")
         shutil.copytree(os.path.join(ROOT, "csrc"), csrc)
         mutation.apply(csrc)
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", TEST_FILE]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *TEST_FILES]
         if mutation.tests:
             cmd += ["-k", mutation.tests]
         t0 = time.time()
