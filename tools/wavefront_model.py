@@ -330,7 +330,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--channels", type=int, nargs="+", default=[12, 48, 96])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 132, 256])
     parser.add_argument("--ops", nargs="+", default=["inverse", "inverse_transpose"])
     parser.add_argument("--out", default=os.path.join(ROOT, "tools", "results"))
     parser.add_argument("--cluster-sync", type=float, nargs="+", default=[300, 700],
