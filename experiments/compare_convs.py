@@ -135,16 +135,11 @@ def _load_rows(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def rewrite_report(args) -> None:
-    """Rebuild the tables of ``args.out`` from its ``runs.jsonl`` (parameter counts recomputed from the models the
-    rows describe, so that a counting rule changed after the runs applies to all of them)."""
+def _recount(rows: list[dict]) -> None:
+    """Each row's parameter counts recomputed from the model it describes, so that a counting rule changed after some
+    runs (``runs.jsonl`` keeps what was counted then) applies to every row of a table."""
     from cinc_kernels.flow.data import load_data
 
-    rows = _load_rows(os.path.join(args.out, "runs.jsonl"))
-    if not rows:
-        raise SystemExit(f"error: --report: no runs in {os.path.join(args.out, 'runs.jsonl')}")
-    with open(os.path.join(args.out, "results.json")) as f:
-        meta = json.load(f)["meta"]
     shapes = {}
     for r in rows:
         b = r["budget"]
@@ -156,6 +151,18 @@ def rewrite_report(args) -> None:
                             conv=r["conv"], coupling=r["coupling"], permutation=r["permutation"],
                             conv_kwargs=_conv_kwargs(r.get("init")))
         r["parameters"], r["conv_parameters"] = model.num_parameters(), _conv_parameters(model)
+
+
+def rewrite_report(args) -> None:
+    """Rebuild the tables of ``args.out`` from its ``runs.jsonl`` (parameter counts recomputed from the models the
+    rows describe, so that a counting rule changed after the runs applies to all of them)."""
+
+    rows = _load_rows(os.path.join(args.out, "runs.jsonl"))
+    if not rows:
+        raise SystemExit(f"error: --report: no runs in {os.path.join(args.out, 'runs.jsonl')}")
+    with open(os.path.join(args.out, "results.json")) as f:
+        meta = json.load(f)["meta"]
+    _recount(rows)
     _write_all(rows, meta, args.out)
     print(open(os.path.join(args.out, "results.md")).read())
 
@@ -169,6 +176,7 @@ def run_comparison(args) -> None:
               "steps_per_level": args.steps_per_level, "hidden_channels": args.hidden_channels,
               "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds}
     rows = [r for r in _load_rows(runs_path) if r.get("budget") == budget]
+    _recount(rows)  # earlier rows were counted by the rule of their day
     done = {(*_row_config(r), r["seed"]) for r in rows}
     data = load_data(args.data, image_size=args.image_size)
     _log(args, describe(data))

@@ -44,9 +44,18 @@ def test_comparison_appends_runs_resumes_and_rebuilds_its_tables(tmp_path, capsy
         assert os.path.getsize(os.path.join(out, name)) > 0
     md = open(os.path.join(out, "results.md")).read()
     assert "| cinc | quad | reverse | 1 |" in md and "| finc | quad | 1x1 | 1 |" in md
-    compare.main(args)  # a second start finds both runs done and trains nothing
+    # A row counted by an older rule (runs.jsonl keeps what was counted then): the next start recounts it from the
+    # model, and a second start finds both runs done and trains nothing.
+    stale = [dict(r, parameters=1, conv_parameters=1) if r["conv"] == "cinc" else r for r in rows]
+    with open(os.path.join(out, "runs.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in stale)
+    compare.main(args)
     assert len(open(os.path.join(out, "runs.jsonl")).readlines()) == 2
     assert "2 runs already in" in capsys.readouterr().out
+    recounted = json.load(open(os.path.join(out, "results.json")))["runs"][0]
+    assert (recounted["parameters"], recounted["conv_parameters"]) == (rows[0]["parameters"],
+                                                                        rows[0]["conv_parameters"])
+    assert f"| {rows[0]['parameters']:,} |" in open(os.path.join(out, "results.md")).read()
     finc = rows[1]
     compare.main(["--report", "--out", out])
     again = json.load(open(os.path.join(out, "results.json")))["runs"]
