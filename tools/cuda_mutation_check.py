@@ -40,6 +40,9 @@ class Mutation:
     new: str
     occurrence: int = 0  # which match of `old` to replace
     tests: str = ""  # pytest -k expression: the tests of the kernel that the mutation touches
+    # Why the tests cannot catch it, where the mutated code is correct by construction (then a miss is expected and
+    # reported, not counted as a gap in the tests).
+    survives: str = ""
 
     def apply(self, csrc: str) -> None:
         path = os.path.join(csrc, self.path)
@@ -94,7 +97,12 @@ SIZING_MUTATIONS = [
     Mutation("wavefront: a diagonal's guard rows not zeroed", WAVEFRONT,
              "return 2 * static_cast<int64_t>(p.k - 1) * (p.padded_channels / kVec<T>);",
              "return 0 * static_cast<int64_t>(p.k - 1) * (p.padded_channels / kVec<T>);",
-             tests="wavefront"),
+             tests="wavefront",
+             survives="the zeroing is redundant: the ring starts zeroed, the guard rows after a diagonal's last row "
+                      "are never written by an earlier diagonal of the slot (its rows end lower), and the rows "
+                      "before its first row, which do hold an earlier diagonal's values, are never read (a "
+                      "neighbour outside the image lies past the last row). Correct without it on every emulated "
+                      "shape, k = 2…7, H ≠ W both ways; to be removed once a GPU has timed it"),
     Mutation("wavefront: partial sums sized for one slice", WAVEFRONT,
              "const int64_t need = w.splits * partial_rows(w)", "const int64_t need = partial_rows(w)",
              tests="wavefront"),
@@ -195,19 +203,25 @@ def main(argv=None) -> int:
     rows = []
     for n, m in chosen:
         caught, what, seconds = run_one(m, args.timeout)
-        rows.append((n, m.name, caught, what, seconds))
+        if not caught and m.survives:
+            what = f"{what}; expected: {m.survives}"
+        rows.append((n, m.name, caught, what, seconds, bool(m.survives)))
         print(f"{n:2d} {'caught' if caught else 'MISSED'} ({seconds:.0f} s)  {m.name}\n     {what}", flush=True)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write("# Mutations of csrc/cuda and tests/test_cuda_emulated.py\n\n")
+            f.write("# Mutations of csrc/cuda and the emulated tests (tests/test_cuda_emulated.py, "
+                    "tests/test_cuda_forward_emulated.py)\n\n")
             f.write("`python tools/cuda_mutation_check.py`: each row breaks one thing in a copy of csrc/ "
                     "and runs the emulated tests of the kernel it touches.\n\n")
             f.write("| # | mutation | caught | first failing test / why |\n|---|---|---|---|\n")
-            for n, name, caught, what, _ in rows:
-                f.write(f"| {n} | {name} | {'yes' if caught else '**no**'} | {what.replace('|', '/')} |\n")
+            for n, name, caught, what, _, expected in rows:
+                verdict = "yes" if caught else ("no (expected)" if expected else "**no**")
+                f.write(f"| {n} | {name} | {verdict} | {what.replace('|', '/')} |\n")
     missed = [r for r in rows if not r[2]]
-    print(f"{len(rows) - len(missed)} of {len(rows)} mutations caught")
-    return 1 if missed else 0
+    unexpected = [r for r in missed if not r[5]]
+    print(f"{len(rows) - len(missed)} of {len(rows)} mutations caught; {len(missed) - len(unexpected)} missed as "
+          f"expected, {len(unexpected)} unexpectedly")
+    return 1 if unexpected else 0
 
 
 if __name__ == "__main__":
