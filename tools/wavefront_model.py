@@ -28,7 +28,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# An H100 SXM as the issue reads it (the H200 has the same SMs and clocks; its HBM gives 4.8 TB/s).
+# An H100 SXM as the model sees it (the H200 has the same SMs and clocks; its HBM gives 4.8 TB/s).
 SMS = 132
 CLOCK = 1.7e9                 # Hz, sustained
 FP32_PEAK = 50e12             # FLOP/s on CUDA cores
@@ -229,6 +229,7 @@ def explain(exe: str, op: str, B: int, C: int, S: int, tmp: str, k: int = 3) -> 
     longest = S - 1  # the anti-diagonal through the corners: S pixels
     s = steps[longest]
     thr, lat = step_clocks(s, G > 1, bool(p["weights_in_shared"]), CLUSTER_SYNC)
+    issue_a = s.warp_iterations * ISSUE_PER_ITERATION / 4  # as step_clocks counts it
     sums = [step_clocks(t, G > 1, bool(p["weights_in_shared"]), CLUSTER_SYNC) for t in steps]
     total_thr, total_lat = sum(t for t, _ in sums), sum(t for _, t in sums)
     new = after(exe, op, B, C, S, tmp, k)
@@ -245,13 +246,15 @@ def explain(exe: str, op: str, B: int, C: int, S: int, tmp: str, k: int = 3) -> 
         (f"The longest diagonal (step {longest}, {S} pixels): counted {s.warp_iterations:.0f} warp-iterations of the "
         f"hot loop, the busiest thread {s.iterations}; {s.wavefronts_a} shared wavefronts in phase A, "
         f"{s.wavefronts_b} in phase B, {s.remote_bytes} bytes into the other blocks."),
-        (f"Phase A: max(issue {s.warp_iterations:.0f} × 80 / 4 = {s.warp_iterations * 20:.0f}, wavefronts "
+        (f"Phase A: max(instructions {s.warp_iterations:.0f} × {ISSUE_PER_ITERATION} / 4 schedulers = "
+        f"{issue_a:.0f}, wavefronts "
         f"{s.wavefronts_a}{'' if p['weights_in_shared'] else f' + {s.warp_iterations * P:.0f} from L1'}, busiest "
-        f"thread {s.iterations} × 100 = {s.iterations * 100}) clocks; phase B and the rest of the throughput "
-        f"{thr - max(s.warp_iterations * 20, s.wavefronts_a):.0f}; fills, barriers and latency {lat:.0f}: "
+        f"thread {s.iterations} × {ITERATION_LATENCY} = {s.iterations * ITERATION_LATENCY}) clocks; phase B and "
+        f"the rest of the throughput {thr - max(issue_a, s.wavefronts_a):.0f}; fills, barriers and latency "
+        f"{lat:.0f}: "
         f"{thr + lat:.0f} clocks = {(thr + lat) / CLOCK * 1e6:.2f} µs."),
         "",
-        (f"All {len(steps)} steps: {total_thr:,.0f} clocks of issue or wavefronts + {total_lat:,.0f} of fills, "
+        (f"All {len(steps)} steps: {total_thr:,.0f} clocks of instructions or wavefronts + {total_lat:,.0f} of fills, "
         f"barriers and latency = {(total_thr + total_lat) / CLOCK * 1e6:.1f} µs; one launch (the wavefront kernel's "
         f"hides behind the coefficient kernel: programmatic dependent launch) {LAUNCH * 1e6:.0f} µs; coefficient "
         f"kernel {coefficient_seconds(C, k) * 1e6:.1f} µs; total {new.seconds * 1e6:.1f} µs."),

@@ -1,7 +1,9 @@
 #!/bin/bash
-# Learning curves for issue 21: 2000 steps, test bpd every 200, photos 32x32, the photos table's budget otherwise.
-cd /work/curves-run
+# Learning curves (the README's "Learning curves" section): 2000 steps, test bpd every 200, photos 32x32, the photos
+# table's budget otherwise. Run from the repository root, once per seed: bash experiments/results/curves_photos/run.sh 0
+set -u
 seed=$1
+mkdir -p runs/curves
 for cfg in cinc:reverse emerging:none 1x1:none cinc:1x1; do
   conv=${cfg%%:*}; perm=${cfg##*:}
   name=$conv-quad-$perm-s$seed
