@@ -16,6 +16,7 @@ from typing import Optional, Union, cast
 import torch
 import torch.nn.functional as F
 
+from ._symbolic import pixel_count
 from .masks import centre_diagonal, masked_weight
 
 __all__ = ["anticausal_conv", "causal_conv", "forward", "logdet", "times_pixel_count"]
@@ -52,12 +53,9 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
 
 
 def times_pixel_count(t: torch.Tensor, height: Size, width: Size) -> torch.Tensor:
-    """``t · H·W``, with ``H·W`` as a float: a product of two Python ints would overflow int64 once it meets a tensor
-    for huge sizes, and ``float(height)`` would fix a symbolic size to one value where ``torch.sym_float`` keeps it
-    symbolic."""
-    if type(height) is int and type(width) is int:  # the common case, without torch.sym_float's dispatch
-        return t * (float(height) * float(width))
-    return cast(torch.Tensor, t * (torch.sym_float(height) * torch.sym_float(width)))
+    """``t · H·W`` with ``H·W`` from :func:`cinc_kernels._symbolic.pixel_count`: a float (a product of two Python
+    ints would overflow int64 once it meets a tensor for huge sizes) that stays symbolic while a program is traced."""
+    return cast(torch.Tensor, t * pixel_count(height, width))
 
 
 def logdet(weight: torch.Tensor, height: Size, width: Size, unit_diagonal: bool) -> torch.Tensor:

@@ -19,6 +19,8 @@ Size = int | torch.SymInt | torch.Tensor
 def pixel_count(height: Size, width: Size) -> float | torch.SymFloat | torch.Tensor:
     """``H·W``: a float for ints (the int64 product of two huge sizes would wrap once it meets a tensor), a
     ``SymFloat`` under export and compile, and a traced integer tensor under ``torch.jit.trace``."""
+    if type(height) is int and type(width) is int:  # the common case, on every call: no torch.sym_float dispatch
+        return float(height) * float(width)
     if isinstance(height, torch.Tensor) or isinstance(width, torch.Tensor):
         return torch.as_tensor(height) * torch.as_tensor(width)
     return torch.sym_float(height) * torch.sym_float(width)

@@ -84,14 +84,14 @@ def _device_name(device: torch.device) -> str:
 
 
 def _case(case: tuple[int, ...], device: torch.device, generator: torch.Generator) -> dict[str, Any]:
-    """A well-conditioned float64 case (centre diagonal 1.5…2.5 in magnitude, small other taps)."""
+    """A well-conditioned float64 case: the weights and images the test suite uses (:mod:`cinc_kernels.testing`)."""
+    from .testing import make_image, make_weight  # testing imports functional, which imports this module
+
     B, C, H, W, k = case
-    weight = torch.randn(C, C, k, k, generator=generator, dtype=torch.float64) * (0.3 / (k * C**0.5))
-    sign = torch.randint(0, 2, (C,), generator=generator).double() * 2 - 1
-    weight[:, :, k - 1, k - 1] += torch.diag(sign * (1.5 + torch.rand(C, generator=generator, dtype=torch.float64)))
-    image = torch.randn(B, C, H, W, generator=generator, dtype=torch.float64)
-    bias = torch.randn(C, generator=generator, dtype=torch.float64)
-    return {"image": image.to(device), "weight": weight.to(device), "bias": bias.to(device), "size": (H, W)}
+    weight = make_weight(C, k, device=device, generator=generator)
+    image = make_image(B, C, H, W, device=device, generator=generator)
+    bias = torch.randn(C, generator=generator, dtype=torch.float64).to(device)
+    return {"image": image, "weight": weight, "bias": bias, "size": (H, W)}
 
 
 def _arguments(op: str, case: dict[str, Any], dtype: torch.dtype) -> tuple[Any, ...]:
@@ -106,6 +106,7 @@ def _arguments(op: str, case: dict[str, Any], dtype: torch.dtype) -> tuple[Any, 
 def _self_check(backend: Backend, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """``None`` when ``backend``'s ``op`` agrees with the portable backend on :data:`CASES`, else what went wrong."""
     from .backends import get_backend  # backends imports this module
+    from .testing import rel_error
 
     portable = get_backend(PORTABLE).ops[op]
     generator = torch.Generator().manual_seed(0)
@@ -119,7 +120,7 @@ def _self_check(backend: Backend, op: str, device: torch.device, dtype: torch.dt
             except Exception as exc:  # noqa: BLE001
                 return f"{type(exc).__name__}: {exc}"
             want = portable(*_arguments(op, case, torch.float64))
-            error = float((got.double() - want).norm() / want.norm().clamp_min(1e-300))
+            error = rel_error(got, want)
             if not error <= tolerance:  # NaN fails too
                 B, C, H, W, k = shape
                 return f"relative error {error:.1e} > {tolerance:.0e} at B={B}, C={C}, {H}×{W}, k={k}"

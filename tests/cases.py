@@ -7,6 +7,7 @@ Every test draws fresh inputs from a seeded generator so failures reproduce.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -15,9 +16,9 @@ from cinc_kernels import reference
 from cinc_kernels.testing import make_image, make_weight, rel_error
 
 __all__ = ["BIAS_LAYOUTS", "INTERPRETER_PROCESS_BACKENDS", "LAYOUTS", "MAIN_PROCESS_BACKENDS", "RTOL",
-           "TINY_TRAIN_ARGS", "BackendCase", "adjoint_apply", "assert_ops_match_reference", "assert_rel_close",
-           "backend_case", "backends_on", "bias_with_layout", "make_image", "make_weight", "rel_error",
-           "runnable_cases", "with_layout"]
+           "TINY_TRAIN_ARGS", "BackendCase", "adjoint_apply", "assert_one_error_line", "assert_ops_match_reference",
+           "assert_rel_close", "backend_case", "backends_on", "bias_with_layout", "folder_snapshot", "make_image",
+           "make_weight", "rel_error", "runnable_cases", "with_layout"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,3 +165,28 @@ def assert_ops_match_reference(backend, x, w, b, unit_diagonal, layout="contiguo
     assert ld.dtype == dtype and ld.dim() == 0 and ld.device == w.device, what
     torch.testing.assert_close(ld.double().cpu(), reference.logdet(w.double(), H, W, unit_diagonal).cpu(),
                                rtol=tol, atol=tol * H * W)
+
+
+def assert_one_error_line(text: str, *needles: str) -> None:
+    """A command line's mistake: exactly one non-blank line, ``error: ...``, containing every needle (no usage dump,
+    no traceback)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), text
+    for needle in needles:
+        assert needle in lines[0], (needle, text)
+    assert "Traceback" not in text
+
+
+def folder_snapshot(folder, ignore: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every file under ``folder`` (by path relative to it) and its bytes, but the file names in ``ignore``: to
+    check that a command left a user's folder exactly as it was."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            if f in ignore:
+                continue
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, folder)] = fh.read()
+    return out
+

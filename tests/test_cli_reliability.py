@@ -24,33 +24,15 @@ from cinc_kernels.flow.config import TrainConfig, check_config
 from cinc_kernels.flow.data import load_data
 
 from .cases import TINY_TRAIN_ARGS as TINY
+from .cases import assert_one_error_line, folder_snapshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _one_error_line(text: str, *needles: str) -> None:
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), text
-    for needle in needles:
-        assert needle in lines[0], (needle, text)
-
-
 def _last_json(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
-
-
-def _snapshot(folder) -> dict:
-    """Every file under ``folder`` but the lock, and its bytes."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            if f == ".lock":
-                continue
-            with open(os.path.join(root, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(root, f), folder)] = fh.read()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -108,16 +90,16 @@ def test_eval_and_edit_refuse_n_bits_that_contradict_the_model(five_bit_run, cap
         if command == "edit":
             argv += ["--out", str(tmp_path / "edits")]
         assert main(argv) == 2
-        _one_error_line(capsys.readouterr().err, "--n-bits 8", "32 levels")
+        assert_one_error_line(capsys.readouterr().err, "--n-bits 8", "32 levels")
     assert not (tmp_path / "edits").exists()
 
 
 def test_eval_refuses_data_whose_levels_differ_from_the_models(digits_run, capsys):
     assert main(["eval", "--checkpoint", str(digits_run / "checkpoint.pt"), "--n-bits", "5"]) == 2
-    _one_error_line(capsys.readouterr().err, "--n-bits 5", "17 levels")
+    assert_one_error_line(capsys.readouterr().err, "--n-bits 5", "17 levels")
     assert main(["eval", "--checkpoint", str(digits_run / "checkpoint.pt"), "--data", "photos", "--image-size",
                  "8"]) == 2
-    _one_error_line(capsys.readouterr().err, "--data photos", "256 levels", "17")
+    assert_one_error_line(capsys.readouterr().err, "--data photos", "256 levels", "17")
 
 
 def test_edit_with_data_given_edits_at_the_models_n_bits(five_bit_run, tmp_path):
@@ -130,7 +112,7 @@ def test_edit_with_data_given_edits_at_the_models_n_bits(five_bit_run, tmp_path)
     own = torch.load(tmp_path / "own" / "directions_correlation.pt", weights_only=True)["directions"]
     given = torch.load(tmp_path / "given" / "directions_correlation.pt", weights_only=True)["directions"]
     assert torch.equal(own, given)
-    assert _snapshot(tmp_path / "own") == _snapshot(tmp_path / "given")
+    assert folder_snapshot(tmp_path / "own", (".lock",)) == folder_snapshot(tmp_path / "given", (".lock",))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -320,7 +302,7 @@ def test_sample_shrinks_the_pixels_or_refuses_a_grid_too_large_to_view(digits_ru
     assert Image.open(tmp_path / "small" / "sample_T1.00.png").size == (8 * 9 + 1, 8 * 9 + 1)
     assert main(["sample", "--checkpoint", ckpt, "--n", "1000", "--out", str(tmp_path / "large")]) == 2
     err = capsys.readouterr().err
-    _one_error_line(err, "--n 1000", "20,000 pixels")
+    assert_one_error_line(err, "--n 1000", "20,000 pixels")
     most = int(err.split("use --n ")[1].split()[0])
     assert plots.largest_scale(most, (8, 8), 1) == 1 and plots.largest_scale(most + 1, (8, 8), 1) is None
     assert not (tmp_path / "large").exists()
@@ -329,7 +311,7 @@ def test_sample_shrinks_the_pixels_or_refuses_a_grid_too_large_to_view(digits_ru
 def test_train_refuses_n_samples_whose_grid_is_too_large_to_view(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--steps", "1", "--n-samples", "2000000", "--out-dir", str(out)]) == 2
-    _one_error_line(capsys.readouterr().err, "n_samples 2000000", "pixels")
+    assert_one_error_line(capsys.readouterr().err, "n_samples 2000000", "pixels")
     assert not out.exists()
 
 
@@ -344,7 +326,7 @@ def test_edit_alphas_out_of_range_are_refused(digits_run, tmp_path, capsys, alph
     argv = alphas if alphas[0].startswith("--") else ["--alphas", *alphas]
     assert main(["edit", "--checkpoint", str(digits_run / "checkpoint.pt"), *argv,
                  "--out", str(tmp_path / "edits")]) == 2
-    _one_error_line(capsys.readouterr().err, "--alphas")
+    assert_one_error_line(capsys.readouterr().err, "--alphas")
     assert not (tmp_path / "edits").exists()
 
 
@@ -361,7 +343,7 @@ def test_edit_alphas_out_of_range_are_refused(digits_run, tmp_path, capsys, alph
 def test_edit_options_are_range_checked(digits_run, tmp_path, capsys, argv, needle):
     assert main(["edit", "--checkpoint", str(digits_run / "checkpoint.pt"), *argv,
                  "--out", str(tmp_path / "edits")]) == 2
-    _one_error_line(capsys.readouterr().err, needle)
+    assert_one_error_line(capsys.readouterr().err, needle)
     assert not (tmp_path / "edits").exists()
 
 
@@ -378,7 +360,7 @@ def test_edit_refuses_alphas_that_make_the_images_non_finite(digits_run, tmp_pat
     monkeypatch.setattr(edit, "edit_images", overflowing)
     assert main(["edit", "--checkpoint", str(digits_run / "checkpoint.pt"), "--attribute", "3", "--n-fit", "100",
                  "--alphas", "0", "2", "--out", str(tmp_path / "edits")]) == 2
-    _one_error_line(capsys.readouterr().err, "--alphas 2", "'3'", "non-finite")
+    assert_one_error_line(capsys.readouterr().err, "--alphas 2", "'3'", "non-finite")
     assert not (tmp_path / "edits").exists()
 
 
@@ -415,7 +397,7 @@ def test_conv_kwargs_of_the_right_kinds_pass():
 def test_bad_conv_kwargs_fail_at_start_up_writing_nothing(tmp_path, capsys, kwargs, needles):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--steps", "2", "--out-dir", str(out), "--conv-kwargs", kwargs]) == 2
-    _one_error_line(capsys.readouterr().err, *needles)
+    assert_one_error_line(capsys.readouterr().err, *needles)
     assert not out.exists()
 
 
@@ -426,7 +408,7 @@ def test_bad_conv_kwargs_fail_at_start_up_writing_nothing(tmp_path, capsys, kwar
 def test_a_run_refused_at_start_up_writes_nothing_and_blocks_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--steps", "2", "--batch-size", "5000", "--out-dir", str(out)]) == 2
-    _one_error_line(capsys.readouterr().err, "batch_size 5000", "1500 training images")
+    assert_one_error_line(capsys.readouterr().err, "batch_size 5000", "1500 training images")
     assert not out.exists()
     out.mkdir()  # a folder the user made: kept, and still empty of run files
     assert main(["train", *TINY, "--steps", "2", "--batch-size", "5000", "--out-dir", str(out)]) == 2
@@ -439,7 +421,7 @@ def test_a_run_refused_at_start_up_writes_nothing_and_blocks_nothing(tmp_path, c
 def test_overwrite_refused_at_start_up_keeps_the_old_run(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--steps", "2", "--out-dir", str(out)]) == 0
-    before = _snapshot(out)
+    before = folder_snapshot(out, (".lock",))
     assert main(["train", *TINY, "--steps", "2", "--batch-size", "5000", "--out-dir", str(out), "--overwrite"]) == 2
-    _one_error_line(capsys.readouterr().err, "batch_size 5000")
-    assert _snapshot(out) == before
+    assert_one_error_line(capsys.readouterr().err, "batch_size 5000")
+    assert folder_snapshot(out, (".lock",)) == before

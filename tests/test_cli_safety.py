@@ -32,6 +32,7 @@ from cinc_kernels.flow.train import (
 )
 
 from .cases import TINY_TRAIN_ARGS as TINY
+from .cases import assert_one_error_line, folder_snapshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,30 +41,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _snapshot(folder) -> dict:
-    """Every file under ``folder`` and its bytes."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            path = os.path.join(root, f)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, folder)] = fh.read()
-    return out
-
-
 def _cli(*args, cwd, env_extra=None, **kwargs) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.update(env_extra or {})
     return subprocess.Popen([sys.executable, "-m", "cinc_kernels.flow", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def _one_error_line(text: str, *needles: str) -> None:
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), text
-    for needle in needles:
-        assert needle in lines[0], (needle, text)
-    assert "Traceback" not in text
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +61,12 @@ def run(tmp_path_factory):
 
 
 def test_existing_run_is_refused_by_the_command_and_left_byte_identical(run, tmp_path):
-    before = _snapshot(run)
+    before = folder_snapshot(run)
     proc = _cli("train", *TINY, "--steps", "5", "--out-dir", str(run), cwd=tmp_path)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2
-    _one_error_line(err, "already holds a run", "--resume", "--overwrite")
-    assert _snapshot(run) == before
+    assert_one_error_line(err, "already holds a run", "--resume", "--overwrite")
+    assert folder_snapshot(run) == before
 
 
 def test_a_second_run_into_a_locked_folder_fails_at_once_naming_the_holder(tmp_path):
@@ -92,12 +74,12 @@ def test_a_second_run_into_a_locked_folder_fails_at_once_naming_the_holder(tmp_p
     folder.mkdir()
     lock = RunLock(str(folder))
     try:
-        before = _snapshot(folder)
+        before = folder_snapshot(folder)
         proc = _cli("train", *TINY, "--steps", "2", "--out-dir", str(folder), cwd=tmp_path)
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2
-        _one_error_line(err, "in use by another train process", f"pid {os.getpid()}")
-        assert _snapshot(folder) == before
+        assert_one_error_line(err, "in use by another train process", f"pid {os.getpid()}")
+        assert folder_snapshot(folder) == before
     finally:
         lock.release()
     # Released: the folder can be used (the lock of a finished or killed process never lingers).
@@ -113,10 +95,10 @@ def test_a_second_run_into_a_locked_folder_fails_at_once_naming_the_holder(tmp_p
     (["--flip"], "flip"),
 ])
 def test_resume_that_would_not_continue_exactly_is_refused_before_writing(run, capsys, change, needle):
-    before = _snapshot(run)
+    before = folder_snapshot(run)
     assert main(["train", *TINY, "--steps", "4", "--out-dir", str(run), "--resume", *change]) == 2
-    _one_error_line(capsys.readouterr().err, "cannot resume", needle)
-    assert _snapshot(run) == before
+    assert_one_error_line(capsys.readouterr().err, "cannot resume", needle)
+    assert folder_snapshot(run) == before
 
 
 def test_resume_refuses_a_checkpoint_whose_settings_this_version_does_not_know(tmp_path, capsys):
@@ -126,10 +108,10 @@ def test_resume_refuses_a_checkpoint_whose_settings_this_version_does_not_know(t
     ckpt["config"]["warp_drive"] = True
     ckpt.pop("checksums")
     save_checkpoint(ckpt, str(out / "checkpoint.pt"))
-    before = _snapshot(out)
+    before = folder_snapshot(out)
     assert main(["train", *TINY, "--steps", "3", "--out-dir", str(out), "--resume"]) == 2
-    _one_error_line(capsys.readouterr().err, "warp_drive")
-    assert _snapshot(out) == before
+    assert_one_error_line(capsys.readouterr().err, "warp_drive")
+    assert folder_snapshot(out) == before
 
 
 def test_overwrite_replaces_the_old_run_and_its_stale_files(tmp_path):
@@ -169,7 +151,7 @@ def test_overwrite_replaces_the_old_run_and_its_stale_files(tmp_path):
 def test_bad_options_give_one_error_line_and_exit_code_2(tmp_path, monkeypatch, capsys, argv, needles):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
-    _one_error_line(capsys.readouterr().err, *needles)
+    assert_one_error_line(capsys.readouterr().err, *needles)
     assert not (tmp_path / "runs").exists()
 
 
@@ -181,16 +163,16 @@ def test_bad_options_give_one_error_line_and_exit_code_2(tmp_path, monkeypatch, 
 ])
 def test_bad_options_of_sample_and_eval(run, capsys, argv, needles):
     assert main([*argv, "--checkpoint", str(run / "checkpoint.pt")]) == 2
-    _one_error_line(capsys.readouterr().err, *needles)
+    assert_one_error_line(capsys.readouterr().err, *needles)
 
 
 def test_conv_kwargs_with_unknown_keys_or_wrong_types(tmp_path, capsys):
     out = str(tmp_path / "kw")
     assert main(["train", *TINY, "--steps", "1", "--out-dir", out, "--conv-kwargs", '{"colour": 1}']) == 2
-    _one_error_line(capsys.readouterr().err, "conv_kwargs", "'colour'", "parametrization")
+    assert_one_error_line(capsys.readouterr().err, "conv_kwargs", "'colour'", "parametrization")
     assert main(["train", *TINY, "--steps", "1", "--out-dir", out, "--conv-kwargs",
                  '{"parametrization": 5}']) == 2
-    _one_error_line(capsys.readouterr().err, "parametrization")
+    assert_one_error_line(capsys.readouterr().err, "parametrization")
     assert not os.path.exists(out)
 
 
@@ -198,9 +180,9 @@ def test_files_where_folders_belong(run, tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("mine")
     assert main(["train", *TINY, "--out-dir", str(a_file)]) == 2
-    _one_error_line(capsys.readouterr().err, "--out-dir", "is a file")
+    assert_one_error_line(capsys.readouterr().err, "--out-dir", "is a file")
     assert main(["sample", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(a_file)]) == 2
-    _one_error_line(capsys.readouterr().err, "--out", "is a file")
+    assert_one_error_line(capsys.readouterr().err, "--out", "is a file")
     assert a_file.read_text() == "mine"
 
 
@@ -214,9 +196,9 @@ def test_one_device_resolver(monkeypatch, run, capsys):
         resolve_device("cuda")
     for command in (["sample"], ["eval"], ["edit"]):
         assert main([*command, "--checkpoint", str(run / "checkpoint.pt"), "--device", "cuda"]) == 2
-        _one_error_line(capsys.readouterr().err, "device", "no CUDA GPU")
+        assert_one_error_line(capsys.readouterr().err, "device", "no CUDA GPU")
     assert main(["train", "--device", "cuda:0"]) == 2
-    _one_error_line(capsys.readouterr().err, "--device", "no CUDA GPU")
+    assert_one_error_line(capsys.readouterr().err, "--device", "no CUDA GPU")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -242,10 +224,10 @@ def test_a_flipped_byte_in_a_weight_is_caught_on_load(run, tmp_path, capsys):
     with pytest.raises(RuntimeError, match=r"corrupt: the stored model does not match its sha256"):
         load_checkpoint(str(path))
     assert main(["eval", "--checkpoint", str(path)]) == 2
-    _one_error_line(capsys.readouterr().err, str(path), "sha256")
+    assert_one_error_line(capsys.readouterr().err, str(path), "sha256")
     path.write_bytes((run / "checkpoint.pt").read_bytes()[:5000])
     assert main(["eval", "--checkpoint", str(path)]) == 2
-    _one_error_line(capsys.readouterr().err, str(path), "truncated")
+    assert_one_error_line(capsys.readouterr().err, str(path), "truncated")
 
 
 def test_checkpoint_with_unknown_model_settings(run, tmp_path, capsys):
@@ -255,7 +237,7 @@ def test_checkpoint_with_unknown_model_settings(run, tmp_path, capsys):
     path = tmp_path / "odd.pt"
     save_checkpoint(ckpt, str(path))
     assert main(["eval", "--checkpoint", str(path)]) == 2
-    _one_error_line(capsys.readouterr().err, "wings")
+    assert_one_error_line(capsys.readouterr().err, "wings")
 
 
 def test_a_full_disk_is_named_and_leaves_the_old_file(tmp_path, monkeypatch, capsys):
@@ -271,7 +253,7 @@ def test_a_full_disk_is_named_and_leaves_the_old_file(tmp_path, monkeypatch, cap
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["metrics.json"]
     out = tmp_path / "full"
     assert main(["train", *TINY, "--steps", "1", "--out-dir", str(out)]) == 2
-    _one_error_line(capsys.readouterr().err, "no space left writing", str(out))
+    assert_one_error_line(capsys.readouterr().err, "no space left writing", str(out))
 
 
 def test_every_artefact_is_written_atomically(tmp_path, monkeypatch):
@@ -408,7 +390,7 @@ def test_bench_option_mistakes_are_one_line(capsys, argv, needles):
     with pytest.raises(SystemExit) as exit_:
         package_main(["bench", *argv])
     assert exit_.value.code == 2
-    _one_error_line(capsys.readouterr().err, *needles)
+    assert_one_error_line(capsys.readouterr().err, *needles)
 
 
 def test_bench_quick_fills_only_what_was_not_given():
