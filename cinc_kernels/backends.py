@@ -63,9 +63,9 @@ _LAZY: dict[str, str] = {"triton": "cinc_kernels.triton"}
 # Preference order of backend="auto", per device type and op; the first available one that takes the tensors wins.
 # A device type not listed gets the reference alone.
 # - Forward and log-determinant: ATen's own operators ("_aten": oneDNN / cuDNN on the masked weight, and a
-#   log-determinant that autograd differentiates) first. On the CPU our tiled forward is no faster
-#   (benchmarks/results/cpu_ops.md); on CUDA our direct kernel has not been timed against cuDNN yet
-#   (benchmarks/bench_gpu.py prints which forward auto should prefer).
+#   log-determinant that autograd differentiates) first, but for the CUDA forward. On the CPU our tiled forward is
+#   no faster (benchmarks/results/cpu_ops.md). On CUDA our direct forward comes first except where cuDNN has faster
+#   arithmetic to use (float16/bfloat16, TF32: _cudnn_forward_is_faster); benchmarks/bench_gpu.py times the two.
 # - Inverse and adjoint: the compiled wavefronts. On CUDA both the CUDA and the Triton backend solve in one launch
 #   per call; CUDA comes first until benchmarks/bench_gpu.py, which times them side by side, says otherwise.
 # - "torch" (plain PyTorch, any device) after the compiled backends, before the float64 reference (slower, and
@@ -75,9 +75,6 @@ AUTO_ORDER: dict[tuple[str, str], list[str]] = {
     ("cpu", "inverse"): ["cpu", "torch", "reference"],
     ("cpu", "inverse_transpose"): ["cpu", "torch", "reference"],
     ("cpu", "logdet"): ["_aten", "cpu", "torch", "reference"],
-    # CUDA forward: our direct kernel, except where cuDNN on the masked weight has faster arithmetic to use
-    # (_cudnn_forward_is_faster). Inverse: the CUDA and the Triton backends both solve in one launch per call;
-    # benchmarks/bench_gpu.py times them side by side.
     ("cuda", "forward"): ["cuda", "_aten", "triton", "torch", "reference"],
     ("cuda", "inverse"): ["cuda", "triton", "torch", "reference"],
     ("cuda", "inverse_transpose"): ["cuda", "triton", "torch", "reference"],

@@ -159,8 +159,7 @@ def cinc_conv2d_inverse(y: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         ValueError: naming ``weight``, if the centre tap has a zero on its diagonal (the map is singular).
         Except on the ``"cuda"`` backend and ``"triton"`` on a GPU: checking would stall the GPU stream on a
         device-to-host copy, so there a singular weight is not refused and the result holds ``inf``/``nan``; check
-        ``cinc_logdet(...) > -inf``
-        (computed on the device) if the weight may be singular.
+        ``cinc_logdet(...) > -inf`` (computed on the device) if the weight may be singular.
     """
     check_image(y, weight, bias, "y")
     check_unit_diagonal(unit_diagonal)
